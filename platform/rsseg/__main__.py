@@ -1,0 +1,3 @@
+from rsseg.cli import main
+
+main()

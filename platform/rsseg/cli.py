@@ -1,0 +1,168 @@
+"""The ``platform`` command. It parses arguments and delegates to library functions; nothing here
+computes anything a Ray trial or a test could not call directly.
+
+Errors a user can cause print as one line (``error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+import rsseg
+from rsseg.errors import RssegError
+
+
+class _Group(TyperGroup):
+    """Turns user errors into one line on stderr and exit status 2 (also under CliRunner)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RssegError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from None
+
+
+app = typer.Typer(
+    name="platform",
+    cls=_Group,
+    help="rsseg: diffusion-feature segmentation of remote-sensing imagery, from pre-training to the paper's tables.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+config_app = typer.Typer(help="Inspect configuration files.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: build tile indexes, print what a dataset holds.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+SetOpt = typer.Option(None, "--set", help="Override a key: --set finetune.iterations=100 (repeatable).")
+ProfileOpt = typer.Option(None, "--profile", "-p", help="Profile from sweeps/profiles/ merged over the file (smoke, paper).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rsseg {rsseg.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    workdir: Optional[Path] = typer.Option(
+        None, "--workdir", "-w", envvar="RSSEG_WORKDIR",
+        help="Where everything the platform writes goes (default ./rsseg-work; env RSSEG_WORKDIR).",
+    ),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    from rsseg.workdir import Workdir
+
+    # Exported so that Ray workers and subprocesses resolve the same absolute directory.
+    Workdir.resolve(workdir).export()
+
+
+def _workdir():
+    from rsseg.workdir import Workdir
+
+    return Workdir.resolve()
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@config_app.command("show")
+def config_show(
+    file: Path = typer.Argument(..., help="A run spec or a sweep file."),
+    profile: Optional[str] = ProfileOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Print the fully resolved config: file + profile + --set, every default filled in."""
+    from rsseg.config.resolve import show
+
+    typer.echo(show(file, profile, set_ or []), nl=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def _data_spec(dataset: str, root: Optional[Path], tile_size: Optional[int], spec_file: Optional[Path],
+               profile: Optional[str], set_: Optional[list[str]]):
+    from rsseg.config.loader import Document, apply_overrides, validate
+    from rsseg.config.resolve import is_sweep_document, load_run, load_sweep, read_yaml
+    from rsseg.config.specs import DataSpec
+
+    if spec_file is not None:
+        raw = read_yaml(spec_file)
+        if is_sweep_document(raw):
+            return load_sweep(spec_file, profile, [f"base.{s}" for s in set_ or []]).base.data
+        return load_run(spec_file, profile, set_ or []).spec.data
+    data: dict = {"dataset": dataset}
+    if root is not None:
+        data["root"] = str(root)
+    if tile_size is not None:
+        data["tile_size"] = tile_size
+    doc = Document(data=data, origin="command line")
+    apply_overrides(doc, [s[len("data."):] if s.startswith("data.") else s for s in set_ or []])
+    return validate(DataSpec, doc)
+
+
+DatasetArg = typer.Argument("synthetic", help="synthetic | minifrance | gid | folder")
+RootOpt = typer.Option(None, "--root", help="Dataset root directory.")
+TileOpt = typer.Option(None, "--tile-size", help="Tile side in pixels (default 256).")
+SpecOpt = typer.Option(None, "--spec", help="Take the data block from this run spec or sweep file instead.")
+DataSetOpt = typer.Option(None, "--set", help="Data option: --set gid.level=coarse --set bands=[2,3,4] (repeatable).")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    dataset: str = DatasetArg, root: Optional[Path] = RootOpt, tile_size: Optional[int] = TileOpt,
+    spec: Optional[Path] = SpecOpt, profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = DataSetOpt,
+    rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild the tile index even if it is current."),
+) -> None:
+    """Generate the synthetic data if needed and build the tile index (cached as parquet)."""
+    from rsseg.data import tiles
+
+    data = _data_spec(dataset, root, tile_size, spec, profile, set_)
+    index = tiles.build(data, _workdir(), rebuild=rebuild)
+    typer.echo(f"{index.scenes.dataset}: {len(index.scenes.scenes)} scenes, {index.frame.height} tiles -> {index.path}")
+
+
+@data_app.command("info")
+def data_info(
+    dataset: str = DatasetArg, root: Optional[Path] = RootOpt, tile_size: Optional[int] = TileOpt,
+    spec: Optional[Path] = SpecOpt, profile: Optional[str] = ProfileOpt, set_: Optional[list[str]] = DataSetOpt,
+) -> None:
+    """Scenes, tiles per split and label-ratio subset, and the class histogram of a dataset."""
+    from rsseg.data import tiles
+    from rsseg.data.info import describe
+
+    data = _data_spec(dataset, root, tile_size, spec, profile, set_)
+    index = tiles.build(data, _workdir())
+    typer.echo(describe(index, data), nl=False)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    try:
+        app()
+    except RssegError as exc:  # raised outside a command (argument callbacks)
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,436 @@
+"""Typed, strict, frozen specs: the only shape in which configuration enters the platform.
+
+Defaults live here, once. Every model forbids unknown keys (a typo is an error with the closest
+valid key, not a silently ignored setting) and is frozen (a spec is a value: hashing it gives the
+fingerprints of pre-trainings and cached features).
+
+A run spec (one pre-training + fine-tuning = one sweep trial) is ``RunSpec``; method plugins add
+their own blocks to it (``ddpm:``, ``mae:``, ...), see `run_spec_model`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+class SyntheticSpec(Strict):
+    """The built-in procedural dataset (rsseg.data.synthetic)."""
+
+    scenes: int = Field(8, ge=1, description="labelled scenes")
+    size: int = Field(512, ge=16, description="scene side in pixels")
+    unlabeled_scenes: int = Field(4, ge=0, description="extra unlabelled scenes of the same domain")
+    archive_scenes: int = Field(4, ge=0, description="scenes of a shifted 'archive' domain for step-1 pre-training")
+    seed: int = 0
+    gsd: float = Field(0.5, gt=0, description="ground sample distance in metres")
+
+
+class GidSpec(Strict):
+    level: Literal["fine", "coarse"] = Field("fine", description="fine = GID-15 (10 images), coarse = GID-5 (150 images)")
+    image: Literal["rgb", "nirrgb"] = "rgb"
+
+
+class DataSpec(Strict):
+    dataset: Literal["synthetic", "minifrance", "gid", "folder"] = "synthetic"
+    root: Path | None = Field(None, description="dataset root (synthetic: where to generate; default under the workdir)")
+    class_table: str | None = Field(None, description="named table or a YAML path; default per dataset")
+    bands: list[int] | None = Field(None, description="1-based bands to read, e.g. [2, 3, 4] for RGB out of NIR-RGB")
+    value_range: tuple[float, float] | None = Field(None, description="raw range mapped to [-1, 1]; default from dtype")
+    tile_size: int = Field(256, ge=8)
+    stride: int | None = Field(None, ge=1, description="window step; default = tile_size (no overlap)")
+    min_valid_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="skip windows with this share of valid pixels or less")
+    split_seed: int = 0
+    split: tuple[float, float, float] = Field((0.4, 0.1, 0.5), description="train/val/test shares of tiles")
+    label_ratio: float = Field(0.02, gt=0.0, le=1.0, description="share of training tiles with labels (S=0.02, M=0.4, L=1.0)")
+    synthetic: SyntheticSpec = SyntheticSpec()
+    gid: GidSpec = GidSpec()
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"expected three non-negative shares summing to 1, got {list(v)}")
+        return v
+
+    @field_validator("bands")
+    @classmethod
+    def _bands_positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(b < 1 for b in v)):
+            raise ValueError("expected a non-empty list of 1-based band numbers")
+        return v
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the imagery and tiles (not the label ratio): for fingerprints."""
+        d = self.model_dump(mode="json", exclude={"label_ratio"})
+        if self.dataset != "synthetic":
+            d.pop("synthetic")
+        if self.dataset != "gid":
+            d.pop("gid")
+        return d
+
+
+class ArchiveSpec(Strict):
+    """Archive imagery for step-1 pre-training: any folder of GeoTIFFs, unlabelled."""
+
+    source: Literal["auto", "synthetic", "folder", "none"] = Field(
+        "auto", description="auto = the synthetic archive domain for synthetic data, else the folder at root"
+    )
+    root: Path | None = None
+    glob: str = "**/*.tif"
+    bands: list[int] | None = None
+    value_range: tuple[float, float] | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-training (shared by every objective; the objective's own network/optimiser live in its
+# method block)
+
+
+class IterationsSpec(Strict):
+    """Two-step schedule: archive iterations, then homogeneous ones.
+
+    Either ``archive`` + ``homogeneous`` or ``total`` + ``homogeneous_ratio`` (Fig. 10 sweeps the
+    ratio). Both spellings of the same schedule give the same fingerprint.
+    """
+
+    archive: int | None = Field(None, ge=0)
+    homogeneous: int | None = Field(None, ge=0)
+    total: int | None = Field(None, ge=1)
+    homogeneous_ratio: float | None = None
+
+    @model_validator(mode="after")
+    def _one_spelling(self) -> "IterationsSpec":
+        counts = self.archive is not None or self.homogeneous is not None
+        ratio = self.total is not None or self.homogeneous_ratio is not None
+        if self.homogeneous_ratio is not None and not 0.0 <= self.homogeneous_ratio <= 1.0:
+            raise ValueError(f"homogeneous_ratio must be within [0, 1], got {self.homogeneous_ratio}")
+        if counts and ratio:
+            raise ValueError("give either archive + homogeneous or total + homogeneous_ratio, not both")
+        if ratio and (self.total is None or self.homogeneous_ratio is None):
+            raise ValueError("total and homogeneous_ratio go together")
+        if not counts and not ratio:
+            raise ValueError("give archive + homogeneous or total + homogeneous_ratio")
+        if self.counts()[0] + self.counts()[1] < 1:
+            raise ValueError("at least one pre-training iteration is needed")
+        return self
+
+    def counts(self) -> tuple[int, int]:
+        """(archive, homogeneous) iteration counts."""
+        if self.total is not None and self.homogeneous_ratio is not None:
+            homogeneous = round(self.total * self.homogeneous_ratio)
+            return self.total - homogeneous, homogeneous
+        return self.archive or 0, self.homogeneous or 0
+
+    @property
+    def n_total(self) -> int:
+        a, h = self.counts()
+        return a + h
+
+
+class OptimSpec(Strict):
+    """AdamW with a linear warm-up from ``warmup_start_lr`` to ``lr``, then constant or cosine."""
+
+    lr: float = Field(1e-5, gt=0)
+    warmup_start_lr: float = Field(1e-6, ge=0)
+    warmup_iterations: int = Field(10_000, ge=0)
+    after_warmup: Literal["constant", "cosine"] = "constant"
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class EmaSpec(Strict):
+    enabled: bool = True
+    decay: float = Field(0.9999, gt=0, lt=1)
+
+
+class PretrainRuntimeSpec(Strict):
+    """How a pre-training runs (not what it learns): excluded from its fingerprint."""
+
+    workers: int = Field(1, ge=1)
+    gpu: bool = False
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(50, ge=1)
+    max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint")
+    controller_failure_limit: int = Field(3, ge=0, description="bound on retries when resources are lost")
+    loader_workers: int = Field(0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    samples: int = Field(4, ge=0, description="denoised samples in the artifact grid")
+    sample_steps: int = Field(50, ge=1, description="reverse steps for the sample grid (DDIM-free, strided DDPM)")
+
+
+class PretrainSpec(Strict):
+    iterations: IterationsSpec = IterationsSpec(archive=180_000, homogeneous=20_000)
+    batch_size: int = Field(8, ge=1, description="global batch (split across workers)")
+    seed: int = 0
+    ema: EmaSpec = EmaSpec()
+    archive: ArchiveSpec = ArchiveSpec()
+    homogeneous: list[Literal["unlabeled", "train"]] = Field(
+        ["unlabeled", "train"], description="target-dataset tiles used (images only) in step 2"
+    )
+    runtime: PretrainRuntimeSpec = PretrainRuntimeSpec()
+
+
+# ----------------------------------------------------------------------------------------------
+# The DDPM method block
+
+
+class UNetSpec(Strict):
+    preset: str = Field("sr3", description="tiny | ho256 | sr3")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="UNet2DModel arguments over the preset")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        from rsseg.pretrain.unet import PRESETS  # torch-free module
+
+        if v not in PRESETS:
+            raise ValueError(f"unknown UNet preset {v!r}; expected one of {', '.join(PRESETS)}")
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from rsseg.pretrain.unet import UNET_ARGS
+
+        unknown = sorted(set(v) - set(UNET_ARGS))
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], UNET_ARGS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown UNet2DModel argument {unknown[0]!r}{hint}")
+        return v
+
+
+class NoiseScheduleSpec(Strict):
+    kind: Literal["linear", "cosine"] = "linear"
+    train_steps: int = Field(1000, ge=2)
+    beta_start: float = Field(1e-4, gt=0)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+
+
+class DdpmFeaturesSpec(Strict):
+    side: Literal["decoder", "encoder"] = "decoder"
+    resolutions: list[int] = Field([16, 8, 4, 2], description="feature strides: 16 means H/16")
+    maps: list[int] | None = Field(None, description="which maps per resolution (0-based); default all")
+    timesteps: list[int] = Field([50, 100, 150], description="noise levels; 0 = the clean image")
+    noise: Literal["fixed", "fresh"] = Field("fixed", description="fixed: seeded per (tile, t), cacheable; fresh: new each call")
+    noise_seed: int = 0
+    weights: Literal["ema", "raw"] = "ema"
+
+    @field_validator("resolutions")
+    @classmethod
+    def _resolutions(cls, v: list[int]) -> list[int]:
+        if not v or any(r < 1 or r & (r - 1) for r in v) or len(set(v)) != len(v):
+            raise ValueError(f"expected distinct powers of two such as [16, 8, 4, 2], got {v}")
+        return v
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps(cls, v: list[int]) -> list[int]:
+        if not v or any(t < 0 for t in v) or len(set(v)) != len(v):
+            raise ValueError(f"expected distinct non-negative timesteps such as [50, 100, 150], got {v}")
+        return v
+
+
+class DdpmSpec(Strict):
+    unet: UNetSpec = UNetSpec()
+    schedule: NoiseScheduleSpec = NoiseScheduleSpec()
+    optim: OptimSpec = OptimSpec()
+    features: DdpmFeaturesSpec = DdpmFeaturesSpec()
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+class MlpHeadSpec(Strict):
+    # The paper's "3 c_i -> c_i" is ambiguous: "map" = one block per feature map over the
+    # timesteps (3 timesteps x c_i); "resolution" = one block per resolution over all maps and
+    # timesteps. Report the trainable-parameter count either way.
+    grouping: Literal["map", "resolution"] = "map"
+    fuse_stride: int = Field(4, description="resolution at which maps are fused (the paper: 1/4)")
+
+
+class UperNetHeadSpec(Strict):
+    channels: int = Field(512, ge=8)
+    pool_scales: tuple[int, ...] = (1, 2, 3, 6)
+    auxiliary: bool = Field(False, description="FCN auxiliary head on the third map (loss weight 0.4)")
+
+
+class AugmentSpec(Strict):
+    """The paper's augmentation: random linear stretch (5-15 % cut), rot90 k in {1,2,3}, flips."""
+
+    stretch: bool = True
+    stretch_cut: tuple[float, float] = (0.05, 0.15)
+    rot90: bool = True
+    flip: bool = True
+    p: float = Field(0.5, ge=0, le=1, description="probability of each transform")
+
+
+class CacheSpec(Strict):
+    enabled: bool = True
+    budget_gb: float = Field(20.0, ge=0)
+
+
+class FinetuneSpec(Strict):
+    head: Literal["auto", "mlp", "upernet"] = Field("auto", description="auto: the method's default for frozen / fine-tuned")
+    mlp: MlpHeadSpec = MlpHeadSpec()
+    upernet: UperNetHeadSpec = UperNetHeadSpec()
+    frozen: bool = True
+    iterations: int = Field(300, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_iterations: int = Field(0, ge=0)
+    eval_every: int = Field(100, ge=1)
+    eval_batch_size: int = Field(16, ge=1)
+    val_max_tiles: int | None = Field(None, ge=1, description="cap on val tiles per evaluation (test is always whole)")
+    augment: AugmentSpec = AugmentSpec()
+    cache: CacheSpec = CacheSpec()
+    checkpoint_every: int = Field(100, ge=1)
+    log_predictions: int = Field(4, ge=0, description="prediction overlays logged as artifacts")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: the trial's CPUs")
+
+
+class TrackingSpec(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under the workdir")
+    experiment: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# One run = one trial
+
+
+class RunSpecBase(Strict):
+    name: str = "run"
+    seed: int = Field(0, description="fine-tuning seed (pre-training has its own: pretrain.seed)")
+    data: DataSpec = DataSpec()
+    method: str = "ddpm"
+    pretrain: PretrainSpec = PretrainSpec()
+    finetune: FinetuneSpec = FinetuneSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from rsseg.methods import registry
+
+        methods = registry()
+        if v not in methods:
+            raise ValueError(f"unknown method {v!r}; installed: {', '.join(sorted(methods))}")
+        return v
+
+    def block(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+@functools.lru_cache(maxsize=1)
+def run_spec_model() -> type[RunSpecBase]:
+    """RunSpec with one block per installed method's spec (``ddpm:``, ``mae:``, ...)."""
+    from rsseg.methods import registry
+
+    blocks: dict[str, Any] = {}
+    for method in registry().values():
+        if method.block and method.block not in blocks:
+            blocks[method.block] = (method.spec, method.spec())
+    return create_model("RunSpec", __base__=RunSpecBase, **blocks)
+
+
+def RunSpec(**kwargs: Any) -> RunSpecBase:  # noqa: N802 - reads like the class it builds
+    return run_spec_model()(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps
+
+
+_AXIS_KINDS = ("grid", "choice", "uniform", "loguniform", "int")
+_AXIS_ATTR = {"int": "integer"}
+
+
+class Axis(Strict):
+    """One dimension of a sweep's search space: exactly one of the keys."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    integer: tuple[int, int] | None = Field(None, alias="int")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Axis":
+        given = [k for k in _AXIS_KINDS if getattr(self, _AXIS_ATTR.get(k, k)) is not None]
+        if len(given) != 1:
+            raise ValueError("expected exactly one of grid, choice, uniform, loguniform, int")
+        kind = given[0]
+        if kind in ("grid", "choice") and not getattr(self, kind):
+            raise ValueError(f"{kind} is empty: list at least one value")
+        if kind in ("uniform", "loguniform", "int"):
+            lo, hi = getattr(self, _AXIS_ATTR.get(kind, kind))
+            if not lo < hi:
+                raise ValueError(f"{kind} expects [low, high] with low < high, got [{lo}, {hi}]")
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError("loguniform needs a positive low bound")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _AXIS_KINDS if getattr(self, _AXIS_ATTR.get(k, k)) is not None)
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        return getattr(self, _AXIS_ATTR.get(self.kind, self.kind)) if self.kind not in ("grid", "choice") else None
+
+
+class AshaSpec(Strict):
+    grace_period: int = Field(1, ge=1, description="evaluations before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class ResourcesSpec(Strict):
+    cpu: float = Field(1.0, ge=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class SearchSpec(Strict):
+    algorithm: Literal["grid", "optuna"] = "grid"
+    num_samples: int = Field(1, description="optuna: trials per grid cell; grid: repeats of the grid")
+    sampler_seed: int = 0
+    metric: str = "val/mIoU"
+    mode: Literal["max", "min"] = "max"
+    asha: AshaSpec | None = None
+    max_concurrent: int | None = Field(None, ge=1)
+    resources: ResourcesSpec = ResourcesSpec()
+    trial_retries: int = Field(1, ge=0, description="re-runs of a failed trial (Tune FailureConfig)")
+
+    @model_validator(mode="after")
+    def _samples(self) -> "SearchSpec":
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 with {self.algorithm}, got {self.num_samples}")
+        return self
+
+
+class SweepSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    table: str | None = Field(None, description="which paper table/figure the runs fill (tag table=...)")
+    description: str = ""
+    base: dict[str, Any] = Field(default_factory=dict, description="one trial's spec (validated as a RunSpec)")
+    space: dict[str, Axis] = Field(default_factory=dict)
+    search: SearchSpec = SearchSpec()

@@ -1,0 +1,80 @@
+"""DataSpec -> SceneSet: which scenes a dataset name means, with its class table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rsseg.config.specs import ArchiveSpec, DataSpec
+from rsseg.data import archive, folder, gid, minifrance, synthetic
+from rsseg.data.classes import SYNTHETIC7, UNLABELLED, ClassTable, resolve_table
+from rsseg.data.scenes import Scene, SceneSet
+from rsseg.errors import DataError
+from rsseg.workdir import Workdir
+
+DEFAULT_TABLES = {"synthetic": "synthetic7", "minifrance": "minifrance14"}
+
+
+def class_table(spec: DataSpec) -> ClassTable:
+    if spec.class_table:
+        return resolve_table(spec.class_table, base_dir=spec.root)
+    if spec.dataset == "gid":
+        return resolve_table("gid15" if spec.gid.level == "fine" else "gid5")
+    if spec.dataset == "folder":
+        if spec.root is None:
+            raise DataError("data.root: the folder dataset needs a root (with images/, masks/ and classes.yaml)")
+        path = folder.default_table_path(spec.root)
+        if not path.is_file():
+            raise DataError(f"{path}: class table not found; write one (docs/own-data.md) or set data.class_table")
+        return resolve_table(str(path))
+    return resolve_table(DEFAULT_TABLES[spec.dataset])
+
+
+def synthetic_root(spec: DataSpec, workdir: Workdir) -> Path:
+    return synthetic.ensure(spec.synthetic, spec.root or workdir.data)
+
+
+def scenes(spec: DataSpec, workdir: Workdir | None = None) -> SceneSet:
+    """The scenes of a dataset (generating the synthetic one on first use)."""
+    workdir = workdir or Workdir.resolve()
+    table = class_table(spec)
+    bands = tuple(spec.bands) if spec.bands else None
+    if spec.dataset == "synthetic":
+        if table.kind != "codes" or table.num_classes != SYNTHETIC7.num_classes:
+            raise DataError(f"data.class_table: the synthetic dataset uses codes 1-7 (synthetic7), not {table.name!r}")
+        root = synthetic_root(spec, workdir)
+        labelled = tuple(
+            Scene(id=p.stem, image=p, label=p.with_name(p.stem + "_label.tif"))
+            for p in sorted((root / "labelled").glob("scene_*.tif")) if not p.stem.endswith("_label")
+        )
+        unlabeled = tuple(Scene(id=p.stem, image=p) for p in sorted((root / "unlabeled").glob("*.tif")))
+        out = SceneSet("synthetic", root, table, labelled, unlabeled, value_range=(0.0, 255.0), layout="synthetic")
+    elif spec.root is None:
+        raise DataError(f"data.root: the {spec.dataset} dataset needs a root directory")
+    elif spec.dataset == "minifrance":
+        out = minifrance.discover(spec.root, table)
+    elif spec.dataset == "gid":
+        out = gid.discover(spec.root, table, spec.gid)
+    else:
+        out = folder.discover(spec.root, table)
+    value_range = tuple(spec.value_range) if spec.value_range else out.value_range
+    return SceneSet(out.dataset, out.root, out.table, out.labelled, out.unlabeled, bands, value_range, out.layout, out.extras)
+
+
+def archive_scenes(spec: ArchiveSpec, data: DataSpec, workdir: Workdir | None = None) -> SceneSet | None:
+    """The step-1 archive imagery, or None when the spec has none."""
+    workdir = workdir or Workdir.resolve()
+    source = spec.source
+    if source == "auto":
+        source = "synthetic" if data.dataset == "synthetic" else ("folder" if spec.root else "none")
+    if source == "none":
+        return None
+    bands = tuple(spec.bands) if spec.bands else (tuple(data.bands) if data.bands else None)
+    if source == "synthetic":
+        root = synthetic_root(data if data.dataset == "synthetic" else DataSpec(), workdir) / "archive"
+        found = tuple(Scene(id=p.stem, image=p) for p in sorted(root.glob("*.tif")))
+        return SceneSet("archive", root, UNLABELLED, (), found, bands, (0.0, 255.0), "synthetic archive")
+    if spec.root is None:
+        raise DataError("pretrain.archive.root: a folder archive needs a root directory of GeoTIFFs")
+    out = archive.discover(spec.root, UNLABELLED, spec.glob)
+    value_range = tuple(spec.value_range) if spec.value_range else None
+    return SceneSet(out.dataset, out.root, out.table, (), out.unlabeled, bands, value_range, out.layout)

@@ -1,0 +1,46 @@
+"""Shared fixtures: an isolated work directory, small synthetic data, dataset fixtures."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+RGB_BYTE = SHARED / "data" / "RGB.byte.tif"
+if not RGB_BYTE.exists():  # fall back to the copy kept with the tests
+    RGB_BYTE = Path(__file__).parent / "data" / "RGB.byte.tif"
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    from rsseg.workdir import Workdir
+
+    wd = tmp_path / "work"
+    monkeypatch.setenv("RSSEG_WORKDIR", str(wd))
+    return Workdir.resolve(wd).ensure()
+
+
+@pytest.fixture(scope="session")
+def session_workdir(tmp_path_factory):
+    from rsseg.workdir import Workdir
+
+    return Workdir.resolve(tmp_path_factory.mktemp("session-work")).ensure()
+
+
+def small_synthetic(**kw):
+    """A DataSpec for tiny synthetic scenes (3 x 128 px, 32 px tiles) unless overridden."""
+    from rsseg.config.specs import DataSpec, SyntheticSpec
+
+    syn = dict(scenes=3, size=128, unlabeled_scenes=1, archive_scenes=1, seed=0)
+    syn.update(kw.pop("synthetic", {}))
+    return DataSpec(dataset="synthetic", tile_size=kw.pop("tile_size", 32), synthetic=SyntheticSpec(**syn), **kw)
