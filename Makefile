@@ -41,6 +41,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/data_read.py
+	$(BIN)/python bench/pretrain_throughput.py
 
 lint: $(STAMP)
 	$(BIN)/python -m compileall -q platform baselines tests bench

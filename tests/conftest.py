@@ -44,3 +44,32 @@ def small_synthetic(**kw):
     syn = dict(scenes=3, size=128, unlabeled_scenes=1, archive_scenes=1, seed=0)
     syn.update(kw.pop("synthetic", {}))
     return DataSpec(dataset="synthetic", tile_size=kw.pop("tile_size", 32), synthetic=SyntheticSpec(**syn), **kw)
+
+
+@pytest.fixture
+def ray_local():
+    """A local Ray cluster with 2 CPUs, started once and reused (re-started if a test shut it down)."""
+    import ray
+
+    if not ray.is_initialized():
+        from rsseg import raycluster
+
+        raycluster.init(num_cpus=2)
+    yield ray
+
+
+def tiny_run(**overrides):
+    """A run spec for CPU tests: tiny UNet, tiny synthetic data (32 px tiles), 2 workers."""
+    from rsseg.config.loader import merge
+    from rsseg.config.specs import RunSpec
+
+    base = {
+        "data": {"tile_size": 32, "synthetic": {"scenes": 3, "size": 128, "unlabeled_scenes": 1, "archive_scenes": 1}},
+        "ddpm": {"unet": {"preset": "tiny"}, "optim": {"lr": 1e-3, "warmup_start_lr": 1e-4, "warmup_iterations": 4},
+                 "features": {"timesteps": [0, 50]}},
+        "pretrain": {"iterations": {"archive": 12, "homogeneous": 12}, "batch_size": 4,
+                     "runtime": {"workers": 2, "checkpoint_every": 4, "log_every": 4, "samples": 2, "sample_steps": 4}},
+        "finetune": {"iterations": 20, "batch_size": 4, "eval_every": 10, "eval_batch_size": 16, "log_predictions": 1,
+                     "checkpoint_every": 10},
+    }
+    return RunSpec(**merge(base, overrides))

@@ -151,6 +151,51 @@ def data_info(
 
 
 # ----------------------------------------------------------------------------------------------
+# pretrain
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    spec: Path = typer.Argument(..., help="A run spec, e.g. sweeps/pretrain.yaml."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-n", help="Ray Train workers (DDP); default pretrain.runtime.workers."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Train on GPUs (NCCL) or CPUs (gloo)."),
+    profile: Optional[str] = ProfileOpt,
+    set_: Optional[list[str]] = SetOpt,
+    resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Resume from this checkpoint (must match the spec's fingerprint)."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: a local cluster)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."),
+) -> None:
+    """DDPM (or another method's) pre-training on Ray Train: two-step, resumable, fingerprinted.
+
+    Trains only if no finished checkpoint with this spec's fingerprint exists; re-running an
+    interrupted spec resumes from its last checkpoint.
+    """
+    from rsseg import raycluster
+    from rsseg.config.resolve import load_run
+    from rsseg.pretrain import store
+
+    overrides = list(set_ or [])
+    if workers is not None:
+        overrides.append(f"pretrain.runtime.workers={workers}")
+    if gpu is not None:
+        overrides.append(f"pretrain.runtime.gpu={str(gpu).lower()}")
+    run = load_run(spec, profile, overrides).spec
+    wd = _workdir()
+    fp = store.fingerprint(run)
+    found = store.find(run, wd)
+    if found is not None:
+        typer.echo(f"already pre-trained: fingerprint {fp}\n  checkpoint {found.path}\n  MLflow run {found.mlflow_run_id}")
+        return
+    raycluster.init(address)
+    typer.echo(f"pre-training {run.method} {fp} ({run.pretrain.iterations.n_total} iterations, {run.pretrain.runtime.workers} workers)")
+    result = store.ensure(run, wd, progress=True, resume_from=resume_from, tracking_uri=tracking_uri, profile=profile)
+    from rsseg.progress import done
+
+    done()
+    typer.echo(f"finished: fingerprint {fp}\n  checkpoint {result.path}\n  MLflow run {result.mlflow_run_id}")
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main() -> None:

@@ -291,6 +291,8 @@ def _expected(err: dict) -> str:
         return "required key is missing"
     if typ in ("literal_error", "enum"):
         return f"{msg.replace('Input should be', 'expected')}, got {shown}"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
     return f"{msg[0].lower() + msg[1:]}" + ("" if typ.startswith("value_error") else f", got {shown}")
 
 
@@ -301,6 +303,10 @@ def format_validation_error(
     errors = exc.errors()
     err = errors[0]
     loc = prefix + _clean_loc(err["loc"])
+    keyed = re.match(r"^Value error, @([\w.\[\]]+): (.*)$", err["msg"])
+    if keyed:  # a cross-field check that names its own key
+        loc = loc + tuple(keyed.group(1).split("."))
+        err = dict(err, msg=keyed.group(2), type="value_error")
     dotted = _dotted(loc)
     where = doc.source_of(dotted.split("[")[0])
     if err["type"] == "extra_forbidden":

@@ -335,6 +335,19 @@ class RunSpecBase(Strict):
             raise ValueError(f"unknown method {v!r}; installed: {', '.join(sorted(methods))}")
         return v
 
+    @model_validator(mode="after")
+    def _method_checks(self) -> "RunSpecBase":
+        from rsseg.methods import registry
+
+        method = registry().get(self.method)
+        if method is not None and hasattr(self, method.block or ""):
+            problems = method.check(self)
+            if problems:
+                key, message = problems[0]
+                # "@key: message" lets the loader name the dotted key in its one-line error.
+                raise ValueError(f"@{key}: {message}")
+        return self
+
     def block(self, name: str) -> Any:
         return getattr(self, name)
 

@@ -41,28 +41,37 @@ class Method:
     # The RunSpec block holding this method's options (several methods may share one block).
     block: str | None = None
     spec: type[BaseModel] | None = None
-    # "module:function" (run: RunSpec) -> Objective, or None when the method is not pre-trained
-    # by the platform (random or ImageNet initialisation).
+    # "module:function" (run: RunSpec, in_channels: int) -> Objective, or None when the method is
+    # not pre-trained by the platform (random or ImageNet initialisation).
     objective: str | None = None
+    # Fields of the method's block that change what pre-training learns (they enter the
+    # pre-training fingerprint; the rest, e.g. feature selection, does not).
+    pretrain_keys: tuple[str, ...] = ()
     # "module:function" (run: RunSpec, checkpoint: Path | None) -> Encoder
     encoder: str = ""
     # Default heads: (frozen, fine-tuned).
     heads: tuple[str, str] = ("mlp", "upernet")
     # "module:function" (run) -> dict: MLflow tags describing the method's setting (timesteps, ...)
     tags: str | None = None
+    # "module:function" (run) -> list of (dotted key, message): checks across blocks that a
+    # field validator cannot make (e.g. warm-up longer than the whole pre-training).
+    checks: str | None = None
     paper_row: str | None = None  # the row of the paper's Table 3 this method reproduces
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def build_objective(self, run: Any) -> Any:
+    def build_objective(self, run: Any, in_channels: int) -> Any:
         if self.objective is None:
             raise ValueError(f"method {self.name!r} has no pre-training objective")
-        return load_object(self.objective)(run)
+        return load_object(self.objective)(run, in_channels)
 
     def build_encoder(self, run: Any, checkpoint: Any) -> Any:
         return load_object(self.encoder)(run, checkpoint)
 
     def run_tags(self, run: Any) -> dict[str, str]:
         return {k: str(v) for k, v in load_object(self.tags)(run).items()} if self.tags else {}
+
+    def check(self, run: Any) -> list[tuple[str, str]]:
+        return list(load_object(self.checks)(run)) if self.checks else []
 
     def default_head(self, frozen: bool) -> str:
         return self.heads[0] if frozen else self.heads[1]

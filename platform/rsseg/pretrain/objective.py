@@ -1,0 +1,31 @@
+"""The objective interface: what the shared trainer needs from DDPM, MAE or ScaleMAE.
+
+An objective owns its network and its loss; the trainer owns the optimiser, warm-up, EMA, mixed
+precision, checkpoints and Ray Train. Keep it small::
+
+    network: nn.Module                               the trainable module (DDP-wrapped by the trainer)
+    optim: OptimSpec                                 its optimiser settings
+    loss(net, images, generator) -> (loss, logs)     net is the (wrapped) network to call
+    describe() -> dict                               enough to rebuild the network from a checkpoint
+    artifacts(net, images, generator, out_dir) -> [paths]   optional pictures for MLflow
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from rsseg.config.specs import OptimSpec
+
+
+class Objective(Protocol):
+    network: torch.nn.Module
+    optim: OptimSpec
+
+    def loss(self, net: torch.nn.Module, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def artifacts(self, net: torch.nn.Module, images: torch.Tensor, generator: torch.Generator, out_dir: Path) -> list[Path]: ...

@@ -1,0 +1,246 @@
+"""The fingerprinted checkpoint store: one directory per resolved pre-training spec.
+
+A pre-training is identified by the hash of what it learns from and how (method and its
+pre-training options, iterations, batch size, seed, EMA, the imagery: dataset identity, archive,
+homogeneous splits) — not by how it runs (workers, GPU, checkpoint interval). Sweeps that need
+the same pre-training share its checkpoint; `ensure` trains only when no finished one exists,
+and concurrent callers with one fingerprint train once (a per-process lock plus a file lock).
+
+Layout under ``<workdir>/checkpoints/pretrain/<method>-<fingerprint>/``::
+
+    spec.json                      the resolved run spec and the identity that was hashed
+    ckpt/step_00001000.pt          periodic checkpoints (model, EMA, optimiser, step, data
+    ckpt/step_00001000.json        position, RNG states, spec, git commit) + their manifests
+    final.pt                       model + EMA + objective description, for feature extraction
+    DONE.json                      written last: the pre-training is finished and final.pt valid
+
+Every file is written atomically (temporary file, fsync, rename) and a checkpoint counts only
+with its manifest (size + SHA-256). A truncated or corrupt checkpoint is never loaded: the
+previous valid one is used instead, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rsseg.atomic import atomic_path, atomic_write_text, sha256_file
+from rsseg.errors import CheckpointError
+from rsseg.provenance import canonical_json, fingerprint as hash_of, stamp
+from rsseg.workdir import Workdir
+
+log = logging.getLogger(__name__)
+STORE_VERSION = 1
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def identity(run) -> dict[str, Any]:
+    """What a pre-training's result depends on (the fingerprint hashes this)."""
+    from rsseg.methods import get
+
+    method = get(run.method)
+    block = run.block(method.block).model_dump(mode="json") if method.block else {}
+    return {
+        "v": STORE_VERSION,
+        "method": method.name,
+        "objective": {k: block[k] for k in method.pretrain_keys if k in block},
+        "pretrain": run.pretrain.model_dump(mode="json", exclude={"runtime"}) | {
+            "iterations": list(run.pretrain.iterations.counts())
+        },
+        "data": run.data.identity(),
+    }
+
+
+def fingerprint(run) -> str:
+    return hash_of(identity(run))
+
+
+@dataclass(frozen=True)
+class StoreDir:
+    root: Path
+
+    @classmethod
+    def for_run(cls, run, workdir: Workdir | None = None) -> "StoreDir":
+        workdir = workdir or Workdir.resolve()
+        return cls(workdir.checkpoints / "pretrain" / f"{run.method}-{fingerprint(run)}")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.root.name.rsplit("-", 1)[1]
+
+    @property
+    def ckpt(self) -> Path:
+        return self.root / "ckpt"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final.pt"
+
+    @property
+    def done(self) -> Path:
+        return self.root / "DONE.json"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root.with_name(self.root.name + ".lock")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+def _manifest_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def save(path: Path, state: dict[str, Any], fp: str, step: int) -> Path:
+    """torch.save atomically, then its manifest (size + SHA-256) atomically: a checkpoint
+    without a valid manifest does not exist."""
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+    manifest = {"fingerprint": fp, "step": step, "size": path.stat().st_size, "sha256": sha256_file(path), **stamp()}
+    atomic_write_text(_manifest_path(path), json.dumps(manifest, indent=2))
+    return path
+
+
+def validate(path: Path) -> dict[str, Any]:
+    """The manifest of a complete, uncorrupted checkpoint; CheckpointError otherwise."""
+    mpath = _manifest_path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if not mpath.exists():
+        raise CheckpointError(f"{path}: no manifest {mpath.name} (an interrupted write); not loading it")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{mpath}: manifest is not valid JSON; not loading {path.name}") from None
+    size = path.stat().st_size
+    if size != manifest.get("size"):
+        raise CheckpointError(f"{path}: truncated or overwritten ({size} bytes, manifest says {manifest.get('size')}); not loading it")
+    if sha256_file(path) != manifest.get("sha256"):
+        raise CheckpointError(f"{path}: content does not match its SHA-256 in {mpath.name}; not loading it")
+    return manifest
+
+
+def load(path: Path, expected_fp: str | None = None, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    manifest = validate(path)
+    if expected_fp is not None and manifest["fingerprint"] != expected_fp:
+        raise CheckpointError(
+            f"{path}: checkpoint was written for pre-training fingerprint {manifest['fingerprint']}, "
+            f"but this spec's fingerprint is {expected_fp}; refusing to resume from it"
+        )
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def checkpoints(store: StoreDir) -> list[tuple[int, Path]]:
+    out = []
+    for p in store.ckpt.glob("step_*.pt"):
+        try:
+            out.append((int(p.stem.split("_")[1]), p))
+        except (IndexError, ValueError):
+            continue
+    return sorted(out)
+
+
+def latest_valid(store: StoreDir, expected_fp: str) -> tuple[int, Path] | None:
+    """The newest checkpoint that validates; invalid ones are reported and skipped."""
+    for step, path in reversed(checkpoints(store)):
+        try:
+            manifest = validate(path)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint: %s", exc)
+            continue
+        if manifest["fingerprint"] != expected_fp:
+            log.warning("skipping %s: fingerprint %s != %s", path, manifest["fingerprint"], expected_fp)
+            continue
+        return step, path
+    return None
+
+
+def prune(store: StoreDir, keep: int) -> None:
+    for _, path in checkpoints(store)[:-keep]:
+        for p in (path, _manifest_path(path)):
+            p.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finished pre-trainings
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A finished pre-training: what encoders load."""
+
+    path: Path
+    fingerprint: str
+    method: str
+    mlflow_run_id: str | None = None
+
+    def load(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        return load(self.path, self.fingerprint, map_location)
+
+
+def find(run, workdir: Workdir | None = None) -> Pretrained | None:
+    store = StoreDir.for_run(run, workdir)
+    if not store.done.exists():
+        return None
+    try:
+        done = json.loads(store.done.read_text())
+        validate(store.final)
+    except (CheckpointError, json.JSONDecodeError) as exc:
+        log.warning("pre-training %s is marked done but unusable (%s); it will be retrained", store.root, exc)
+        return None
+    return Pretrained(store.final, store.fingerprint, run.method, done.get("mlflow_run_id"))
+
+
+def finalize(store: StoreDir, state: dict[str, Any], mlflow_run_id: str | None) -> Pretrained:
+    final = {k: state[k] for k in ("model", "ema", "objective", "spec", "step", "fingerprint", "method", "git_commit", "rsseg_version") if k in state}
+    save(store.final, final, store.fingerprint, state["step"])
+    atomic_write_text(store.done, json.dumps({"fingerprint": store.fingerprint, "step": state["step"], "mlflow_run_id": mlflow_run_id,
+                                              "resumed_from": state.get("resumed_from", 0), **stamp()}, indent=2))
+    return Pretrained(store.final, store.fingerprint, state.get("method", store.root.name.rsplit("-", 1)[0]), mlflow_run_id)
+
+
+def write_spec(store: StoreDir, run) -> None:
+    store.root.mkdir(parents=True, exist_ok=True)
+    body = {"identity": identity(run), "run": run.model_dump(mode="json"), **stamp()}
+    atomic_write_text(store.root / "spec.json", json.dumps(json.loads(canonical_json(body)), indent=2))
+
+
+def _thread_lock(key: str) -> threading.Lock:
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(key, threading.Lock())
+
+
+def ensure(run, workdir: Workdir | None = None, **train_kwargs: Any) -> Pretrained:
+    """The finished pre-training for ``run``: found in the store, or trained now (once)."""
+    from filelock import FileLock
+
+    from rsseg.methods import get
+
+    workdir = workdir or Workdir.resolve()
+    if not get(run.method).pretrained:
+        raise CheckpointError(f"method {run.method!r} is not pre-trained by the platform")
+    found = find(run, workdir)
+    if found is not None:
+        return found
+    store = StoreDir.for_run(run, workdir)
+    store.root.parent.mkdir(parents=True, exist_ok=True)
+    with _thread_lock(str(store.root)), FileLock(str(store.lock)):
+        found = find(run, workdir)  # someone else may have finished while we waited
+        if found is not None:
+            return found
+        from rsseg.pretrain.trainer import train
+
+        return train(run, workdir, **train_kwargs)

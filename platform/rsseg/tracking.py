@@ -1,0 +1,220 @@
+"""MLflow: the system of record. URIs, store initialisation, runs with tags, batched logging.
+
+Default store: SQLite in the work directory (``sqlite:///<workdir>/mlflow.db``, artifacts under
+``<workdir>/artifacts``); ``MLFLOW_TRACKING_URI`` or an explicit URI (``--tracking-uri``) point
+at a shared ``mlflow server`` instead. Every URI is resolved to an absolute one before a Ray
+trial sees it: trials run in their own working directory, where a relative SQLite path would
+silently become a new, empty database.
+
+Many processes touching a *fresh* SQLite database at once corrupt its schema migration, so the
+driver initialises the store (`init_store`, under a file lock) before any worker writes.
+
+We own the run lifecycle (no Ray MLflow callback, no ``setup_mlflow``): runs are created
+explicitly, logged with ``log_batch`` and ended FINISHED or FAILED.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from rsseg.errors import TrackingError
+from rsseg.workdir import Workdir
+
+PRETRAIN_EXPERIMENT = "rsseg-pretrain"
+MAX_PARAM_VALUE = 6000
+BATCH = 900  # MLflow's log_batch takes at most 1000 metrics and 100 params per call
+
+
+def resolve_uri(explicit: str | None = None, workdir: Workdir | None = None) -> str:
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        workdir = workdir or Workdir.resolve()
+        return f"sqlite:///{workdir.mlflow_db}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_absolute():
+            uri = f"sqlite:///{path.resolve()}"
+    elif "://" not in uri:  # a bare path: a file store is refused by MLflow 3.17; use SQLite there
+        uri = f"sqlite:///{(Path(uri).resolve() / 'mlflow.db')}"
+    return uri
+
+
+def is_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def _sqlite_path(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):])
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, with the URI in the message, before any work starts."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                if resp.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri} is not healthy (GET /health -> {resp.status})")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it or fix --tracking-uri / MLFLOW_TRACKING_URI") from None
+    elif is_sqlite(uri):
+        parent = _sqlite_path(uri).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"MLflow store {uri}: cannot create {parent} ({exc.strerror})") from None
+        if not os.access(parent, os.W_OK):
+            raise TrackingError(f"MLflow store {uri}: {parent} is not writable")
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def init_store(uri: str) -> None:
+    """Create (and migrate) the store once, from one process, before any concurrent writer."""
+    check_reachable(uri)
+    if is_sqlite(uri):
+        from filelock import FileLock
+
+        path = _sqlite_path(uri)
+        with FileLock(str(path) + ".lock"):
+            client(uri).search_experiments(max_results=1)
+    else:
+        try:
+            client(uri).search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - any backend failure is the same for the user
+            raise TrackingError(f"MLflow tracking store {uri} cannot be used: {str(exc).splitlines()[0]}") from None
+
+
+def artifact_location(uri: str, workdir: Workdir, experiment: str) -> str | None:
+    """Artifacts of a local store live in the workdir; a server decides its own."""
+    if is_sqlite(uri):
+        return (workdir.artifacts / experiment).as_uri()
+    return None
+
+
+def experiment_id(uri: str, name: str, workdir: Workdir | None = None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=artifact_location(uri, workdir or Workdir.resolve(), name))
+    except MlflowException:  # created concurrently
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        text = "null" if d is None else str(d) if not isinstance(d, (list, tuple)) else "[" + ", ".join(str(x) for x in d) + "]"
+        out[prefix] = text[:MAX_PARAM_VALUE]
+    return out
+
+
+@dataclass
+class Run:
+    """One MLflow run, logged in batches. Safe to pickle (holds only ids and the URI)."""
+
+    uri: str
+    run_id: str
+    experiment_id: str
+
+    @property
+    def _client(self):
+        return client(self.uri)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        existing = self._client.get_run(self.run_id).data.params
+        items = [Param(k, v) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+        for i in range(0, len(items), BATCH):
+            self._client.log_batch(self.run_id, metrics=items[i : i + BATCH])
+
+    def log_metric_series(self, key: str, points: Iterable[tuple[int, float]]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(key, float(v), ts, int(s)) for s, v in points if math.isfinite(float(v))]
+        for i in range(0, len(items), BATCH):
+            self._client.log_batch(self.run_id, metrics=items[i : i + BATCH])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None]
+        if items:
+            self._client.log_batch(self.run_id, tags=items)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def last_step(self, key: str) -> int | None:
+        hist = self._client.get_metric_history(self.run_id, key)
+        return max((m.step for m in hist), default=None)
+
+    def status(self) -> str:
+        return self._client.get_run(self.run_id).info.status
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._client.set_terminated(self.run_id, status=status)
+
+
+def find_runs(uri: str, experiment: str, filter_string: str, workdir: Workdir | None = None) -> list:
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000)
+
+
+def start_run(uri: str, experiment: str, name: str, tags: dict[str, Any], parent_run_id: str | None = None,
+              workdir: Workdir | None = None, reuse_tag: tuple[str, str] | None = None) -> Run:
+    """Create a run, or reuse the unfinished one whose tag ``reuse_tag`` matches (resumes)."""
+    exp_id = experiment_id(uri, experiment, workdir)
+    c = client(uri)
+    if reuse_tag is not None:
+        key, value = reuse_tag
+        found = c.search_runs([exp_id], filter_string=f"tags.`{key}` = '{value}'", max_results=50,
+                              order_by=["attributes.start_time DESC"])
+        for r in found:
+            if r.info.status in ("RUNNING", "FAILED", "KILLED", "SCHEDULED"):
+                c.update_run(r.info.run_id, status="RUNNING")
+                run = Run(uri, r.info.run_id, exp_id)
+                run.set_tags({"resumed": "true"})
+                return run
+    all_tags = {k: str(v) for k, v in tags.items() if v is not None}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    created = c.create_run(exp_id, tags=all_tags, run_name=name)
+    return Run(uri, created.info.run_id, exp_id)
