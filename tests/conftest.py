@@ -70,6 +70,6 @@ def tiny_run(**overrides):
         "pretrain": {"iterations": {"archive": 12, "homogeneous": 12}, "batch_size": 4,
                      "runtime": {"workers": 2, "checkpoint_every": 4, "log_every": 4, "samples": 2, "sample_steps": 4}},
         "finetune": {"iterations": 20, "batch_size": 4, "eval_every": 10, "eval_batch_size": 16, "log_predictions": 1,
-                     "checkpoint_every": 10},
+                     },
     }
     return RunSpec(**merge(base, overrides))

@@ -53,11 +53,11 @@ def test_at_least_six_classes_all_present():
 
 @pytest.fixture(scope="module")
 def demo_like(tmp_path_factory):
-    """The demo's data at a smaller scale: 6 scenes of 256 px, 64 px tiles."""
+    """The demo's data: 10 scenes of 512 px, 64 px tiles."""
     from rsseg.workdir import Workdir
 
     wd = Workdir.resolve(tmp_path_factory.mktemp("syn")).ensure()
-    spec = DataSpec(tile_size=64, synthetic=SyntheticSpec(scenes=6, size=256, unlabeled_scenes=0, archive_scenes=0))
+    spec = DataSpec(tile_size=64, synthetic=SyntheticSpec(scenes=10, size=512, unlabeled_scenes=0, archive_scenes=0))
     index = tiles.build(spec, wd)
     s = index.scenes
     reader = TileReader(s.scenes, s.table, s.bands, s.value_range)
@@ -65,21 +65,23 @@ def demo_like(tmp_path_factory):
 
 
 def test_colour_alone_cannot_separate_the_classes(demo_like):
-    """Per-pixel colour baseline mIoU stays below 0.36; a cheap spatial model clears it by far.
+    """Per-pixel colour baseline mIoU stays below 0.55; a cheap spatial model clears it by far.
 
-    The bound: inside a group of g classes with identical colour distributions, any per-pixel
-    colour rule assigns pixels independently of their true class, and the group's summed IoU is
-    at most g / (2g - 1) (reached by splitting evenly; concave, symmetric). With water alone
-    (IoU <= 1), the built pair (g = 2: 2/3) and the vegetation four (g = 4: 4/7), the best
-    colour rule scores (1 + 2/3 + 4/7) / 7 = 0.32 for equally frequent classes; 0.36 leaves
-    room for class-frequency imbalance in a small sample, nothing more.
+    The bound. A colour shared by two classes is, pixel by pixel, equally likely to belong to
+    either (each pattern is ~50 % of each of its colours), so a colour rule can only choose how to
+    split each shared colour between its two classes. The vegetation classes form a cycle
+    (AL-PC-For.-Pas.-AL, one shared colour per edge, no colour of their own): the best split
+    gives each of them IoU 1/3 (TP = n/2, union = 3n/2). UB and Ind. each own one colour and
+    share grey: at best IoUs summing to 1.2 (grey split evenly). Water is alone: 1. For equally
+    frequent classes that is (4/3 + 1.2 + 1) / 7 = 0.505 at most; 0.55 leaves room for class
+    imbalance in a sample, nothing more. Measured: ~0.44-0.50.
     """
     index, reader = demo_like
     test = TileDataset(reader, index.split("test"))
     for ratio in (0.02, 1.0):
         train = TileDataset(reader, index.subset(ratio))
         colour = colour_baseline(train, test, index.table.num_classes)
-        assert colour.metrics.miou < 0.36, (ratio, colour.metrics.miou)
-        assert colour.metrics.iou[-1] > 0.9  # water: the one colour-separable class
-    texture = texture_baseline(TileDataset(reader, index.subset(1.0)), test, index.table.num_classes)
+        assert colour.metrics.miou < 0.55, (ratio, colour.metrics.miou)
+        assert colour.metrics.iou[-1] > 0.9  # water: the one class that owns all its colour
+    texture = texture_baseline(TileDataset(reader, index.subset(0.02)), test, index.table.num_classes)
     assert texture.metrics.miou > colour.metrics.miou + 0.25, (texture.metrics.miou, colour.metrics.miou)

@@ -196,6 +196,50 @@ def pretrain_cmd(
 
 
 # ----------------------------------------------------------------------------------------------
+# finetune
+
+
+@app.command("finetune")
+def finetune_cmd(
+    spec: Path = typer.Argument(..., help="A run spec, e.g. sweeps/finetune.yaml."),
+    profile: Optional[str] = ProfileOpt,
+    set_: Optional[list[str]] = SetOpt,
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster for the pre-training, if one is needed."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default tracking.experiment or rsseg-finetune)."),
+) -> None:
+    """One fine-tuning run: pre-training through the fingerprinted store (trained on Ray if
+    missing), frozen or full fine-tuning, val/test mIoU, per-class IoU and artifacts in MLflow."""
+    from rsseg import raycluster, runner, tracking
+    from rsseg.config.resolve import load_run
+    from rsseg.methods import get
+    from rsseg.pretrain import store
+
+    run = load_run(spec, profile, set_ or []).spec
+    wd = _workdir()
+    uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, wd)
+    tracking.init_store(uri)
+    pretrained = None
+    if get(run.method).needs_pretraining(run):
+        pretrained = store.find(run, wd)
+        if pretrained is None:
+            raycluster.init(address)
+            typer.echo(f"pre-training {run.method} {store.fingerprint(run)} first (not in the store yet)")
+            pretrained = store.ensure(run, wd, progress=True, tracking_uri=uri, profile=profile)
+            from rsseg.progress import done
+
+            done()
+        typer.echo(f"features from pre-training {pretrained.fingerprint} ({pretrained.path})")
+    result, tracker = runner.execute(run, wd, uri=uri, experiment=experiment, tags=runner.run_tags(run, profile=profile),
+                                     pretrained=pretrained)
+    iou = "  ".join(f"{a} {100 * v:.1f}" for a, v in zip(result.class_abbrs, result.test.iou) if v == v)
+    typer.echo(f"test mIoU {100 * result.test.miou:.2f} %  pixel accuracy {100 * result.test.pixel_accuracy:.2f} %  "
+               f"({result.head} head, {result.trainable_params / 1e6:.2f} M trainable parameters, {result.seconds['total_s']:.0f} s)")
+    typer.echo(f"per-class IoU  {iou}")
+    typer.echo(f"MLflow run {tracker.run_id} in {uri}")
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main() -> None:

@@ -55,3 +55,47 @@ def colourise(labels: torch.Tensor, palette: np.ndarray, ignore: int = 255) -> n
     valid = (lab != ignore) & (lab < len(palette))
     out[valid] = palette[lab[valid]]
     return out
+
+
+def save_overlays(images: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, palette: np.ndarray, path: Path) -> Path:
+    """Rows of (image | truth | prediction) for a few tiles."""
+    rows = []
+    for img, t, p in zip(images, truth, pred):
+        t_rgb = torch.from_numpy(colourise(t, palette)).permute(2, 0, 1).float() / 127.5 - 1
+        p_rgb = torch.from_numpy(colourise(p, palette)).permute(2, 0, 1).float() / 127.5 - 1
+        rows.append(torch.stack([img[:3].float().cpu(), t_rgb, p_rgb]))
+    return save_grid(rows, path, ["image", "truth", "prediction"])
+
+
+def save_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix (truth rows, prediction columns) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rsseg.atomic import atomic_path
+
+    m = matrix.astype(np.float64)
+    norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n), dpi=110)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    for i in range(n):
+        for j in range(n):
+            if norm[i, j] >= 0.01:
+                ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class's pixels")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

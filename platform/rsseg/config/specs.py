@@ -28,12 +28,13 @@ class Strict(BaseModel):
 class SyntheticSpec(Strict):
     """The built-in procedural dataset (rsseg.data.synthetic)."""
 
-    scenes: int = Field(8, ge=1, description="labelled scenes")
+    scenes: int = Field(10, ge=1, description="labelled scenes")
     size: int = Field(512, ge=16, description="scene side in pixels")
     unlabeled_scenes: int = Field(4, ge=0, description="extra unlabelled scenes of the same domain")
     archive_scenes: int = Field(4, ge=0, description="scenes of a shifted 'archive' domain for step-1 pre-training")
     seed: int = 0
     gsd: float = Field(0.5, gt=0, description="ground sample distance in metres")
+    texture_scale: float = Field(1.0, gt=0, description="multiplies every pattern's size and the region size")
 
 
 class GidSpec(Strict):
@@ -230,7 +231,7 @@ class DdpmFeaturesSpec(Strict):
     timesteps: list[int] = Field([50, 100, 150], description="noise levels; 0 = the clean image")
     noise: Literal["fixed", "fresh"] = Field("fixed", description="fixed: seeded per (tile, t), cacheable; fresh: new each call")
     noise_seed: int = 0
-    weights: Literal["ema", "raw"] = "ema"
+    weights: Literal["ema", "raw", "random"] = Field("ema", description="random = the UNet's seeded init, no pre-training (an ablation)")
 
     @field_validator("resolutions")
     @classmethod
@@ -297,12 +298,11 @@ class FinetuneSpec(Strict):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_iterations: int = Field(0, ge=0)
-    eval_every: int = Field(100, ge=1)
+    eval_every: int = Field(100, ge=1, description="validation (and a checkpoint) every N iterations")
     eval_batch_size: int = Field(16, ge=1)
     val_max_tiles: int | None = Field(None, ge=1, description="cap on val tiles per evaluation (test is always whole)")
     augment: AugmentSpec = AugmentSpec()
     cache: CacheSpec = CacheSpec()
-    checkpoint_every: int = Field(100, ge=1)
     log_predictions: int = Field(4, ge=0, description="prediction overlays logged as artifacts")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: the trial's CPUs")
 

@@ -1,25 +1,27 @@
 """The built-in synthetic land cover: real GeoTIFFs, deterministic from a seed.
 
-Each scene is a Voronoi-like map of regions (warped cells, so borders are irregular), each region
-one of seven classes (table ``synthetic7``). Classes differ in *texture and structure*, not in
-colour: within two groups the per-pixel colour distribution is identical by construction.
+Each scene is a map of irregular regions (warped Voronoi cells, ~56 px), each region one of
+seven classes (table ``synthetic7``). Every class is a two-colour pattern; classes differ in
+*structure* (block size, stripes, dot rows, blobs, speckle) and in *which pair* of colours they
+mix, but no class owns a colour alone except water, roofs (UB) and bright roofs (Ind.): each
+vegetation colour is shared by two classes, grey streets by both built classes.
 
-- built group, palette {street grey, roof red}, every pattern ~50 % roof:
-  UB   urban fabric  - small buildings on a fine street grid (cells 6-9 px)
-  Ind. industrial    - the same buildings at a coarse grid (cells 20-32 px)
-- vegetation group, palette {green, brown}, every pattern ~50 % green:
-  AL   arable land   - parallel stripes, period 6-12 px, random orientation per field
-  PC   perm. crops   - rows of round dots (orchard-like), period 6-10 px
-  For. forest        - smooth blobs (low-pass noise thresholded at its median)
-  Pas. pastures      - speckle (pixel-scale noise thresholded)
-- Water              - smooth dark blue, the one class colour alone identifies.
+  class  pattern (~50 % of each colour)                   colours
+  UB     small buildings on a street grid (cells 8-12 px)  street grey + red roof
+  Ind.   large buildings (cells 22-30 px)                  street grey + bright roof
+  AL     parallel stripes, period 10-16 px, any angle      brown + light green
+  PC     rows of round dots, period 8-12 px                brown + dark green
+  For.   smooth blobs (noise at 6 px, thresholded)         dark green + mid green
+  Pas.   speckle (noise at 1.5 px, thresholded)            mid green + light green
+  Water  smooth, low-frequency shading                     blue
 
-Why: a per-pixel colour classifier cannot separate classes inside a group better than chance, so
-its mIoU is bounded well below what a spatial model reaches (tests/test_synthetic.py measures
-both); a DDPM pre-trained on these textures has something to learn that colour does not give.
+Why: a per-pixel colour classifier cannot tell apart the classes that share a colour, so its
+mIoU is bounded (about 0.50 at best, see tests/test_synthetic.py) while a spatial model that
+sees the pattern and the colour pair reaches far more; a DDPM pre-trained on these scenes has
+structure to learn that a pixel's colour does not give.
 
-Per-region brightness (x0.9-1.1) and per-pixel sensor noise (sigma 8) keep it from being trivial.
-An ``archive`` domain (different palette, 1.4x texture scale, coarser GSD) stands in for the
+Per-region brightness (x0.9-1.1) and per-pixel sensor noise (sigma 8) keep it from being
+trivial. An ``archive`` domain (other colours, 1.4x pattern size, coarser GSD) stands in for the
 archive imagery of the paper's step-1 pre-training. A nodata corner (value 0, declared nodata)
 mimics an orthophoto footprint; valid pixels are never 0 in all bands.
 """
@@ -37,32 +39,44 @@ from rsseg.provenance import fingerprint
 
 NUM_CLASSES = 7
 UB, IND, AL, PC, FOR, PAS, WATER = range(NUM_CLASSES)
-GENERATOR_VERSION = 1  # bump when the generator's output changes: a new directory is generated
+GENERATOR_VERSION = 3  # bump when the generator's output changes: a new directory is generated
 
 
 @dataclass(frozen=True)
 class Domain:
     name: str
-    built: tuple[tuple[float, float, float], tuple[float, float, float]]  # (street, roof)
-    veg: tuple[tuple[float, float, float], tuple[float, float, float]]  # (brown, green)
-    water: tuple[float, float, float]
-    scale: float  # texture scale multiplier
+    colours: dict[str, tuple[float, float, float]]
+    scale: float  # pattern size multiplier
     gsd_factor: float
 
 
+# Each class mixes two of these (PAIRS); shared colours make per-pixel colour ambiguous.
+PAIRS = {
+    UB: ("street", "roof"),
+    IND: ("street", "bright_roof"),
+    AL: ("brown", "light_green"),
+    PC: ("brown", "dark_green"),
+    FOR: ("dark_green", "mid_green"),
+    PAS: ("mid_green", "light_green"),
+}
+
 HOMOGENEOUS = Domain(
     "homogeneous",
-    built=((150.0, 150.0, 155.0), (185.0, 95.0, 80.0)),
-    veg=((140.0, 112.0, 72.0), (72.0, 122.0, 52.0)),
-    water=(40.0, 70.0, 112.0),
+    colours={
+        "street": (150.0, 150.0, 155.0), "roof": (185.0, 95.0, 80.0), "bright_roof": (215.0, 210.0, 200.0),
+        "brown": (140.0, 112.0, 72.0), "light_green": (145.0, 175.0, 85.0), "dark_green": (45.0, 85.0, 45.0),
+        "mid_green": (90.0, 130.0, 60.0), "water": (40.0, 70.0, 112.0),
+    },
     scale=1.0,
     gsd_factor=1.0,
 )
 ARCHIVE = Domain(
     "archive",
-    built=((120.0, 125.0, 140.0), (200.0, 120.0, 105.0)),
-    veg=((160.0, 135.0, 95.0), (55.0, 100.0, 70.0)),
-    water=(30.0, 55.0, 95.0),
+    colours={
+        "street": (125.0, 130.0, 145.0), "roof": (200.0, 120.0, 105.0), "bright_roof": (230.0, 225.0, 225.0),
+        "brown": (160.0, 135.0, 95.0), "light_green": (165.0, 185.0, 110.0), "dark_green": (35.0, 70.0, 55.0),
+        "mid_green": (75.0, 115.0, 75.0), "water": (30.0, 55.0, 95.0),
+    },
     scale=1.4,
     gsd_factor=1.6,
 )
@@ -86,7 +100,7 @@ def smooth_noise(shape: tuple[int, int], scale: float, rng: np.random.Generator)
     return (field - field.mean()) / (field.std() + 1e-8)
 
 
-def label_map(size: int, rng: np.random.Generator, cell: float = 72.0) -> np.ndarray:
+def label_map(size: int, rng: np.random.Generator, cell: float = 56.0) -> np.ndarray:
     """Warped Voronoi cells with a random class each -> (size, size) int class map and cell ids."""
     n = max(4, int(round((size / cell) ** 2 * 1.2)))
     pts = rng.uniform(0, size, size=(n, 2))
@@ -140,8 +154,8 @@ def _blobs(shape, scale, rng):
     return (smooth_noise(shape, scale, rng) > 0).astype(np.float64)
 
 
-def _speckle(shape, rng):
-    return (rng.random(shape) < 0.5).astype(np.float64)
+def _speckle(shape, scale, rng):
+    return (smooth_noise(shape, scale, rng) > 0).astype(np.float64)
 
 
 def render(classes: np.ndarray, cells: np.ndarray, domain: Domain, rng: np.random.Generator) -> np.ndarray:
@@ -156,24 +170,25 @@ def render(classes: np.ndarray, cells: np.ndarray, domain: Domain, rng: np.rando
         shape = (y1 - y0, x1 - x0)
         cls = int(classes[ys[0], xs[0]])
         if cls == UB:
-            pattern, palette = _buildings(shape, 6 * s, 9 * s, rng), domain.built
+            pattern = _buildings(shape, 8 * s, 12 * s, rng)
         elif cls == IND:
-            pattern, palette = _buildings(shape, 20 * s, 32 * s, rng), domain.built
+            pattern = _buildings(shape, 22 * s, 30 * s, rng)
         elif cls == AL:
-            pattern, palette = _stripes(shape, 6 * s, 12 * s, rng), domain.veg
+            pattern = _stripes(shape, 10 * s, 16 * s, rng)
         elif cls == PC:
-            pattern, palette = _dots(shape, 6 * s, 10 * s, rng), domain.veg
+            pattern = _dots(shape, 8 * s, 12 * s, rng)
         elif cls == FOR:
-            pattern, palette = _blobs(shape, 4.0 * s, rng), domain.veg
+            pattern = _blobs(shape, 6.0 * s, rng)
         elif cls == PAS:
-            pattern, palette = _speckle(shape, rng), domain.veg
+            pattern = _speckle(shape, 1.5 * s, rng)
         else:
             pattern = None
+        palette = [domain.colours[c] for c in PAIRS[cls]] if pattern is not None else None
         gain = rng.uniform(0.9, 1.1)
         sub = region[y0:y1, x0:x1]
         for b in range(3):
             if pattern is None:
-                value = domain.water[b] + 6.0 * smooth_noise(shape, 30.0 * s, rng)
+                value = domain.colours["water"][b] + 6.0 * smooth_noise(shape, 30.0 * s, rng)
             else:
                 lo, hi = palette[0][b], palette[1][b]
                 value = lo + (hi - lo) * pattern
@@ -214,10 +229,13 @@ def _write(path: Path, data: np.ndarray, gsd: float, x0: float, y0: float, nodat
     tmp.replace(path)
 
 
-def generate_scene(seed_seq: list[int], size: int, domain: Domain) -> tuple[np.ndarray, np.ndarray]:
+def generate_scene(seed_seq: list[int], size: int, domain: Domain, texture_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """One scene: (3, size, size) uint8 image (0 = nodata) and (size, size) uint8 codes (0 = nodata)."""
+    import dataclasses
+
+    domain = dataclasses.replace(domain, scale=domain.scale * texture_scale)
     rng = np.random.default_rng(seed_seq)
-    classes, cells = label_map(size, rng, cell=72.0 * domain.scale)
+    classes, cells = label_map(size, rng)
     image = render(classes, cells, domain, rng).round().astype(np.uint8)
     codes = (classes + 1).astype(np.uint8)
     hole = nodata_corner(size, rng)
@@ -247,16 +265,16 @@ def ensure(spec: SyntheticSpec, root: Path) -> Path:
             (out / sub).mkdir(exist_ok=True)
         s = spec.seed
         for i in range(spec.scenes):
-            image, codes = generate_scene([s, 0, i], spec.size, HOMOGENEOUS)
+            image, codes = generate_scene([s, 0, i], spec.size, HOMOGENEOUS, spec.texture_scale)
             x0, y0 = 500_000 + i * spec.size * spec.gsd, 5_000_000
             _write(out / "labelled" / f"scene_{i:03d}.tif", image, spec.gsd, x0, y0, nodata=0)
             _write(out / "labelled" / f"scene_{i:03d}_label.tif", codes[None], spec.gsd, x0, y0, nodata=0)
         for i in range(spec.unlabeled_scenes):
-            image, _ = generate_scene([s, 1, i], spec.size, HOMOGENEOUS)
+            image, _ = generate_scene([s, 1, i], spec.size, HOMOGENEOUS, spec.texture_scale)
             x0, y0 = 600_000 + i * spec.size * spec.gsd, 5_000_000
             _write(out / "unlabeled" / f"unlabeled_{i:03d}.tif", image, spec.gsd, x0, y0, nodata=0)
         for i in range(spec.archive_scenes):
-            image, _ = generate_scene([s, 2, i], spec.size, ARCHIVE)
+            image, _ = generate_scene([s, 2, i], spec.size, ARCHIVE, spec.texture_scale)
             gsd = spec.gsd * ARCHIVE.gsd_factor
             x0, y0 = 700_000 + i * spec.size * gsd, 5_100_000
             _write(out / "archive" / f"archive_{i:03d}.tif", image, gsd, x0, y0, nodata=0)

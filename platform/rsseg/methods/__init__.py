@@ -53,6 +53,9 @@ class Method:
     heads: tuple[str, str] = ("mlp", "upernet")
     # "module:function" (run) -> dict: MLflow tags describing the method's setting (timesteps, ...)
     tags: str | None = None
+    # "module:function" (run) -> bool: whether this run needs the platform's pre-training
+    # (default: whenever the method has an objective).
+    needs_pretraining_fn: str | None = None
     # "module:function" (run) -> list of (dotted key, message): checks across blocks that a
     # field validator cannot make (e.g. warm-up longer than the whole pre-training).
     checks: str | None = None
@@ -79,6 +82,11 @@ class Method:
     @property
     def pretrained(self) -> bool:
         return self.objective is not None
+
+    def needs_pretraining(self, run: Any) -> bool:
+        if self.objective is None:
+            return False
+        return bool(load_object(self.needs_pretraining_fn)(run)) if self.needs_pretraining_fn else True
 
 
 def _builtin() -> dict[str, Method]:

@@ -30,6 +30,10 @@ def checks(run) -> list[tuple[str, str]]:
     return problems
 
 
+def needs_pretraining(run) -> bool:
+    return run.ddpm.features.weights != "random"
+
+
 METHOD = Method(
     name="ddpm",
     summary="DDPM pre-trained UNet (diffusers), multi-timestep decoder features (ours in the paper)",
@@ -41,5 +45,6 @@ METHOD = Method(
     heads=("mlp", "mlp"),
     tags="rsseg.methods.ddpm:tags",
     checks="rsseg.methods.ddpm:checks",
+    needs_pretraining_fn="rsseg.methods.ddpm:needs_pretraining",
     paper_row="ours",
 )

@@ -1,0 +1,170 @@
+"""DDPM feature extraction: contract, maps, batched timesteps, early exit, noise, cache."""
+
+import numpy as np
+import pytest
+import torch
+
+from rsseg.cache import CachedEncoder, FeatureCache
+from rsseg.config.specs import DdpmFeaturesSpec, NoiseScheduleSpec
+from rsseg.encoders import check_contract
+from rsseg.encoders.ddpm import DdpmEncoder, available_maps
+from rsseg.errors import ConfigError
+from rsseg.pretrain.unet import build_unet
+
+
+def encoder(preset="tiny", size=64, **features):
+    torch.manual_seed(0)
+    unet = build_unet(preset, sample_size=size).eval()
+    spec = DdpmFeaturesSpec(**{"resolutions": [16, 8, 4, 2], "timesteps": [0, 50], **features})
+    return DdpmEncoder(unet, NoiseScheduleSpec(), spec, weights_id="test").freeze()
+
+
+@pytest.mark.parametrize("preset, size, side, per_level, channels", [
+    ("tiny", 64, "decoder", 3, {16: 128, 8: 64, 4: 64, 2: 32}),
+    ("tiny", 64, "encoder", 2, {16: 128, 8: 64, 4: 64, 2: 32}),
+    ("ho256", 64, "decoder", 3, {16: 512, 8: 256, 4: 256, 2: 128}),
+    ("ho256", 64, "encoder", 2, {16: 512, 8: 256, 4: 256, 2: 128}),
+    ("sr3", 32, "decoder", 3, {16: 1024, 8: 1024, 4: 512, 2: 256}),
+    ("sr3", 32, "encoder", 2, {16: 1024, 8: 1024, 4: 512, 2: 256}),
+])
+def test_maps_match_feature_info_for_every_preset(preset, size, side, per_level, channels):
+    """Random weights, small inputs: shapes and channels are what feature_info declares."""
+    enc = encoder(preset, size, side=side, timesteps=[0, 100, 150])
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        feats = enc(x)
+    check_contract(enc, x, feats)
+    assert len(feats) == 3 * 4 * per_level  # timesteps x resolutions x maps per resolution
+    assert {fi.stride: fi.channels for fi in enc.feature_info} == channels
+    assert len({fi.name for fi in enc.feature_info}) == len(feats)
+
+
+def test_sr3_decoder_has_the_papers_12_maps():
+    with torch.device("meta"):
+        unet = build_unet("sr3")
+    maps = [m for m in available_maps(unet, "decoder") if m.stride in (16, 8, 4, 2)]
+    assert len(maps) == 12 and [m.stride for m in maps] == [16] * 3 + [8] * 3 + [4] * 3 + [2] * 3
+
+
+def test_explicit_forward_reproduces_diffusers():
+    enc = encoder()
+    x = torch.randn(2, 3, 64, 64)
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        *_, out = enc.extract(x, t, full=True)
+        ref = enc.unet(x, t).sample
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("side", ["decoder", "encoder"])
+def test_early_exit_features_equal_full_forward_hooks(side):
+    enc = encoder(side=side)
+    x = torch.randn(2, 3, 64, 64)
+    t = torch.tensor([50, 50])
+    captured = {}
+    handles = []
+    for m in enc.maps:
+        blocks = enc.unet.up_blocks if side == "decoder" else enc.unet.down_blocks
+        block = blocks[m.block]
+        mod = block.attentions[m.layer] if getattr(block, "attentions", None) is not None else block.resnets[m.layer]
+        handles.append(mod.register_forward_hook(lambda mod, i, o, key=m.name: captured.__setitem__(key, o)))
+    with torch.no_grad():
+        enc.unet(x, t)  # the full network, hooks on the real modules
+        early = enc.extract(x, t)
+    for h in handles:
+        h.remove()
+    assert len(early) == len(enc.maps)
+    for m, f in zip(enc.maps, early):
+        assert torch.equal(f, captured[m.name]), m.name
+
+
+def test_early_exit_skips_the_full_resolution_block():
+    """Decoder maps down to 1/2 never run the last (full-resolution) up block."""
+    enc = encoder()
+    ran = []
+    h = enc.unet.up_blocks[-1].register_forward_hook(lambda *a: ran.append(1))
+    r = enc.unet.up_blocks[-1].resnets[0].register_forward_hook(lambda *a: ran.append(2))
+    with torch.no_grad():
+        enc(torch.randn(1, 3, 64, 64))
+    h.remove()
+    r.remove()
+    assert ran == []
+
+
+def test_batched_timesteps_equal_a_loop_over_timesteps():
+    enc = encoder(timesteps=[0, 50, 150])
+    x = torch.randn(3, 3, 64, 64)
+    keys = ["a", "b", "c"]
+    with torch.no_grad():
+        batched = enc(x, keys)
+        looped = []
+        for t in (0, 50, 150):
+            single = encoder(timesteps=[t])
+            looped.extend(single(x, keys))
+    assert len(batched) == len(looped)
+    for a, b in zip(batched, looped):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fixed_noise_is_deterministic_per_tile_and_fresh_noise_is_not():
+    enc = encoder(timesteps=[100])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a = enc(x, ["t1", "t2"])
+        b = enc(x[[1, 0]], ["t2", "t1"])  # batch order does not matter, the tile does
+        c = enc(x, ["t1", "t3"])
+    assert all(torch.equal(fa[0], fb[1]) for fa, fb in zip(a, b))
+    assert all(torch.equal(fa[0], fc[0]) for fa, fc in zip(a, c))
+    assert not torch.equal(a[0][1], c[0][1])
+    fresh = encoder(timesteps=[100], noise="fresh")
+    with torch.no_grad():
+        f1, f2 = fresh(x, ["t1", "t2"]), fresh(x, ["t1", "t2"])
+    assert not torch.equal(f1[0], f2[0])
+    assert fresh.cache_id is None and enc.cache_id is not None
+
+
+def test_t0_is_the_clean_image():
+    enc = encoder(timesteps=[0])
+    x = torch.randn(1, 3, 64, 64)
+    xt, tt = enc.noised(x, ["a"])
+    assert torch.equal(xt, x) and tt.tolist() == [0]
+    assert enc.signal_scales[0] == 1.0
+
+
+def test_unknown_resolution_is_refused():
+    with pytest.raises(ConfigError, match=r"ddpm.features.resolutions: 1/32 is not a decoder resolution of this UNet \(available: 1/1, 1/2, 1/4, 1/8, 1/16\)"):
+        encoder(resolutions=[32])
+
+
+def test_cache_hit_equals_recomputation_and_respects_budget(tmp_path):
+    enc = encoder(timesteps=[0, 50])
+    x = torch.randn(3, 3, 64, 64)
+    keys, variants = ["s:0:0", "s:0:64", "s:64:0"], [0, 3, 0]
+    cached = CachedEncoder(enc, FeatureCache.open(tmp_path / "c", budget_gb=1))
+    first = cached(x, keys, variants)  # misses: computed and stored
+    assert cached.cache.stats.misses == 3 and cached.cache.stats.writes == 3 * len(enc.feature_info)
+    again = CachedEncoder(enc, FeatureCache.open(tmp_path / "c", budget_gb=1))  # another run, same keys
+    second = again(x, keys, variants)
+    assert again.cache.stats.hits == 3 and again.cache.stats.tiles_computed == 0
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        direct = enc(x, keys, variants)
+    for a, d in zip(second, direct):
+        torch.testing.assert_close(a, d, rtol=2e-3, atol=2e-3)  # float16 storage
+    # over budget: nothing written, features still returned (computed online)
+    tiny = CachedEncoder(enc, FeatureCache.open(tmp_path / "small", budget_gb=1e-9))
+    out = tiny(x, keys, variants)
+    assert tiny.cache.stats.writes == 0 and tiny.cache.stats.skipped_over_budget > 0
+    assert all(torch.equal(a, b) for a, b in zip(out, first))
+
+
+def test_noise_differs_by_augmentation_variant_in_the_cache_key(tmp_path):
+    enc = encoder(timesteps=[50])
+    cache = FeatureCache.open(tmp_path / "c", budget_gb=1)
+    cached = CachedEncoder(enc, cache)
+    x = torch.randn(1, 3, 64, 64)
+    cached(x, ["s:0:0"], [0])
+    cached(x, ["s:0:0"], [5])
+    assert cache.stats.misses == 2
+    assert cache.path(enc.cache_id, enc.feature_info[0].name, "s:0:0", 5).exists()

@@ -1,0 +1,104 @@
+"""Fine-tuning: frozen means frozen, resume continues, the run is tracked with its artifacts."""
+
+import pytest
+import torch
+
+from conftest import tiny_run
+from rsseg import finetune, runner, tracking
+from rsseg.encoders import count_parameters
+from rsseg.heads.mlp import segmentor_parameters
+
+
+def random_features_run(**over):
+    """The DDPM encoder with random weights: no pre-training (and no Ray) needed."""
+    return tiny_run(ddpm={"features": {"weights": "random", "timesteps": [0, 50], "resolutions": [16, 8, 4, 2]}}, **over)
+
+
+def test_frozen_encoder_is_bit_identical_and_gets_no_gradients(workdir):
+    run = random_features_run(finetune={"iterations": 6, "eval_every": 3})
+    p = finetune.prepare(run, workdir)
+    before = {k: v.clone() for k, v in p.encoder.state_dict().items()}
+    grads = []
+    hooks = [q.register_hook(lambda g: grads.append(g)) for q in p.encoder.parameters() if q.requires_grad]
+    assert hooks == []  # nothing in a frozen encoder requires grad
+    finetune.run(run, workdir, pretrained=None)
+    p2 = finetune.prepare(run, workdir)
+    assert all(torch.equal(before[k], v) for k, v in p2.encoder.state_dict().items())
+    # the run's own encoder: same check on the object that trained
+    result_head_params = segmentor_parameters(p.encoder.feature_info, p.table.num_classes)
+    assert count_parameters(p.head, trainable_only=True) == result_head_params
+
+
+def test_frozen_training_leaves_the_encoder_untouched_inside_the_run(workdir, monkeypatch):
+    run = random_features_run(finetune={"iterations": 4, "eval_every": 2})
+    seen = {}
+    original = finetune.prepare
+
+    def spy(*a, **k):
+        p = original(*a, **k)
+        seen["p"] = p
+        seen["before"] = {k: v.clone() for k, v in p.encoder.state_dict().items()}
+        return p
+
+    monkeypatch.setattr(finetune, "prepare", spy)
+    result = finetune.run(run, workdir)
+    p = seen["p"]
+    assert all(torch.equal(seen["before"][k], v) for k, v in p.encoder.state_dict().items())
+    assert all(q.grad is None for q in p.encoder.parameters())
+    assert any(q.grad is not None for q in p.head.parameters())
+    assert result.trainable_params == count_parameters(p.head)
+
+
+def test_full_fine_tuning_updates_the_encoder(workdir, monkeypatch):
+    run = random_features_run(finetune={"iterations": 3, "eval_every": 3, "frozen": False, "head": "mlp"})
+    seen = {}
+    original = finetune.prepare
+
+    def spy(*a, **k):
+        p = original(*a, **k)
+        seen["p"], seen["before"] = p, {k: v.clone() for k, v in p.encoder.state_dict().items()}
+        return p
+
+    monkeypatch.setattr(finetune, "prepare", spy)
+    result = finetune.run(run, workdir)
+    p = seen["p"]
+    changed = [k for k, v in p.encoder.state_dict().items() if not torch.equal(seen["before"][k], v)]
+    assert changed
+    assert result.trainable_params == count_parameters(p.head) + count_parameters(p.encoder)
+
+
+def test_resume_from_an_eval_checkpoint_equals_the_uninterrupted_run(workdir):
+    run = random_features_run(finetune={"iterations": 8, "eval_every": 4, "augment": {"stretch": False}})
+    states = []
+    full = finetune.run(run, workdir, on_eval=lambda it, m, s: states.append((it, {k: v for k, v in s.items()})))
+    assert [it for it, _ in states] == [4, 8]
+    resumed = finetune.run(run, workdir, resume_state=states[0][1])
+    assert resumed.test.miou == full.test.miou
+    assert (resumed.test.matrix == full.test.matrix).all()
+
+
+def test_tracked_run_logs_metrics_per_class_iou_and_artifacts(workdir):
+    run = random_features_run(finetune={"iterations": 4, "eval_every": 2})
+    result, tracker = runner.execute(run, workdir, tags=runner.run_tags(run, profile="test"))
+    c = tracking.client(tracker.uri)
+    r = c.get_run(tracker.run_id)
+    assert r.info.status == "FINISHED"
+    m = r.data.metrics
+    assert m["mIoU"] == pytest.approx(result.test.miou)
+    abbrs = result.class_abbrs
+    assert {f"IoU/{a}" for a, v in zip(abbrs, result.test.iou) if v == v} <= set(m)
+    assert {"val/mIoU", "train/loss", "params/trainable", "time/total_s"} <= set(m)
+    assert r.data.tags["method"] == "ddpm" and r.data.tags["frozen"] == "true" and r.data.tags["timesteps"] == "0,50"
+    arts = {a.path for a in c.list_artifacts(tracker.run_id)}
+    assert {"confusion_matrix.png", "metrics.json", "config.yaml", "predictions.png"} <= arts
+    assert r.data.params["finetune.iterations"] == "4"
+
+
+def test_non_finite_loss_fails_the_run_with_the_reason(workdir):
+    run = random_features_run(finetune={"iterations": 30, "eval_every": 30, "lr": 1e30})
+    with pytest.raises(finetune.NonFiniteLoss, match=r"fine-tuning loss is (nan|inf) at iteration \d+"):
+        runner.execute(run, workdir)
+    c = tracking.client(tracking.resolve_uri(None, workdir))
+    exp = c.get_experiment_by_name(runner.FINETUNE_EXPERIMENT)
+    failed = c.search_runs([exp.experiment_id])
+    assert failed[0].info.status == "FAILED" and "NonFiniteLoss" in failed[0].data.tags["error"]
