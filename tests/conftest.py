@@ -73,3 +73,27 @@ def tiny_run(**overrides):
                      },
     }
     return RunSpec(**merge(base, overrides))
+
+
+SMOKE_PRETRAIN_FAST = ["pretrain.runtime.workers=1", "pretrain.iterations.total=600",
+                       "pretrain.iterations.homogeneous_ratio=1.0", "ddpm.optim.lr=1.5e-3"]
+
+
+@pytest.fixture(scope="session")
+def smoke_pretrained(tmp_path_factory):
+    """A DDPM pre-training on the smoke profile's data, once per session: the tiny UNet, 600
+    iterations all on homogeneous tiles at lr 1.5e-3 (measured: 67.6 % test mIoU at 2 % labels,
+    against 79 % for the profile's 1 200 iterations, in half the time), one worker (the
+    fingerprint ignores workers)."""
+    import ray
+
+    from rsseg import raycluster
+    from rsseg.config.resolve import load_run
+    from rsseg.pretrain import store
+    from rsseg.workdir import Workdir
+
+    wd = Workdir.resolve(tmp_path_factory.mktemp("smoke")).ensure()
+    run = load_run(REPO / "sweeps" / "finetune.yaml", "smoke", SMOKE_PRETRAIN_FAST).spec
+    if not ray.is_initialized():
+        raycluster.init(num_cpus=2)
+    return wd, run, store.ensure(run, wd)

@@ -9,7 +9,11 @@ and the noise seed.
 A size budget bounds the cache: the current size is measured once when the cache opens and
 tracked as this process writes; beyond the budget nothing more is written and the missing
 features are computed online, as the paper had to (60 GB for MiniFrance-S's features). Several
-processes may together overshoot by at most what each wrote since it opened the cache.
+processes may together overshoot by at most what each wrote since it opened the cache. When a
+cache opens at over 90 % of its budget, the features of *other* encoders are evicted, least
+recently used first (a feature set marks its use when opened), down to half the budget, so
+stale encoders do not lock a new one out; a reader that loses a file to eviction recomputes it.
+Sizes are on-disk sizes (blocks), which for these small files exceed their byte counts.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ def directory_size(root: Path) -> int:
     for dirpath, _, files in os.walk(root):
         for f in files:
             try:
-                total += os.stat(os.path.join(dirpath, f)).st_size
+                st = os.stat(os.path.join(dirpath, f))
+                total += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size  # on-disk size
             except OSError:
                 pass
     return total
@@ -63,9 +68,29 @@ class FeatureCache:
     stats: CacheStats = field(default_factory=CacheStats)
 
     @classmethod
-    def open(cls, root: Path, budget_gb: float) -> "FeatureCache":
+    def open(cls, root: Path, budget_gb: float, current: str | None = None) -> "FeatureCache":
+        """Open the cache; when over budget, evict other feature sets (least recently used first)."""
+        import shutil
+
         root.mkdir(parents=True, exist_ok=True)
-        return cls(root, int(budget_gb * 2**30), directory_size(root))
+        budget = int(budget_gb * 2**30)
+        if current is not None:
+            (root / current).mkdir(exist_ok=True)
+            (root / current / ".last_used").touch()
+        used = directory_size(root)
+        if used > 0.9 * budget:  # make room: evict down to half the budget
+            def last_used(d: Path) -> float:
+                marker = d / ".last_used"
+                return marker.stat().st_mtime if marker.exists() else d.stat().st_mtime
+
+            others = sorted((d for d in root.iterdir() if d.is_dir() and d.name != current), key=last_used)
+            for d in others:
+                if used <= budget // 2:
+                    break
+                size = directory_size(d)
+                shutil.rmtree(d, ignore_errors=True)
+                used -= size
+        return cls(root, budget, used)
 
     def path(self, cache_id: str, name: str, tile: str, variant: int) -> Path:
         return self.root / cache_id / _safe(name) / f"{_safe(tile)}~v{variant}.npy"
@@ -87,7 +112,8 @@ class FeatureCache:
         with atomic_path(p, suffix=".npy") as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, data)
-        size = p.stat().st_size
+        st = p.stat()
+        size = st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
         self.used_bytes += size
         self.stats.writes += 1
         self.stats.bytes_written += size

@@ -240,6 +240,47 @@ def finetune_cmd(
 
 
 # ----------------------------------------------------------------------------------------------
+# sweep, ui
+
+
+@app.command("sweep")
+def sweep_cmd(
+    file: Path = typer.Argument(..., help="A sweep file, e.g. sweeps/noise_ablation.yaml."),
+    profile: Optional[str] = ProfileOpt,
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a key of the sweep file: --set base.finetune.iterations=50 --set search.max_concurrent=1."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded plan and start nothing."),
+    resume: bool = typer.Option(False, "--resume", help="Continue this sweep's last invocation after its driver died."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: a local cluster)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default sqlite in the workdir)."),
+) -> None:
+    """Run a paper experiment as a Ray Tune sweep (grid or Optuna), every trial an MLflow run."""
+    from rsseg.config.resolve import load_sweep
+    from rsseg.sweep import plan as planning
+
+    loaded = load_sweep(file, profile, set_ or [])
+    if dry_run:
+        typer.echo(planning.describe(planning.make_plan(loaded)), nl=False)
+        return
+    from rsseg.sweep.driver import run_sweep, summary_table
+
+    result = run_sweep(loaded, _workdir(), address=address, tracking_uri=tracking_uri, resume=resume)
+    typer.echo(summary_table(result), nl=False)
+    if result.finished == 0:
+        raise typer.Exit(code=1)
+
+
+@app.command("ui")
+def ui_cmd(
+    port: int = typer.Option(5000, "--port", help="Port for the MLflow UI."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="Show this store or server instead of the workdir's."),
+) -> None:
+    """The MLflow UI on the work directory's store at 127.0.0.1 (or the URL of a shared server)."""
+    from rsseg import ui
+
+    ui.serve(_workdir(), port=port, tracking_uri=tracking_uri)
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main() -> None:

@@ -119,7 +119,7 @@ def prepare(run, workdir: Workdir, pretrained=None) -> Prepared:
     head = build_head(head_name, encoder.feature_info, index.table.num_classes, ft)
     cached = None
     if frozen and ft.cache.enabled and encoder.cache_id is not None:
-        cached = CachedEncoder(encoder, FeatureCache.open(workdir.cache / "features", ft.cache.budget_gb))
+        cached = CachedEncoder(encoder, FeatureCache.open(workdir.cache / "features", ft.cache.budget_gb, encoder.cache_id))
     return Prepared(index, reader, train, val, test, encoder, head, head_name, frozen, cached, index.table)
 
 

@@ -55,7 +55,8 @@ def execute(run, workdir: Workdir | None = None, *, uri: str | None = None, expe
             run_name or f"{run.name}-{run.method}", tags=tags or run_tags(run), parent_run_id=parent_run_id,
             workdir=workdir, reuse_tag=reuse_tag,
         )
-        tracker.log_params(tracking.flatten(run.model_dump(mode="json")) | {"run_fingerprint": fingerprint(run.model_dump(mode="json"))})
+    # Idempotent: a resumed run already has its parameters and keeps them.
+    tracker.log_params(tracking.flatten(run.model_dump(mode="json")) | {"run_fingerprint": fingerprint(run.model_dump(mode="json"))})
     try:
         result = finetune.run(run, workdir, tracker=tracker, pretrained=pretrained, on_eval=on_eval, resume_state=resume_state)
     except BaseException as exc:

@@ -9,6 +9,13 @@ A profile is a YAML file with up to two blocks::
 
 Profiles are looked up as given (a path), then beside the file (``<dir>/profiles/<name>.yaml``),
 then in ``./sweeps/profiles/``.
+
+A sweep file may adapt a profile to itself with a ``profiles:`` block of the same shape, applied
+after the shared profile (e.g. the smoke run of a two-dataset sweep drops its dataset axis)::
+
+    profiles:
+      smoke:
+        sweep: {space: {data: null}}   # null removes a space axis
 """
 
 from __future__ import annotations
@@ -90,11 +97,23 @@ def load_sweep(path: str | os.PathLike, profile: str | None = None, overrides: l
     doc = load_document(path)
     if not is_sweep_document(doc.data):
         raise ConfigError(f"{path}: not a sweep file (expected name, base, space, search); run a single spec with `platform finetune`")
+    local = doc.data.pop("profiles", None) or {}
+    if not isinstance(local, dict):
+        raise ConfigError(f"{path}: profiles: expected a mapping of profile name -> {{run, sweep}}")
     if profile:
         ppath, run_layer, sweep_layer = _profile_layers(profile, path)
         apply_layer(doc, sweep_layer, str(ppath))
         apply_layer(doc, run_layer, str(ppath), at="base")
+        overlay = local.get(Path(profile).stem, {}) or {}
+        unknown = set(overlay) - {"run", "sweep"}
+        if unknown:
+            raise ConfigError(f"{path}: profiles.{Path(profile).stem}.{sorted(unknown)[0]}: unknown key; expected run or sweep")
+        apply_layer(doc, overlay.get("sweep", {}) or {}, f"{path} (profiles.{Path(profile).stem})")
+        apply_layer(doc, overlay.get("run", {}) or {}, f"{path} (profiles.{Path(profile).stem})", at="base")
     apply_overrides(doc, overrides or [])
+    space = doc.data.get("space")
+    if isinstance(space, dict):  # an overlay or --set may remove an axis with null
+        doc.data["space"] = {k: v for k, v in space.items() if v is not None}
     spec = validate(SweepSpec, doc)
     base = validate(run_spec_model(), doc, data=spec.base, prefix=("base",))
     return LoadedSweep(spec=spec, base=base, document=doc, profile=profile, path=Path(path).resolve())

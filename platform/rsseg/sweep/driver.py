@@ -1,0 +1,288 @@
+"""The sweep driver: MLflow parent run, pre-trainings, Ray Tune, resume, reconciliation.
+
+Order matters (DESIGN.md section 9):
+
+1. plan and validate everything (no Ray, no MLflow yet);
+2. check the tracking store is reachable and initialise it from this one process, then create
+   the experiment (named after the sweep) and the parent run, before any trial exists;
+3. ensure every distinct pre-training once (Ray Train; in parallel when the cluster has the
+   CPUs), so trials only ever *find* their checkpoint;
+4. run the trials as a Tune function trainable (grid: Tune's grid search over the expanded
+   cells; optuna: one Optuna searcher per grid cell, its sampler seeded), with per-trial
+   resources, ``max_concurrent``, optional ASHA and trial retries (``tune.FailureConfig``);
+5. reconcile: a child run Tune stopped early (ASHA) or lost is not left RUNNING.
+
+``--resume`` restores the Tune experiment(s) of the last invocation (``Tuner.restore``, Optuna
+state included): finished trials are not re-run, unfinished ones continue from their
+checkpoints and find their MLflow child by its ``trial_id`` tag.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rsseg import tracking
+from rsseg.errors import SweepError
+from rsseg.sweep.plan import SweepPlan, make_plan, search_key
+from rsseg.workdir import Workdir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepResult:
+    name: str
+    parent_run_id: str
+    experiment_id: str
+    uri: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        return sum(1 for t in self.trials if t["status"] == "FINISHED")
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for t in self.trials if t["status"] == "FAILED")
+
+
+def state_path(workdir: Workdir, name: str) -> Path:
+    return workdir.sweeps / name / "state.json"
+
+
+def _read_state(workdir: Workdir, name: str) -> dict[str, Any] | None:
+    p = state_path(workdir, name)
+    if not p.exists():
+        return None
+    return json.loads(p.read_text())
+
+
+def _write_state(workdir: Workdir, name: str, state: dict[str, Any]) -> None:
+    from rsseg.atomic import atomic_write_text
+
+    atomic_write_text(state_path(workdir, name), json.dumps(state, indent=2))
+
+
+def _pretrain_all(plan: SweepPlan, workdir: Workdir, uri: str, profile: str | None, progress: bool) -> None:
+    """Each distinct pre-training once; several at a time when the cluster has the CPUs."""
+    from rsseg import raycluster
+    from rsseg.config.specs import run_spec_model
+    from rsseg.pretrain import store
+
+    todo = [p for p in plan.pretrainings if store.find(run_spec_model().model_validate(p.run), workdir) is None]
+    if not todo:
+        return
+    runs = [run_spec_model().model_validate(p.run) for p in todo]
+    per = max(r.pretrain.runtime.workers for r in runs)
+    parallel = max(1, min(len(runs), int(raycluster.total_cpus() // max(1, per))))
+    if progress:
+        from rsseg.progress import line
+
+        line(f"pre-training {len(runs)} model(s) first ({parallel} at a time): " + ", ".join(p.fingerprint for p in todo))
+
+    def one(run):
+        return store.ensure(run, workdir, tracking_uri=uri, profile=profile, progress=progress and parallel == 1,
+                            tags={"sweep": plan.spec.name})
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for f in [pool.submit(one, r) for r in runs]:
+            f.result()
+    if progress:
+        from rsseg.progress import done
+
+        done()
+
+
+def _optuna_distributions(search_axes) -> dict[str, Any]:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for path, axis in search_axes.items():
+        path = search_key(path)
+        if axis.kind == "choice":
+            out[path] = CategoricalDistribution(list(range(len(axis.choice))))
+        elif axis.kind == "uniform":
+            out[path] = FloatDistribution(*axis.uniform)
+        elif axis.kind == "loguniform":
+            out[path] = FloatDistribution(*axis.loguniform, log=True)
+        else:
+            out[path] = IntDistribution(*axis.integer)
+    return out
+
+
+def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_names: list[str], resume: bool, progress: bool):
+    """One Tuner (grid) or one per grid cell (optuna); restored ones on resume."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from rsseg.sweep.progress import SweepProgress
+    from rsseg.sweep.trial import trial_fn
+
+    search = plan.spec.search
+    res = search.resources
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, context=context), {"cpu": res.cpu, "gpu": res.gpu})
+    storage = workdir.ray_storage / "sweeps"
+    n_evals = -(-plan.loaded.base.finetune.iterations // plan.loaded.base.finetune.eval_every) + 1
+    for i, name in enumerate(tune_names):
+        path = storage / name
+        if resume:
+            if not tune.Tuner.can_restore(str(path)):
+                raise SweepError(f"cannot resume sweep {plan.spec.name!r}: no Tune experiment at {path}")
+            yield tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+            continue
+        scheduler = None
+        if search.asha is not None:
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=n_evals, grace_period=search.asha.grace_period,
+                                      reduction_factor=search.asha.reduction_factor)
+        callbacks = [SweepProgress(plan.n_trials, search.metric, search.mode)] if progress else []
+        run_config = tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=callbacks,
+                                    failure_config=tune.FailureConfig(max_failures=search.trial_retries),
+                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+        if search.algorithm == "grid":
+            space = {"values": tune.grid_search(plan.cells)}
+            cfg = tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler, num_samples=search.num_samples,
+                                  max_concurrent_trials=search.max_concurrent, reuse_actors=True)
+        else:
+            from ray.tune.search.optuna import OptunaSearch
+
+            cell = plan.cells[i]
+            searcher = OptunaSearch(space=_optuna_distributions(plan.search_axes), metric=search.metric, mode=search.mode,
+                                    seed=search.sampler_seed + i)
+            if search.max_concurrent:
+                searcher = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+            # The static grid cell travels in param_space; OptunaSearch adds the s__* keys.
+            space = {"values": cell}
+            cfg = tune.TuneConfig(metric=search.metric, mode=search.mode, search_alg=searcher, scheduler=scheduler,
+                                  num_samples=search.num_samples, max_concurrent_trials=search.max_concurrent, reuse_actors=True)
+        yield tune.Tuner(trainable, param_space=space, tune_config=cfg, run_config=run_config)
+
+
+def run_sweep(loaded, workdir: Workdir | None = None, *, address: str | None = None, tracking_uri: str | None = None,
+              resume: bool = False, progress: bool = True) -> SweepResult:
+    from rsseg import raycluster
+    from rsseg.provenance import git_commit
+
+    workdir = workdir or Workdir.resolve()
+    spec = loaded.spec
+    previous = _read_state(workdir, spec.name)
+    if resume and previous is None:
+        raise SweepError(f"no sweep named {spec.name!r} to resume: {state_path(workdir, spec.name)} does not exist "
+                         f"(start it without --resume, or check --workdir)")
+    plan = make_plan(loaded)
+    uri = tracking.resolve_uri(tracking_uri or (previous or {}).get("uri") if resume else tracking_uri or loaded.base.tracking.uri, workdir)
+    tracking.init_store(uri)  # fails here, before any trial, when the store is unreachable
+    exp_id = tracking.experiment_id(uri, spec.name, workdir)
+    client = tracking.client(uri)
+
+    if resume:
+        if previous["plan"] != plan.identity():
+            raise SweepError(f"cannot resume sweep {spec.name!r}: its file or profile changed since it started "
+                             f"(plan {previous['plan']} != {plan.identity()}); resume with the same file and profile")
+        parent_id = previous["parent_run_id"]
+        client.update_run(parent_id, status="RUNNING")
+        tune_names = previous["tune_names"]
+    else:
+        if previous is not None and client.get_run(previous["parent_run_id"]).info.status == "RUNNING":
+            _close_interrupted(client, previous, spec.name)
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        parent = tracking.start_run(uri, spec.name, f"{spec.name}-{stamp}", workdir=workdir, tags={
+            "kind": "sweep", "sweep": spec.name, "table": spec.table or "", "profile": loaded.profile or "",
+            "sweep_file": str(loaded.path), "git_commit": git_commit(), "trials_planned": plan.n_trials,
+        })
+        parent.log_params({"n_trials": str(plan.n_trials), "algorithm": spec.search.algorithm,
+                           **{f"space.{k}": json.dumps(v.model_dump(mode="json", by_alias=True, exclude_none=True)) for k, v in spec.space.items()}})
+        parent_id = parent.run_id
+        n_tuners = 1 if spec.search.algorithm == "grid" else len(plan.cells)
+        tune_names = [f"{spec.name}-{stamp}" + (f"-cell{i}" if n_tuners > 1 else "") for i in range(n_tuners)]
+        _write_state(workdir, spec.name, {"parent_run_id": parent_id, "experiment_id": exp_id, "uri": uri,
+                                          "tune_names": tune_names, "plan": plan.identity(), "profile": loaded.profile,
+                                          "sweep_file": str(loaded.path), "started": stamp})
+    parent_run = tracking.Run(uri, parent_id, exp_id)
+    try:
+        raycluster.init(address)
+        _pretrain_all(plan, workdir, uri, loaded.profile, progress)
+        parent_run.set_tags({"pretrain_fingerprints": ",".join(p.fingerprint for p in plan.pretrainings)})
+        context = {
+            "base": loaded.base.model_dump(mode="json", by_alias=True), "sweep": spec.name, "table": spec.table or "",
+            "workdir": str(workdir.root), "uri": uri, "experiment": spec.name, "parent_run_id": parent_id,
+            "profile": loaded.profile or "", "threads": max(1, int(spec.search.resources.cpu)),
+            "search_axes": {k: v.model_dump(mode="json", by_alias=True) for k, v in plan.search_axes.items()},
+        }
+        grids = []
+        for tuner in _tuners(plan, context, workdir, tune_names, resume, progress):
+            grids.append(tuner.fit())
+        if progress:
+            from rsseg.progress import done
+
+            done()
+        result = _reconcile(client, uri, spec.name, exp_id, parent_id, grids)
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        parent_run.set_tags({"error": (str(exc).splitlines() or [type(exc).__name__])[0][:500]})
+        parent_run.end(status)
+        raise
+    best = [t for t in result.trials if t["status"] == "FINISHED" and t.get("mIoU") is not None]
+    parent_run.log_metrics({"trials_finished": result.finished, "trials_failed": result.failed,
+                            **({"best_test_mIoU": max(t["mIoU"] for t in best)} if best else {})})
+    parent_run.end("FINISHED" if result.finished else "FAILED")
+    return result
+
+
+def _close_interrupted(client, previous: dict[str, Any], name: str) -> None:
+    """A new invocation after an interrupted one: the old runs are marked KILLED, not left RUNNING."""
+    exp = previous["experiment_id"]
+    for r in client.search_runs([exp], filter_string=f"tags.sweep_parent = '{previous['parent_run_id']}' and attributes.status = 'RUNNING'"):
+        client.set_tag(r.info.run_id, "error", "sweep interrupted; a new invocation started instead of --resume")
+        client.set_terminated(r.info.run_id, status="KILLED")
+    client.set_tag(previous["parent_run_id"], "error", "interrupted; superseded by a new invocation")
+    client.set_terminated(previous["parent_run_id"], status="KILLED")
+    log.warning("sweep %s: the previous invocation was interrupted; its runs are marked KILLED (use --resume to continue one)", name)
+
+
+def _reconcile(client, uri: str, name: str, exp_id: str, parent_id: str, grids) -> SweepResult:
+    """After Tune returns no trial is running: a child still RUNNING was stopped early (ASHA) or
+    lost with its worker; it is ended, not left RUNNING. MLflow is the record of the summary."""
+    errors, reported = {}, set()
+    for grid in grids:
+        for res in grid:
+            tid = (res.metrics or {}).get("trial_id")
+            if tid:
+                reported.add(tid)
+                if res.error is not None:
+                    errors[tid] = (str(res.error).strip().splitlines() or ["error"])[-1][:300]
+    result = SweepResult(name, parent_id, exp_id, uri)
+    children = client.search_runs([exp_id], filter_string=f"tags.sweep_parent = '{parent_id}'", max_results=5000)
+    for run in children:
+        tags = run.data.tags
+        tid = tags.get("trial_id")
+        status = run.info.status
+        if status == "RUNNING":
+            if tid in errors:
+                client.set_tag(run.info.run_id, "error", errors[tid])
+                status = "FAILED"
+            else:
+                client.set_tag(run.info.run_id, "early_stopped", "stopped by the scheduler (ASHA) before the end" if tid in reported else "trial lost")
+                status = "KILLED"
+            client.set_terminated(run.info.run_id, status=status)
+        values = {k[len("space."):]: v for k, v in tags.items() if k.startswith("space.")}
+        result.trials.append({"trial_id": tid, "status": status, "mIoU": run.data.metrics.get("mIoU"),
+                              "val/mIoU": run.data.metrics.get("val/mIoU"), "run_id": run.info.run_id,
+                              "values": values, "error": tags.get("error") or None, "node_id": tags.get("node_id")})
+    return result
+
+
+def summary_table(result: SweepResult) -> str:
+    lines = [f"{result.finished} finished, {result.failed} failed, {len(result.trials)} trials — MLflow experiment "
+             f"{result.name!r}, parent run {result.parent_run_id} ({result.uri})"]
+    for t in sorted(result.trials, key=lambda t: str(t["values"])):
+        vals = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in t["values"].items())
+        score = f"test mIoU {100 * t['mIoU']:.1f}" if t.get("mIoU") is not None else (t.get("error") or "")
+        lines.append(f"  {t['status']:<9} {vals:<50} {score}")
+    return "\n".join(lines) + "\n"

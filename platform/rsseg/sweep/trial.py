@@ -1,0 +1,109 @@
+"""One sweep trial: a Tune function trainable around the same `runner.execute` as
+``platform finetune``.
+
+- The trial's run spec = the sweep's base + its grid values + its searched values, validated.
+- Its MLflow child run is created under the sweep's parent run, or — when Tune restarts the
+  trial (a retry, or a resumed sweep) — found again by the ``trial_id`` tag and continued, so no
+  run is duplicated. It ends FINISHED or FAILED (with the error as a tag).
+- Each validation reports to Tune (the search metric) with a checkpoint (head, optimiser,
+  iteration); a restarted trial continues from the last one.
+- Paths and the tracking URI arrive absolute: trials run in their own working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FILE = "finetune.pt"
+SCALAR_PREFIXES = ("val/", "mIoU", "pixel_accuracy", "IoU/", "iteration")
+
+
+def decode_values(config: dict[str, Any], search_axes: dict[str, dict]) -> dict[str, Any]:
+    """Grid values plus the searched ones (Optuna's ``s__a__b`` keys; a choice is an index)."""
+    from rsseg.sweep.plan import search_key
+
+    values = dict(config.get("values", {}))
+    for path, axis in search_axes.items():
+        key = search_key(path)
+        if key not in config:
+            continue
+        sampled = config[key]
+        if axis.get("choice") is not None:
+            values[path] = axis["choice"][int(sampled)]
+        elif axis.get("int") is not None:
+            values[path] = int(sampled)
+        else:
+            values[path] = float(sampled)
+    return values
+
+
+def _child_run(ctx: dict[str, Any], run, trial_id: str, key: str, values: dict[str, Any]):
+    import ray
+
+    from rsseg import runner, tracking
+
+    uri, experiment = ctx["uri"], ctx["experiment"]
+    c = tracking.client(uri)
+    exp_id = tracking.experiment_id(uri, experiment)
+    found = c.search_runs([exp_id], filter_string=f"tags.trial_id = '{trial_id}' and tags.sweep_parent = '{ctx['parent_run_id']}'",
+                          max_results=5)
+    node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
+    if found:
+        r = found[0]
+        c.update_run(r.info.run_id, status="RUNNING")
+        tracker = tracking.Run(uri, r.info.run_id, exp_id)
+        attempt = int(r.data.tags.get("attempt", "1")) + 1
+        tracker.set_tags({"attempt": attempt, **node, "error": ""})
+        return tracker
+    tags = runner.run_tags(run, profile=ctx["profile"], extra={
+        "sweep": ctx["sweep"], "table": ctx["table"], "trial_id": trial_id, "trial_key": key,
+        "sweep_parent": ctx["parent_run_id"], "attempt": 1, **node,
+        **{f"space.{k}": v for k, v in values.items()},
+    })
+    name = f"{ctx['sweep']}-" + "-".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())[:200]
+    return tracking.start_run(uri, experiment, name or trial_id, tags=tags, parent_run_id=ctx["parent_run_id"])
+
+
+def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
+    from ray import tune
+
+    from rsseg import runner
+    from rsseg.sweep.plan import build_run, trial_key
+    from rsseg.workdir import Workdir
+
+    tctx = tune.get_context()
+    trial_id = tctx.get_trial_id()
+    values = decode_values(config, context["search_axes"])
+    run = build_run(context["base"], values)
+    torch.set_num_threads(max(1, int(context["threads"])))
+    workdir = Workdir.resolve(context["workdir"])
+    os.environ["RSSEG_WORKDIR"] = str(workdir.root)
+    key = trial_key(run.model_dump(mode="json", by_alias=True))
+    tracker = _child_run(context, run, trial_id, key, values)
+
+    resume_state = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume_state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        tracker.set_tags({"resumed_from_iteration": resume_state["iteration"]})
+
+    last_val: dict[str, float] = {}
+
+    def on_eval(iteration: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        last_val.clear()
+        last_val.update({k: v for k, v in metrics.items() if k.startswith("val/")})
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / CHECKPOINT_FILE)
+            tune.report({**metrics, "iteration": iteration}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    result, _ = runner.execute(run, workdir, tracker=tracker, on_eval=on_eval, resume_state=resume_state)
+    final = {**last_val, **{k: v for k, v in result.metrics().items()}, "iteration": run.finetune.iterations,
+             "trainable_params": float(result.trainable_params), "done": 1.0}
+    tune.report(final)

@@ -1,0 +1,118 @@
+"""Sweep files validate and dry-run; bad sweeps fail before anything runs, naming file and key."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO
+from rsseg.cli import app
+from rsseg.config.resolve import load_sweep
+from rsseg.errors import ConfigError, SweepError, TrackingError
+from rsseg.sweep.plan import describe, make_plan
+
+SWEEPS = sorted(p for p in (REPO / "sweeps").glob("*.yaml") if p.name not in ("pretrain.yaml", "finetune.yaml"))
+PAPER_SWEEPS = {"noise_ablation", "feature_selection", "label_ratio", "pretrain_strategy", "homogeneous_ratio",
+                "sota_minifrance", "sota_gid"}
+
+
+def test_every_paper_experiment_has_a_sweep_file():
+    assert {p.stem for p in SWEEPS} == PAPER_SWEEPS
+    for p in SWEEPS:
+        head = p.read_text().splitlines()[:12]
+        assert head[0].startswith(f"# platform sweep sweeps/{p.name}")
+        text = "\n".join(head)
+        assert "Regenerates:" in text and "Runtime:" in text and "Paper's numbers to expect" in text
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("profile", ["smoke", "paper"])
+def test_sweep_validates_and_dry_runs(sweep, profile, workdir):
+    result = CliRunner().invoke(app, ["--workdir", str(workdir.root), "sweep", str(sweep), "--profile", profile, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"sweep {sweep.stem}" in result.output and "pre-trainings needed:" in result.output
+    plan = make_plan(load_sweep(sweep, profile))
+    assert plan.n_trials >= 1
+    if profile == "smoke":
+        assert all(t.run["data"]["dataset"] == "synthetic" and t.run["ddpm"]["unet"]["preset"] == "tiny" for t in plan.trials)
+    assert not list(workdir.root.glob("mlflow.db"))  # a dry run starts nothing
+
+
+def test_noise_ablation_plan_shares_one_pretraining():
+    plan = make_plan(load_sweep(REPO / "sweeps" / "noise_ablation.yaml", "smoke"))
+    assert plan.n_trials == 18 and len(plan.pretrainings) == 1
+    assert {tuple(t.values["ddpm.features.timesteps"]) for t in plan.trials} == {(0,), (50,), (100,), (100, 50), (200, 100, 50), (150, 100, 50)}
+    assert len({t.key for t in plan.trials}) == 18
+
+
+def test_uninstalled_methods_are_skipped_with_a_message():
+    from rsseg.methods import registry
+
+    plan = make_plan(load_sweep(REPO / "sweeps" / "label_ratio.yaml", "smoke"))
+    installed = set(registry())
+    assert {t.run["method"] for t in plan.trials} <= installed
+    for values, reason in plan.skipped:
+        assert values["method"] not in installed and "is not installed" in reason
+    assert "skipped:" in describe(plan) or not plan.skipped
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = "name: t\nbase: {method: ddpm, data: {tile_size: 32}, ddpm: {unet: {preset: tiny}}}\n"
+
+
+@pytest.mark.parametrize("text, pattern", [
+    (BASE + "space: {seed: {grid: [0]}}\nsearch: {algoritm: grid}\n", r"s.yaml: search.algoritm: unknown key; did you mean 'algorithm'\?"),
+    (BASE + "space: {finetune.iteratons: {grid: [1, 2]}}\n", r"s.yaml: space.finetune.iteratons: not a key of the run spec \(base\); did you mean 'finetune.iterations'\?"),
+    (BASE + "space: {seed: {grid: []}}\n", r"s.yaml: space.seed: grid is empty: list at least one value"),
+    (BASE + "space: {finetune.lr: {loguniform: [1.0e-4, 1.0e-2]}}\nsearch: {algorithm: optuna, num_samples: 0}\n", r"s.yaml: search: num_samples must be >= 1 with optuna, got 0"),
+    (BASE + "space: {finetune.lr: {loguniform: [1.0e-4, 1.0e-2]}}\n", r"s.yaml: space.finetune.lr: loguniform needs search.algorithm: optuna"),
+    (BASE + "space: {finetune.iterations: {grid: [10, -1]}}\n", r"s.yaml: space.finetune.iterations: the trial finetune.iterations=-1 is invalid: .*greater than or equal to 1"),
+    (BASE + "space: {seed: {grid: [0], choice: [1]}}\n", r"s.yaml: space.seed: expected exactly one of grid, choice, uniform, loguniform, int"),
+])
+def test_bad_sweeps_name_file_and_key(tmp_path, text, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        make_plan(load_sweep(write(tmp_path, text)))
+
+
+def test_bad_base_key_is_named_under_base(tmp_path):
+    p = write(tmp_path, "name: t\nbase: {finetune: {iteratons: 3}}\nspace: {seed: {grid: [0]}}\n")
+    with pytest.raises(ConfigError, match=r"s.yaml: base.finetune.iteratons: unknown key; did you mean 'iterations'\?"):
+        load_sweep(p)
+
+
+def test_resume_of_a_sweep_that_does_not_exist(tmp_path, workdir):
+    from rsseg.sweep.driver import run_sweep
+
+    p = write(tmp_path, BASE + "space: {seed: {grid: [0]}}\n")
+    with pytest.raises(SweepError, match=r"no sweep named 't' to resume: .*/sweeps/t/state.json does not exist"):
+        run_sweep(load_sweep(p), workdir, resume=True)
+    out = CliRunner().invoke(app, ["--workdir", str(workdir.root), "sweep", str(p), "--resume"])
+    assert out.exit_code == 2 and "error: no sweep named 't' to resume" in out.output
+
+
+def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, workdir):
+    import socket
+
+    from rsseg.sweep.driver import run_sweep
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    p = write(tmp_path, BASE + "space: {seed: {grid: [0]}}\n")
+    uri = f"http://127.0.0.1:{port}"
+    with pytest.raises(TrackingError, match=rf"MLflow tracking server {uri} is unreachable"):
+        run_sweep(load_sweep(p), workdir, tracking_uri=uri)
+    assert not (workdir.root / "sweeps" / "t").exists()  # no state, no trial
+
+
+def test_profile_overlay_in_a_sweep_file_removes_an_axis():
+    loaded = load_sweep(REPO / "sweeps" / "homogeneous_ratio.yaml", "smoke")
+    assert set(loaded.spec.space) == {"pretrain.iterations.homogeneous_ratio"}
+    assert loaded.spec.space["pretrain.iterations.homogeneous_ratio"].grid == [0.0, 0.5, 1.0]
+    paper = load_sweep(REPO / "sweeps" / "homogeneous_ratio.yaml", "paper")
+    assert set(paper.spec.space) == {"pretrain.iterations.homogeneous_ratio", "data"}
