@@ -4,7 +4,7 @@
 #   make demo                     the noise-ablation sweep on the built-in synthetic data, then the tables
 #   make test                     the whole test suite (real Ray, real MLflow; ~10 min on 2 cores)
 #   make test-fast                without the slow end-to-end tests
-#   make tables                   Tables 1-5 and Figs 9-10 from MLflow into tables/ and figures/
+#   make tables                   Tables 1-5 and Figs 9-10 from MLflow into tables/ (Markdown, LaTeX, CSV, PNG)
 #   make ui                       the MLflow UI on the work directory's store
 #   make bench                    benchmarks, appended to docs/benchmarks.md
 #
@@ -30,8 +30,14 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/platform data prepare synthetic
-	$(BIN)/platform data info synthetic
+	$(BIN)/platform sweep sweeps/noise_ablation.yaml --profile smoke
+	$(BIN)/platform tables --out tables
+
+tables: $(STAMP)
+	$(BIN)/platform tables --out tables
+
+ui: $(STAMP)
+	$(BIN)/platform ui
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -47,4 +53,4 @@ lint: $(STAMP)
 	$(BIN)/python -m compileall -q platform baselines tests bench
 
 clean:
-	rm -rf $(VENV) rsseg-work tables figures
+	rm -rf $(VENV) rsseg-work tables

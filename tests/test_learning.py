@@ -20,7 +20,6 @@ def test_frozen_ddpm_features_beat_colour_and_random_weights(smoke_pretrained):
     p = finetune.prepare(run, wd, pretrained)
     colour = colour_baseline(TileDataset(p.reader, p.index.subset(run.data.label_ratio)), p.test, p.table.num_classes)
     random = finetune.run(load_run(REPO / "sweeps" / "finetune.yaml", "smoke", ["ddpm.features.weights=random"]).spec, wd)
-    # Measured (docs/benchmarks.md): ours ~0.68 with this fixture's 600-iteration pre-training,
-    # colour ~0.44, random weights ~0.35.
+    # Measured (docs/benchmarks.md): ours ~0.79, colour ~0.44, random weights ~0.35.
     assert ours.test.miou > colour.metrics.miou + 0.15, (ours.test.miou, colour.metrics.miou)
     assert ours.test.miou > random.test.miou + 0.10, (ours.test.miou, random.test.miou)

@@ -269,6 +269,29 @@ def sweep_cmd(
         raise typer.Exit(code=1)
 
 
+@app.command("tables")
+def tables_cmd(
+    out: Path = typer.Option(Path("tables"), "--out", "-o", help="Directory for the tables (Markdown, LaTeX, CSV) and figures (PNG, CSV)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="Read this store or server instead of the workdir's."),
+    experiment: Optional[list[str]] = typer.Option(None, "--experiment", "-e", help="Only runs of this experiment (repeatable; default: all)."),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Only runs of this profile (default: the latest run's)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Only runs on this dataset (default: the latest run's)."),
+) -> None:
+    """Tables 1-5 and Figures 9-10 from the finished runs in MLflow, beside the paper's numbers."""
+    from rsseg import tracking
+    from rsseg.tables.build import build_all
+
+    uri = tracking.resolve_uri(tracking_uri, _workdir())
+    report = build_all(uri, out, experiments=experiment or None, profile=profile, dataset=dataset)
+    for w in report.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    for tid, b in report.built.items():
+        filled = sum(1 for r, _ in b.rows for c, _ in b.columns if b.cell(r, c).n)
+        group = ", ".join(f"{k} {v or 'none'}" for k, v in b.group.items())
+        typer.echo(f"{tid:7s} {b.n_runs:4d} run(s), {filled:3d} cell(s) of ours" + (f"  [{group}]" if group else ""))
+    typer.echo(f"wrote {len(report.files)} files to {out}/ (all tables in {out / 'tables.md'})")
+
+
 @app.command("ui")
 def ui_cmd(
     port: int = typer.Option(5000, "--port", help="Port for the MLflow UI."),

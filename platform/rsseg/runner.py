@@ -33,6 +33,9 @@ def run_tags(run, *, profile: str | None = None, extra: dict[str, Any] | None = 
     }
     if method.needs_pretraining(run):
         tags["pretrain_fingerprint"] = store.fingerprint(run)
+        archive, homogeneous = run.pretrain.iterations.counts()
+        # Fig. 9/10 key: the share of pre-training iterations spent on homogeneous imagery.
+        tags["homogeneous_share"] = f"{homogeneous / (archive + homogeneous):g}"
     tags.update(method.run_tags(run))
     tags.setdefault("timesteps", "")
     tags.update({k: str(v) for k, v in (extra or {}).items() if v is not None})

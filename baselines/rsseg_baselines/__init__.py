@@ -1,0 +1,1 @@
+"""Compared methods (Table 3) as rsseg method plugins, and the paper's published numbers."""

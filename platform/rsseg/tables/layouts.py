@@ -1,0 +1,168 @@
+"""The paper's tables and figures as layouts: which runs feed a table, which cell a run fills, and
+the rows and columns in the paper's order (class abbreviations as printed in the paper).
+
+A run contributes observations ``(row, column, value)``; observations of the same cell are
+aggregated over seeds (mean, sample std, n). Rows and columns the paper has come first, in the
+paper's order; rows or columns only we have (a user's method, a timestep set the paper did not
+try, a class of the synthetic data) follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+PAPER12 = ["UB", "Ind.", "PU", "Mine", "AA", "AL", "PC", "Pas.", "For.", "HV", "WL", "Water"]
+GID15 = ["IDL", "UR", "RR", "TL", "PF", "IGL", "DC", "GP", "AW", "SL", "NG", "AG", "River", "Lake", "Pond"]
+FT = "ft_params_M"
+RATIOS = {"0.02": "S (2 %)", "0.4": "M (40 %)", "1": "L (100 %)"}
+METHOD_LABELS = {"convnext_random": "Random-init (ConvNeXt-B)", "convnext_imagenet": "IN-init (ConvNeXt-B)",
+                 "mae": "MAE", "scalemae": "ScaleMAE", "ma3e": "MA3E", "ddpm": "ours (DDPM)"}
+STRATEGIES = {"imagenet": "ImageNet (ConvNeXt-B, fine-tuned)", "archive_only": "archive only",
+              "two_step": "two-step (archive, then homogeneous)", "homogeneous_only": "homogeneous only"}
+
+Obs = tuple[str, str, float]
+
+
+@dataclass(frozen=True)
+class Layout:
+    id: str
+    title: str
+    sweep: str  # the sweep file that fills it
+    style: str  # "pairs": an ours row and a paper row per row key; "beside": paper columns beside ours
+    observe: Callable[[dict[str, Any]], list[Obs]]
+    rows: list[tuple[str, str]]  # (key, label) in the paper's order
+    columns: list[tuple[str, str]]
+    row_label: Callable[[str], str] = str
+    delta: bool = False  # a "Δ mIoU" column (ours - paper)
+    split: tuple[str, ...] = ("profile", "dataset")  # runs of different groups are never mixed
+    extra_columns: bool = True  # columns only we have (classes) may be appended
+    figure: bool = False
+    paper_only: tuple[str, ...] = ()  # rows that are the paper's published numbers only (cited SOTA)
+    notes: list[str] = field(default_factory=list)
+
+
+def _f(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _classes(run: dict[str, Any], row: str) -> list[Obs]:
+    out = [(row, k[len("IoU/"):], v) for k, v in run.items() if k.startswith("IoU/") and v is not None]
+    out.append((row, "mIoU", run["mIoU"]))
+    return out
+
+
+def _ft(run: dict[str, Any], row: str) -> list[Obs]:
+    p = _f(run.get("trainable_params"))
+    return [] if p is None else [(row, FT, p / 1e6)]
+
+
+def _table1(run):
+    res = run["resolutions"]
+    col = f"{run['side']}/{'multi' if ',' in res else res}"
+    # The paper gives one Ft-Params figure per head: that of the multi-resolution decoder features.
+    return [(run["head"], col, run["mIoU"])] + (_ft(run, run["head"]) if col == "decoder/multi" else [])
+
+
+def _table2(run):
+    return _classes(run, run["timesteps"])
+
+
+def _setting(run) -> str:
+    return "frozen" if run["frozen"] == "true" else "finetuned"
+
+
+def _table3(run):
+    row = f"{run['method']}/{_setting(run)}"
+    return [(row, run["label_ratio"], run["mIoU"])] + _ft(run, row)
+
+
+def _table4(run):
+    row = f"{run['method']}/{run['label_ratio']}"
+    return _classes(run, row) + _ft(run, row)
+
+
+def _table5(run):
+    return _classes(run, run["method"]) + _ft(run, run["method"])
+
+
+def strategy(share: str) -> str:
+    s = float(share)
+    return "archive_only" if s == 0 else "homogeneous_only" if s == 1 else "two_step"
+
+
+def _fig9(run):
+    return [(strategy(run["homogeneous_share"]), "mIoU", run["mIoU"])] if run["homogeneous_share"] else []
+
+
+def _fig10(run):
+    return [(run["dataset"], run["homogeneous_share"], run["mIoU"])] if run["homogeneous_share"] else []
+
+
+def _t2_label(key: str) -> str:
+    return f"t = [{', '.join(key.split(','))}]"
+
+
+def _t3_label(key: str) -> str:
+    method, _, setting = key.partition("/")
+    return f"{METHOD_LABELS.get(method, method)} · {'Frozen' if setting == 'frozen' else 'Fine-tuning'}"
+
+
+def _t4_label(key: str) -> str:
+    method, _, ratio = key.partition("/")
+    if not ratio:
+        return key
+    name = "ours" if method == "ddpm" else METHOD_LABELS.get(method, method)
+    size = {"0.02": "S", "0.4": "M", "1": "L"}.get(ratio)
+    return f"{name} (MiniFrance-{size})" if size else f"{name} (label ratio {ratio})"
+
+
+def _res_cols():
+    out = []
+    for side in ("encoder", "decoder"):
+        for r in ("16", "8", "4", "2", "multi"):
+            out.append((f"{side}/{r}", f"{side.capitalize()} {'multi-res.' if r == 'multi' else '1/' + r}"))
+    return out
+
+
+def _cls(names):
+    return [(c, c) for c in names] + [("mIoU", "mIoU")]
+
+
+TIMESTEP_ROWS = ["0", "50", "100", "100,50", "200,100,50", "150,100,50"]
+T3_ROWS = [f"{m}/{s}" for m in METHOD_LABELS for s in ("frozen", "finetuned") if (m, s) != ("convnext_random", "frozen")]
+
+LAYOUTS: dict[str, Layout] = {
+    "table1": Layout("table1", "Table 1. Feature selection: DDPM encoder vs decoder features at each resolution, MLP segmentor vs UPerNet (mIoU %, MiniFrance-S)",
+                     "sweeps/feature_selection.yaml", "pairs", _table1,
+                     [("mlp", "MLP segmentor"), ("upernet", "UPerNet")], _res_cols() + [(FT, "Ft Params (M)")],
+                     extra_columns=False),
+    "table2": Layout("table2", "Table 2. Effect of the noise level (timestep sets) on frozen DDPM decoder features: per-class IoU and mIoU (%, MiniFrance-S)",
+                     "sweeps/noise_ablation.yaml", "pairs", _table2,
+                     [(k, _t2_label(k)) for k in TIMESTEP_ROWS], _cls(PAPER12), row_label=_t2_label, delta=True),
+    "table3": Layout("table3", "Table 3. mIoU (%) by pre-training method, label ratio (MiniFrance-S / M / L) and setting (frozen encoder or full fine-tuning)",
+                     "sweeps/label_ratio.yaml", "beside", _table3,
+                     [(k, _t3_label(k)) for k in T3_ROWS], [(k, v) for k, v in RATIOS.items()] + [(FT, "Ft Params (M)")],
+                     row_label=_t3_label, extra_columns=False,
+                     notes=["MA3E: published numbers only (not implemented yet)."]),
+    "table4": Layout("table4", "Table 4. Per-class IoU (%) on MiniFrance: ours beside the published state of the art",
+                     "sweeps/sota_minifrance.yaml", "pairs", _table4,
+                     [(k, k) for k in ("SETR", "SegFormer-B4", "PFNet", "MCS", "ConvNeXt-B", "LSKNet-T-FPN")]
+                     + [("ddpm/0.02", "ours (MiniFrance-S)"), ("ddpm/1", "ours (MiniFrance-L)")],
+                     _cls(PAPER12) + [(FT, "Ft Params (M)")], row_label=_t4_label, delta=True,
+                     paper_only=("SETR", "SegFormer-B4", "PFNet", "MCS", "ConvNeXt-B", "LSKNet-T-FPN"),
+                     notes=["SOTA rows are the paper's published numbers (they are not re-run here)."]),
+    "table5": Layout("table5", "Table 5. Per-class IoU (%) on the GID validation set: ours beside the published state of the art",
+                     "sweeps/sota_gid.yaml", "pairs", _table5,
+                     [(k, k) for k in ("SETR-M", "SegFormer-B4", "PFNet", "MCS", "MA3E", "ConvNeXt-B", "LSKNet-T-FPN")] + [("ddpm", "ours")],
+                     _cls(GID15) + [(FT, "Ft Params (M)")], row_label=lambda k: "ours" if k == "ddpm" else METHOD_LABELS.get(k, k), delta=True,
+                     paper_only=("SETR-M", "SegFormer-B4", "PFNet", "MCS", "MA3E", "ConvNeXt-B", "LSKNet-T-FPN"),
+                     notes=["SOTA rows are the paper's published numbers (they are not re-run here)."]),
+    "fig9": Layout("fig9", "Figure 9. Pre-training strategies: mIoU (%) at 2 % labels", "sweeps/pretrain_strategy.yaml", "beside",
+                   _fig9, list(STRATEGIES.items()), [("mIoU", "mIoU")], row_label=lambda k: STRATEGIES.get(k, k),
+                   extra_columns=False, figure=True),
+    "fig10": Layout("fig10", "Figure 10. mIoU (%) vs the share of homogeneous pre-training iterations", "sweeps/homogeneous_ratio.yaml",
+                    "beside", _fig10, [], [], split=("profile",), figure=True),
+}
+TABLES = [k for k, v in LAYOUTS.items() if not v.figure]
+FIGURES = [k for k, v in LAYOUTS.items() if v.figure]
