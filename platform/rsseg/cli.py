@@ -269,6 +269,24 @@ def sweep_cmd(
         raise typer.Exit(code=1)
 
 
+@app.command("methods")
+def methods_cmd() -> None:
+    """The installed methods (plugins of the rsseg.methods entry-point group)."""
+    from importlib import metadata
+
+    from rsseg.methods import ENTRY_POINT_GROUP, registry
+
+    where = {ep.name: ep.value.split(":")[0] for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    rows = []
+    for name, m in sorted(registry().items()):
+        rows.append((name, "yes" if m.pretrained else "no", f"{m.heads[0]} / {m.heads[1]}", m.block or "-",
+                     where.get(name, "rsseg (built in)"), m.summary))
+    header = ("method", "pre-trained", "heads frozen / ft", "config block", "from", "summary")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(5)]
+    for r in [header] + rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+
+
 @app.command("tables")
 def tables_cmd(
     out: Path = typer.Option(Path("tables"), "--out", "-o", help="Directory for the tables (Markdown, LaTeX, CSV) and figures (PNG, CSV)."),

@@ -116,7 +116,12 @@ def prepare(run, workdir: Workdir, pretrained=None) -> Prepared:
         encoder.freeze()
     torch.manual_seed(run.seed)
     head_name = ft.head if ft.head != "auto" else method.default_head(frozen)
-    head = build_head(head_name, encoder.feature_info, index.table.num_classes, ft)
+    neck = method.build_neck(run, encoder.feature_info)
+    head = build_head(head_name, neck.feature_info if neck is not None else encoder.feature_info, index.table.num_classes, ft)
+    if neck is not None:
+        from rsseg.heads import NeckHead
+
+        head = NeckHead(neck, head)
     cached = None
     if frozen and ft.cache.enabled and encoder.cache_id is not None:
         cached = CachedEncoder(encoder, FeatureCache.open(workdir.cache / "features", ft.cache.budget_gb, encoder.cache_id))

@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import torch
+
 from rsseg.encoders import FeatureInfo
+
+
+class NeckHead(torch.nn.Module):
+    """A trainable neck (e.g. the ViT's 4-scale pyramid) followed by a head; a head to the trainer."""
+
+    def __init__(self, neck: torch.nn.Module, head: torch.nn.Module):
+        super().__init__()
+        self.neck, self.head = neck, head
+
+    def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        return self.head(self.neck(features), size)
+
+    def auxiliary_logits(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor | None:
+        aux = getattr(self.head, "auxiliary_logits", None)
+        return aux(self.neck(features), size) if aux is not None else None
 
 
 def build_head(name: str, feature_info: list[FeatureInfo], num_classes: int, finetune):

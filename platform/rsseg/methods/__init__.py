@@ -59,6 +59,10 @@ class Method:
     # "module:function" (run) -> list of (dotted key, message): checks across blocks that a
     # field validator cannot make (e.g. warm-up longer than the whole pre-training).
     checks: str | None = None
+    # "module:function" (run, feature_info) -> nn.Module with its own ``feature_info``: a trainable
+    # neck between encoder and head (a ViT's single-stride blocks -> a 4-scale pyramid). It is
+    # trained with the head, also when the encoder is frozen (so frozen features stay cacheable).
+    neck: str | None = None
     paper_row: str | None = None  # the row of the paper's Table 3 this method reproduces
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -75,6 +79,9 @@ class Method:
 
     def check(self, run: Any) -> list[tuple[str, str]]:
         return list(load_object(self.checks)(run)) if self.checks else []
+
+    def build_neck(self, run: Any, feature_info: list) -> Any:
+        return load_object(self.neck)(run, feature_info) if self.neck else None
 
     def default_head(self, frozen: bool) -> str:
         return self.heads[0] if frozen else self.heads[1]

@@ -1,0 +1,177 @@
+"""ConvNeXt-B (transformers) on the encoder contract: random init, or ImageNet weights from a
+local file or directory the user supplies (nothing is downloaded).
+
+With transformers' UPerNet head (channels 512, pyramid pooling 1/2/3/6) and the FCN auxiliary
+head, ConvNeXt-B counts 122.0 M parameters: the paper's Ft-Params for the fine-tuned ConvNeXt.
+``pico`` is a CPU-sized ConvNeXt with the same four-stage structure, for the smoke profile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from rsseg.config.specs import Strict
+from rsseg.encoders import FeatureInfo
+from rsseg.errors import ConfigError
+from rsseg.provenance import fingerprint
+
+SIZES = {
+    "base": {"hidden_sizes": [128, 256, 512, 1024], "depths": [3, 3, 27, 3]},
+    "pico": {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 2, 1]},
+}
+# Loading an ImageNet classification checkpoint (ConvNextForImageClassification or ConvNextModel)
+# into the backbone: the classifier and the final pooled LayerNorm have no place in it, and the
+# backbone's per-stage output norms are new (LayerNorm init: identity up to its affine terms).
+ALLOWED_UNEXPECTED = {"layernorm.weight", "layernorm.bias", "classifier.weight", "classifier.bias"}
+ALLOWED_MISSING_PREFIX = "hidden_states_norms."
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConvNextSpec(Strict):
+    size: Literal["base", "pico"] = "base"
+    weights: str | None = Field(None, description="ImageNet weights: a local .safetensors/.bin/.pt file or a directory holding one")
+    drop_path: float = Field(0.0, ge=0, lt=1)
+
+
+def backbone_config(spec: ConvNextSpec, in_channels: int):
+    from transformers import ConvNextConfig
+
+    return ConvNextConfig(num_channels=in_channels, drop_path_rate=spec.drop_path, out_features=["stage1", "stage2", "stage3", "stage4"],
+                          **SIZES[spec.size])
+
+
+def _weights_file(path: Path) -> Path:
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth"):
+            if (path / name).exists():
+                return path / name
+        raise ConfigError(f"convnext.weights: {path} holds no model.safetensors, pytorch_model.bin, model.pt or model.pth")
+    if not path.exists():
+        raise ConfigError(f"convnext.weights: {path} does not exist (expected a local ImageNet ConvNeXt checkpoint)")
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    f = _weights_file(Path(path).expanduser())
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(f))
+        else:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file reads the same to the user
+        raise ConfigError(f"convnext.weights: {f} is not a readable state dict ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"convnext.weights: {f} is not a state dict of tensors")
+    return state
+
+
+def load_imagenet(backbone: torch.nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Load ImageNet weights into a ConvNextBackbone; returns the (asserted) missing/unexpected keys."""
+    state = read_state_dict(path)
+    for prefix in ("convnext.", "backbone."):  # ConvNextForImageClassification / UperNet checkpoints
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    own = backbone.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    bad_missing = [k for k in missing if not k.startswith(ALLOWED_MISSING_PREFIX)]
+    bad_unexpected = [k for k in unexpected if k not in ALLOWED_UNEXPECTED]
+    if bad_missing or bad_unexpected:
+        what = []
+        if bad_missing:
+            what.append(f"missing {len(bad_missing)} key(s): {', '.join(bad_missing[:4])}{' ...' if len(bad_missing) > 4 else ''}")
+        if bad_unexpected:
+            what.append(f"unexpected {len(bad_unexpected)} key(s): {', '.join(bad_unexpected[:4])}{' ...' if len(bad_unexpected) > 4 else ''}")
+        raise ConfigError(f"convnext.weights: {path} does not fit this ConvNeXt: {'; '.join(what)}")
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise ConfigError(f"convnext.weights: {path}: {k} has shape {tuple(state[k].shape)}, this ConvNeXt expects {tuple(own[k].shape)} "
+                          f"(convnext.size or the number of bands differs)")
+    backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return {"missing": missing, "unexpected": unexpected}
+
+
+class ConvNextEncoder(torch.nn.Module):
+    """Four maps at strides 4, 8, 16, 32 (ConvNeXt stages 1-4)."""
+
+    def __init__(self, spec: ConvNextSpec, in_channels: int, weights_id: str, imagenet: bool):
+        super().__init__()
+        from transformers import ConvNextBackbone
+
+        self.backbone = ConvNextBackbone(backbone_config(spec, in_channels))
+        self.imagenet = imagenet
+        self._weights_id = weights_id
+        self.feature_info = [FeatureInfo(c, s, f"stage{i + 1}", f"stage{i + 1}")
+                             for i, (c, s) in enumerate(zip(SIZES[spec.size]["hidden_sizes"], (4, 8, 16, 32)))]
+
+    @property
+    def cache_id(self) -> str:
+        return self._weights_id
+
+    def freeze(self) -> "ConvNextEncoder":
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True):
+        # A frozen encoder stays in eval mode (no drop-path) while the head trains.
+        frozen = not any(p.requires_grad for p in self.parameters())
+        return super().train(mode and not frozen)
+
+    def forward(self, x: torch.Tensor, keys=None, variants=None) -> list[torch.Tensor]:
+        if self.imagenet:  # tiles come in [-1, 1]; ImageNet weights expect mean/std-normalised [0, 1]
+            mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+            x = ((x + 1) / 2 - mean) / std
+        return list(self.backbone(pixel_values=x).feature_maps)
+
+
+def _in_channels(run) -> int:
+    from rsseg.data import registry
+    from rsseg.data.scenes import raster_meta
+
+    scenes = registry.scenes(run.data)
+    return len(scenes.bands) if scenes.bands else raster_meta(scenes.labelled[0].image).count
+
+
+def build_random(run, pretrained=None) -> ConvNextEncoder:
+    spec = run.convnext
+    torch.manual_seed(run.seed)
+    channels = _in_channels(run)
+    return ConvNextEncoder(spec, channels, fingerprint({"random": spec.model_dump(mode="json"), "seed": run.seed, "c": channels}), imagenet=False)
+
+
+def build_imagenet(run, pretrained=None) -> ConvNextEncoder:
+    spec = run.convnext
+    if not spec.weights:
+        raise ConfigError("convnext.weights: convnext_imagenet needs local ImageNet weights (a file or directory); nothing is downloaded")
+    channels = _in_channels(run)
+    if channels != 3:
+        raise ConfigError(f"convnext.weights: ImageNet weights take 3 bands, {run.data.dataset} has {channels} (set data.bands)")
+    enc = ConvNextEncoder(spec, channels, "", imagenet=True)
+    load_imagenet(enc.backbone, spec.weights)
+    f = _weights_file(Path(spec.weights).expanduser())
+    enc._weights_id = fingerprint({"imagenet": str(f.resolve()), "size": f.stat().st_size, "mtime": f.stat().st_mtime_ns,
+                                   "spec": spec.model_dump(mode="json")})
+    return enc
+
+
+def check_imagenet(run) -> list[tuple[str, str]]:
+    if not run.convnext.weights:
+        return [("convnext.weights", "convnext_imagenet needs local ImageNet weights (a .safetensors/.bin/.pt file or a directory); "
+                                     "nothing is downloaded")]
+    return []
+
+
+def tags(run) -> dict[str, object]:
+    return {"backbone": f"convnext-{run.convnext.size}", "weights": "imagenet" if run.method == "convnext_imagenet" else "random"}
