@@ -7,6 +7,7 @@
 #   make tables                   Tables 1-5 and Figs 9-10 from MLflow into tables/ (Markdown, LaTeX, CSV, PNG)
 #   make ui                       the MLflow UI on the work directory's store
 #   make bench                    benchmarks, appended to docs/benchmarks.md
+#   make eval-smoke               the method's evidence on the synthetic data (3 seeds), appended there too
 #
 # GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 
@@ -18,7 +19,7 @@ BIN := $(VENV)/bin
 TORCH_KEY := $(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
 STAMP := $(VENV)/.installed-$(TORCH_KEY)
 
-.PHONY: venv demo test test-fast tables ui bench lint clean
+.PHONY: venv demo test test-fast tables ui bench eval-smoke lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +49,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/data_read.py
 	$(BIN)/python bench/pretrain_throughput.py
+	$(BIN)/python bench/extraction_cost.py
+	$(BIN)/python bench/ft_params.py
+
+eval-smoke: $(STAMP)
+	$(BIN)/python bench/eval_smoke.py
 
 lint: $(STAMP)
 	$(BIN)/python -m compileall -q platform baselines tests bench

@@ -27,7 +27,10 @@ def test_every_paper_experiment_has_a_sweep_file():
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
 @pytest.mark.parametrize("profile", ["smoke", "paper"])
-def test_sweep_validates_and_dry_runs(sweep, profile, workdir):
+def test_sweep_validates_and_dry_runs(sweep, profile, workdir, monkeypatch, tmp_path):
+    weights = tmp_path / "convnext-b-in1k.safetensors"  # checked for existence at plan time, read by trials
+    weights.write_bytes(b"")
+    monkeypatch.setenv("RSSEG_CONVNEXT_WEIGHTS", str(weights))
     result = CliRunner().invoke(app, ["--workdir", str(workdir.root), "sweep", str(sweep), "--profile", profile, "--dry-run"])
     assert result.exit_code == 0, result.output
     assert f"sweep {sweep.stem}" in result.output and "pre-trainings needed:" in result.output
@@ -116,3 +119,15 @@ def test_profile_overlay_in_a_sweep_file_removes_an_axis():
     assert loaded.spec.space["pretrain.iterations.homogeneous_ratio"].grid == [0.0, 0.5, 1.0]
     paper = load_sweep(REPO / "sweeps" / "homogeneous_ratio.yaml", "paper")
     assert set(paper.spec.space) == {"pretrain.iterations.homogeneous_ratio", "data"}
+
+
+def test_label_ratio_without_imagenet_weights_fails_before_anything_runs(workdir, monkeypatch):
+    monkeypatch.delenv("RSSEG_CONVNEXT_WEIGHTS", raising=False)
+    f = REPO / "sweeps" / "label_ratio.yaml"
+    result = CliRunner().invoke(app, ["--workdir", str(workdir.root), "sweep", str(f), "--profile", "paper", "--dry-run"])
+    assert result.exit_code == 2
+    assert "space.method: the trial method='convnext_imagenet'" in result.output
+    assert "convnext.weights: convnext_imagenet needs local ImageNet weights" in result.output and "RSSEG_CONVNEXT_WEIGHTS" in result.output
+    monkeypatch.setenv("RSSEG_CONVNEXT_WEIGHTS", "/nonexistent/convnext.pt")
+    result = CliRunner().invoke(app, ["--workdir", str(workdir.root), "sweep", str(f), "--profile", "paper", "--dry-run"])
+    assert result.exit_code == 2 and "convnext.weights: /nonexistent/convnext.pt does not exist" in result.output

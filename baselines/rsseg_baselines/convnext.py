@@ -167,9 +167,13 @@ def build_imagenet(run, pretrained=None) -> ConvNextEncoder:
 
 
 def check_imagenet(run) -> list[tuple[str, str]]:
-    if not run.convnext.weights:
-        return [("convnext.weights", "convnext_imagenet needs local ImageNet weights (a .safetensors/.bin/.pt file or a directory); "
-                                     "nothing is downloaded")]
+    """At config time, before a sweep starts: the weights must be named and exist."""
+    w = run.convnext.weights
+    if not w:
+        return [("convnext.weights", "convnext_imagenet needs local ImageNet weights (a .safetensors/.bin/.pt file or a directory; "
+                                     "the sweep files read RSSEG_CONVNEXT_WEIGHTS); nothing is downloaded")]
+    if not Path(w).expanduser().exists():
+        return [("convnext.weights", f"{w} does not exist (expected a local ImageNet ConvNeXt checkpoint)")]
     return []
 
 

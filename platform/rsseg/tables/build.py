@@ -170,6 +170,13 @@ def fmt_value(v: float | None) -> str:
     return DASH if v is None else f"{v:.1f}" if abs(v - round(v, 1)) < 1e-9 else f"{v:g}"
 
 
+def fmt_cell(c: Cell, column: str) -> str:
+    """Parameter counts do not vary over seeds: the mean alone (M, one decimal, as the paper)."""
+    if column == FT:
+        return DASH if not c.n or c.mean is None else f"{c.mean:.1f}"
+    return fmt(c)
+
+
 def _n(cells: list[Cell]) -> str:
     ns = sorted({c.n for c in cells if c.n})
     return DASH if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
@@ -186,11 +193,11 @@ def grid(b: Built) -> tuple[list[str], list[list[str]]]:
             have_paper = any((rk, ck) in b.paper for ck, _ in b.columns)
             have_ours = any(c.n for c in cells)
             if have_ours or rk not in lay.paper_only:
-                row = [f"{label} (ours)" if have_paper else label] + [fmt(c) for c in cells]
+                row = [f"{label} (ours)" if have_paper else label] + [fmt_cell(c, ck) for c, (ck, _) in zip(cells, b.columns)]
                 if lay.delta:
                     m, p = b.cell(rk, "mIoU"), b.paper.get((rk, "mIoU"))
                     row.append(f"{m.mean - p:+.1f}" if m.n and p is not None else DASH)
-                body.append(row + [_n(cells)])
+                body.append(row + [_n([c for c, (ck, _) in zip(cells, b.columns) if ck != FT])])
             if have_paper:
                 body.append([f"{label} (paper)"] + [fmt_value(b.paper.get((rk, ck))) for ck, _ in b.columns]
                             + ([""] if lay.delta else []) + [""])
@@ -205,8 +212,9 @@ def grid(b: Built) -> tuple[list[str], list[list[str]]]:
         row, cells = [label], []
         for ck, _ in b.columns:
             c = b.cell(rk, ck)
-            cells.append(c)
-            row += [fmt(c), fmt_value(b.paper.get((rk, ck)))]
+            if ck != FT:
+                cells.append(c)
+            row += [fmt_cell(c, ck), fmt_value(b.paper.get((rk, ck)))]
         body.append(row + [_n(cells)])
     return header, body
 

@@ -59,6 +59,9 @@ def fig10(b) -> bytes:
         if pts:
             ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=[p[1].std or 0 for p in pts], marker="o",
                         capsize=3, label=label)
+    ax.set_xlim(-3, 103)
+    if not any(b.cell(rk, ck).n for rk, _ in b.rows for ck, _ in b.columns):
+        ax.set_ylim(0, 100)
     ax.axvline(10, color="grey", ls=":", lw=1)
     ax.text(10, ax.get_ylim()[0], " paper's choice: 20k of 200k (10 %)", rotation=90, va="bottom", fontsize=7, color="grey")
     ax.set_xlabel("homogeneous share of pre-training iterations (%)")

@@ -71,7 +71,7 @@ def read_runs(uri: str, experiments: list[str] | None = None) -> Store:
     skipped: dict[str, int] = {}
     names = {e.experiment_id: e.name for e in exps}
     if exps:
-        runs = c.search_runs([e.experiment_id for e in exps], filter_string="tags.table != ''", max_results=50000)
+        runs = c.search_runs([e.experiment_id for e in exps], filter_string="tags.table != '' and tags.kind = 'finetune'", max_results=50000)
         for r in runs:
             why = r.info.status.lower() if r.info.status != "FINISHED" else ("incomplete (no mIoU)" if "mIoU" not in r.data.metrics else None)
             if why:
