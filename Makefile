@@ -2,7 +2,7 @@
 # installs torch (through TORCH_SPEC, a CPU wheel by default) and the project with its test extras.
 #
 #   make demo                     the noise-ablation sweep on the built-in synthetic data, then the tables
-#   make test                     the whole test suite (real Ray, real MLflow; ~10 min on 2 cores)
+#   make test                     the whole test suite (real Ray, real MLflow; ~13 min on 2 cores)
 #   make test-fast                without the slow end-to-end tests
 #   make tables                   Tables 1-5 and Figs 9-10 from MLflow into tables/ (Markdown, LaTeX, CSV, PNG)
 #   make ui                       the MLflow UI on the work directory's store

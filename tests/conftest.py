@@ -46,6 +46,18 @@ def small_synthetic(**kw):
     return DataSpec(dataset="synthetic", tile_size=kw.pop("tile_size", 32), synthetic=SyntheticSpec(**syn), **kw)
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster with 2 CPUs for a module's tests (started if none is running)."""
+    import ray
+
+    from rsseg import raycluster
+
+    if not ray.is_initialized():
+        raycluster.init(num_cpus=2)
+    yield ray
+
+
 @pytest.fixture
 def ray_local():
     """A local Ray cluster with 2 CPUs, started once and reused (re-started if a test shut it down)."""

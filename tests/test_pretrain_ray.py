@@ -23,17 +23,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from rsseg import raycluster
-
-    if not ray.is_initialized():
-        raycluster.init(num_cpus=2)
-    yield ray
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, ray_cluster):
     wd = Workdir.resolve(tmp_path_factory.mktemp("ref")).ensure()
     run = tiny_run()

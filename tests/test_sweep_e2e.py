@@ -55,17 +55,6 @@ def parents(uri: str, experiment: str):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from rsseg import raycluster
-
-    if not ray.is_initialized():
-        raycluster.init(num_cpus=2)
-    yield ray
-
-
-@pytest.fixture(scope="module")
 def noise_ablation(tmp_path_factory, ray_cluster):
     wd = Workdir.resolve(tmp_path_factory.mktemp("noise")).ensure()
     loaded = load_sweep(REPO / "sweeps" / "noise_ablation.yaml", "smoke", SHRINK + ["space.seed={grid: [0]}"])

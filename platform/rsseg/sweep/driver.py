@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,10 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
             space = {"values": cell}
             cfg = tune.TuneConfig(metric=search.metric, mode=search.mode, search_alg=searcher, scheduler=scheduler,
                                   num_samples=search.num_samples, max_concurrent_trials=search.max_concurrent, reuse_actors=True)
+        # Every trial reports a checkpoint at each evaluation, so Tune snapshots its state often and
+        # warns about it each time (three lines per trial on a 2-core smoke run); the snapshots are
+        # what --resume needs, the warning is noise. A user's explicit setting wins.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         yield tune.Tuner(trainable, param_space=space, tune_config=cfg, run_config=run_config)
 
 

@@ -77,9 +77,9 @@ def aggregate(runs, observe) -> dict[tuple[str, str], Cell]:
     return {(r["row"], r["column"]): Cell(r["mean"], r["std"], r["n"]) for r in agg.iter_rows(named=True)}
 
 
-def _ordered(base: list[tuple[str, str]], found: set[str], label, numeric: bool = False) -> list[tuple[str, str]]:
+def _ordered(base: list[tuple[str, str]], found: set[str], label) -> list[tuple[str, str]]:
     known = {k for k, _ in base}
-    extra = sorted(found - known, key=(lambda k: float(k)) if numeric else None)
+    extra = sorted(found - known)
     return list(base) + [(k, label(k)) for k in extra]
 
 
@@ -313,11 +313,10 @@ def build_all(uri: str, out: Path, *, experiments: list[str] | None = None, prof
     rendered: dict[str, bytes | str] = {}
     for tid, b in built.items():
         rendered[f"{tid}.csv"] = csv_text(csv_frame(b))
+        rendered[f"{tid}.md"] = markdown(b)
         if b.layout.figure:
             rendered[f"{tid}.png"] = figures.render(b)
-            rendered[f"{tid}.md"] = markdown(b)
         else:
-            rendered[f"{tid}.md"] = markdown(b)
             rendered[f"{tid}.tex"] = latex(b)
     rendered["tables.md"] = "# rsseg: the paper's tables from MLflow\n\n" + "\n".join(
         str(rendered[f"{t}.md"]) + (f"\n![{t}]({t}.png)\n" if built[t].layout.figure else "") for t in built)
