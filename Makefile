@@ -59,4 +59,4 @@ lint: $(STAMP)
 	$(BIN)/python -m compileall -q platform baselines tests bench
 
 clean:
-	rm -rf $(VENV) rsseg-work tables
+	rm -rf $(VENV) rsseg-work tables viz

@@ -239,6 +239,47 @@ def finetune_cmd(
     typer.echo(f"MLflow run {tracker.run_id} in {uri}")
 
 
+@app.command("viz")
+def viz_cmd(
+    spec: Path = typer.Argument(..., help="A DDPM run spec, e.g. sweeps/finetune.yaml (its checkpoint, data and features)."),
+    profile: Optional[str] = ProfileOpt,
+    set_: Optional[list[str]] = SetOpt,
+    out: Path = typer.Option(Path("viz"), "--out", "-o", help="Directory for the PNGs."),
+    tiles: int = typer.Option(8, "--tiles", min=1, help="Labelled test tiles to read."),
+    points: int = typer.Option(2000, "--points", min=50, help="Pixels in the t-SNE (classes balanced)."),
+    timesteps: str = typer.Option("0,50,100,150,200", "--timesteps", help="Noise levels of the k-means maps, comma-separated."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster for the pre-training, if one is needed."),
+) -> None:
+    """Figs. 5 and 6 for a checkpoint: t-SNE of encoder vs decoder features per class, and k-means
+    maps of decoder features at several noise levels (PNGs)."""
+    from rsseg import raycluster
+    from rsseg.config.resolve import load_run
+    from rsseg.errors import ConfigError
+    from rsseg.featureviz import run_viz
+    from rsseg.methods import get
+    from rsseg.pretrain import store
+
+    try:
+        ts = [int(t) for t in timesteps.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--timesteps: {timesteps!r} is not a comma-separated list of integers") from None
+    run = load_run(spec, profile, set_ or []).spec
+    if max(ts, default=0) >= run.ddpm.schedule.train_steps:
+        raise ConfigError(f"--timesteps: {max(ts)} is outside the schedule's 0..{run.ddpm.schedule.train_steps - 1}")
+    wd = _workdir()
+    pretrained = None
+    if run.method == "ddpm" and get(run.method).needs_pretraining(run):
+        pretrained = store.find(run, wd)
+        if pretrained is None:
+            raycluster.init(address)
+            typer.echo(f"pre-training {store.fingerprint(run)} first (not in the store yet)")
+            pretrained = store.ensure(run, wd, progress=True)
+    r = run_viz(run, wd, out, tiles=tiles, points=points, timesteps=ts, pretrained=pretrained)
+    typer.echo(f"silhouette of the classes: encoder {r['silhouette_encoder']:.3f}, decoder {r['silhouette_decoder']:.3f}")
+    typer.echo("k-means vs labels (adjusted Rand index): " + ", ".join(f"t={t} {v:.3f}" for t, v in r["ari"].items()))
+    typer.echo(f"wrote {r['tsne']} and {r['kmeans']}")
+
+
 # ----------------------------------------------------------------------------------------------
 # sweep, ui
 

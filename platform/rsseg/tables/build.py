@@ -8,8 +8,6 @@ leaves a half-written table, nor a table looking regenerated when it was not.
 from __future__ import annotations
 
 import datetime as dt
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,15 +268,9 @@ def csv_frame(b: Built):
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from rsseg.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def csv_text(frame) -> str:
