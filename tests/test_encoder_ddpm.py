@@ -120,7 +120,14 @@ def test_fixed_noise_is_deterministic_per_tile_and_fresh_noise_is_not():
     with torch.no_grad():
         f1, f2 = fresh(x, ["t1", "t2"]), fresh(x, ["t1", "t2"])
     assert not torch.equal(f1[0], f2[0])
-    assert fresh.cache_id is None and enc.cache_id is not None
+    # The cache key: none for fresh noise (features differ every call) or trainable weights; for
+    # fixed noise it is a function of weights, side and noise seed (not of the timesteps).
+    assert fresh.cache_id is None
+    assert enc.cache_id == encoder(timesteps=[0, 50]).cache_id
+    assert enc.cache_id != encoder(timesteps=[100], noise_seed=1).cache_id
+    assert enc.cache_id != encoder(timesteps=[100], side="encoder").cache_id
+    unfrozen = DdpmEncoder(enc.unet, NoiseScheduleSpec(), enc.spec, weights_id="test")
+    assert unfrozen.cache_id is None
 
 
 def test_t0_is_the_clean_image():

@@ -143,3 +143,27 @@ def test_cli_reports_an_existing_pretraining(reference, tmp_path):
     out = CliRunner().invoke(app, ["--workdir", str(wd.root), "pretrain", str(spec)])
     assert out.exit_code == 0, out.output
     assert f"already pre-trained: fingerprint {ref.fingerprint}" in out.output and str(ref.path) in out.output
+
+
+def test_cli_finetune_pretrains_first_when_missing_then_reuses(tmp_path, ray_cluster):
+    """`platform finetune` on a spec whose pre-training is not in the store trains it on Ray, then
+    fine-tunes; a second call finds it and does not train again."""
+    import yaml
+
+    from rsseg.cli import app
+
+    run = tiny_run(finetune={"iterations": 4, "eval_every": 2, "log_predictions": 0})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(run.model_dump(mode="json")))
+    wd = tmp_path / "w"
+    first = CliRunner().invoke(app, ["--workdir", str(wd), "finetune", str(spec)])
+    assert first.exit_code == 0, first.output
+    fp = store.fingerprint(run)
+    assert f"pre-training ddpm {fp} first (not in the store yet)" in first.output
+    assert f"features from pre-training {fp}" in first.output and "test mIoU" in first.output
+    second = CliRunner().invoke(app, ["--workdir", str(wd), "finetune", str(spec)])
+    assert second.exit_code == 0, second.output
+    assert "first (not in the store yet)" not in second.output and f"features from pre-training {fp}" in second.output
+    c = tracking.client(tracking.resolve_uri(None, Workdir.resolve(wd)))
+    runs = c.search_runs([c.get_experiment_by_name("rsseg-finetune").experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)

@@ -199,6 +199,26 @@ def pretrain_cmd(
 # finetune
 
 
+def _pretrained(run, wd, address: Optional[str], **ensure_kwargs):
+    """The run's pre-training from the store; trained first on Ray if missing; None if the method
+    needs none."""
+    from rsseg import raycluster
+    from rsseg.methods import get
+    from rsseg.pretrain import store
+    from rsseg.progress import done
+
+    if not get(run.method).needs_pretraining(run):
+        return None
+    found = store.find(run, wd)
+    if found is not None:
+        return found
+    raycluster.init(address)
+    typer.echo(f"pre-training {run.method} {store.fingerprint(run)} first (not in the store yet)")
+    found = store.ensure(run, wd, progress=True, **ensure_kwargs)
+    done()
+    return found
+
+
 @app.command("finetune")
 def finetune_cmd(
     spec: Path = typer.Argument(..., help="A run spec, e.g. sweeps/finetune.yaml."),
@@ -210,25 +230,15 @@ def finetune_cmd(
 ) -> None:
     """One fine-tuning run: pre-training through the fingerprinted store (trained on Ray if
     missing), frozen or full fine-tuning, val/test mIoU, per-class IoU and artifacts in MLflow."""
-    from rsseg import raycluster, runner, tracking
+    from rsseg import runner, tracking
     from rsseg.config.resolve import load_run
-    from rsseg.methods import get
-    from rsseg.pretrain import store
 
     run = load_run(spec, profile, set_ or []).spec
     wd = _workdir()
     uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, wd)
     tracking.init_store(uri)
-    pretrained = None
-    if get(run.method).needs_pretraining(run):
-        pretrained = store.find(run, wd)
-        if pretrained is None:
-            raycluster.init(address)
-            typer.echo(f"pre-training {run.method} {store.fingerprint(run)} first (not in the store yet)")
-            pretrained = store.ensure(run, wd, progress=True, tracking_uri=uri, profile=profile)
-            from rsseg.progress import done
-
-            done()
+    pretrained = _pretrained(run, wd, address, tracking_uri=uri, profile=profile)
+    if pretrained is not None:
         typer.echo(f"features from pre-training {pretrained.fingerprint} ({pretrained.path})")
     result, tracker = runner.execute(run, wd, uri=uri, experiment=experiment, tags=runner.run_tags(run, profile=profile),
                                      pretrained=pretrained)
@@ -252,12 +262,9 @@ def viz_cmd(
 ) -> None:
     """Figs. 5 and 6 for a checkpoint: t-SNE of encoder vs decoder features per class, and k-means
     maps of decoder features at several noise levels (PNGs)."""
-    from rsseg import raycluster
     from rsseg.config.resolve import load_run
     from rsseg.errors import ConfigError
     from rsseg.featureviz import run_viz
-    from rsseg.methods import get
-    from rsseg.pretrain import store
 
     try:
         ts = [int(t) for t in timesteps.split(",") if t.strip()]
@@ -267,13 +274,7 @@ def viz_cmd(
     if max(ts, default=0) >= run.ddpm.schedule.train_steps:
         raise ConfigError(f"--timesteps: {max(ts)} is outside the schedule's 0..{run.ddpm.schedule.train_steps - 1}")
     wd = _workdir()
-    pretrained = None
-    if run.method == "ddpm" and get(run.method).needs_pretraining(run):
-        pretrained = store.find(run, wd)
-        if pretrained is None:
-            raycluster.init(address)
-            typer.echo(f"pre-training {store.fingerprint(run)} first (not in the store yet)")
-            pretrained = store.ensure(run, wd, progress=True)
+    pretrained = _pretrained(run, wd, address) if run.method == "ddpm" else None
     r = run_viz(run, wd, out, tiles=tiles, points=points, timesteps=ts, pretrained=pretrained)
     typer.echo(f"silhouette of the classes: encoder {r['silhouette_encoder']:.3f}, decoder {r['silhouette_decoder']:.3f}")
     typer.echo("k-means vs labels (adjusted Rand index): " + ", ".join(f"t={t} {v:.3f}" for t, v in r["ari"].items()))

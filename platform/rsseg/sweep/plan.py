@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from rsseg.config.loader import Document, format_validation_error
+from rsseg.config.loader import Document, _unwrap, format_validation_error
 from rsseg.config.resolve import LoadedSweep
 from rsseg.config.specs import Axis, RunSpecBase, run_spec_model
 from rsseg.errors import ConfigError
@@ -80,19 +80,6 @@ def field_exists(model: type[BaseModel], path: str) -> tuple[bool, list[str]]:
         else:
             return False, []
     return True, []
-
-
-def _unwrap(tp: Any) -> Any:
-    import types
-
-    origin = typing.get_origin(tp)
-    if origin is typing.Annotated:
-        return _unwrap(typing.get_args(tp)[0])
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-        return models[0] if models else (args[0] if len(args) == 1 else tp)
-    return tp
 
 
 def set_path(doc: dict[str, Any], path: str, value: Any) -> None:
