@@ -29,10 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     from rsseg import finetune, raycluster
-    from rsseg.config.resolve import load_run
+    from rsseg.runspec import load_run
     from rsseg.data.dataset import TileDataset
     from rsseg.data.pixel_baselines import colour_baseline, texture_baseline
     from rsseg.pretrain import store
+    from rsseg.pretrain.ensure import ensure_pretrained
     from rsseg.workdir import Workdir
 
     wd = Workdir.resolve().ensure()
@@ -41,7 +42,7 @@ def main() -> None:
     if store.find(base, wd) is None:
         raycluster.init()
         print("pre-training (smoke) first ...", flush=True)
-        store.ensure(base, wd, progress=True)
+        ensure_pretrained(base, wd, progress=True)
     pretrained = store.find(base, wd)
     seeds = (0, 1, 2)
     rows: dict[str, list[float]] = {"(a) DDPM pre-trained, frozen + MLP": [], "(b) same UNet, random weights, frozen + MLP": []}

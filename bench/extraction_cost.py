@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append  # noqa: E402
 
-from rsseg.config.specs import DdpmFeaturesSpec, NoiseScheduleSpec  # noqa: E402
-from rsseg.encoders.ddpm import DdpmEncoder  # noqa: E402
-from rsseg.pretrain.unet import build_unet  # noqa: E402
+from rsseg.methods.ddpm.spec import DdpmFeaturesSpec, NoiseScheduleSpec  # noqa: E402
+from rsseg.methods.ddpm.encoder import DdpmEncoder  # noqa: E402
+from rsseg.methods.ddpm.unet import build_preset  # noqa: E402
 
 
 def flops(fn) -> int:
@@ -32,7 +32,7 @@ def flops(fn) -> int:
 
 def encoder(preset: str, size: int, device: str, side: str = "decoder", resolutions=(16, 8, 4, 2)) -> DdpmEncoder:
     with torch.device(device):
-        unet = build_unet(preset, sample_size=size)
+        unet = build_preset(preset, sample_size=size)
     spec = DdpmFeaturesSpec(side=side, resolutions=list(resolutions), timesteps=[100])
     return DdpmEncoder(unet.eval(), NoiseScheduleSpec(), spec, "bench").freeze()
 

@@ -23,7 +23,7 @@ from common import append  # noqa: E402
 def main() -> None:
     from rsseg import tracking
     from rsseg.tables.build import build_one
-    from rsseg.tables.layouts import LAYOUTS, METHOD_LABELS
+    from rsseg.tables.layouts import LAYOUTS, method_label
     from rsseg.tables.query import read_runs
     from rsseg.workdir import Workdir
 
@@ -61,7 +61,7 @@ def main() -> None:
         wins.append(d > 0)
         clear_wins.append(d > 0 and clear)
         method, _, setting = r.partition("/")
-        lines.append(f"- {verdict} {METHOD_LABELS.get(method, method)} {setting}: {d:+.1f} points ({fmt(c)})")
+        lines.append(f"- {verdict} {method_label(method)} {setting}: {d:+.1f} points ({fmt(c)})")
     claim = ("holds" if all(clear_wins) else "holds only partly" if all(wins) else "does not hold")
     lines += ["", f"The paper's claim (frozen DDPM features beat the baselines at 2 % labels) {claim} on the synthetic data: "
                   f"{sum(wins)} of {len(wins)} baseline rows have a lower mean, {sum(clear_wins)} by more than both seeds' "

@@ -58,22 +58,10 @@ def ray_cluster():
     yield ray
 
 
-@pytest.fixture
-def ray_local():
-    """A local Ray cluster with 2 CPUs, started once and reused (re-started if a test shut it down)."""
-    import ray
-
-    if not ray.is_initialized():
-        from rsseg import raycluster
-
-        raycluster.init(num_cpus=2)
-    yield ray
-
-
 def tiny_run(**overrides):
     """A run spec for CPU tests: tiny UNet, tiny synthetic data (32 px tiles), 2 workers."""
     from rsseg.config.loader import merge
-    from rsseg.config.specs import RunSpec
+    from rsseg.runspec import RunSpec
 
     base = {
         "data": {"tile_size": 32, "synthetic": {"scenes": 3, "size": 128, "unlabeled_scenes": 1, "archive_scenes": 1}},
@@ -100,12 +88,12 @@ def smoke_pretrained(tmp_path_factory):
     import ray
 
     from rsseg import raycluster
-    from rsseg.config.resolve import load_run
-    from rsseg.pretrain import store
+    from rsseg.pretrain.ensure import ensure_pretrained
+    from rsseg.runspec import load_run
     from rsseg.workdir import Workdir
 
     wd = Workdir.resolve(tmp_path_factory.mktemp("smoke")).ensure()
     run = load_run(REPO / "sweeps" / "finetune.yaml", "smoke", SMOKE_PRETRAIN).spec
     if not ray.is_initialized():
         raycluster.init(num_cpus=2)
-    return wd, run, store.ensure(run, wd)
+    return wd, run, ensure_pretrained(run, wd)

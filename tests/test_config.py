@@ -7,8 +7,9 @@ import yaml
 from typer.testing import CliRunner
 
 from rsseg.cli import app
-from rsseg.config.resolve import load_run, load_sweep, show
-from rsseg.config.specs import IterationsSpec, RunSpec
+from rsseg.runspec import load_run, load_sweep, show
+from rsseg.config.specs import IterationsSpec
+from rsseg.runspec import RunSpec
 from rsseg.errors import ConfigError
 
 

@@ -5,18 +5,20 @@ import pytest
 import torch
 
 from rsseg.cache import CachedEncoder, FeatureCache
-from rsseg.config.specs import DdpmFeaturesSpec, NoiseScheduleSpec
+from rsseg.methods.ddpm.spec import DdpmFeaturesSpec, NoiseScheduleSpec
 from rsseg.encoders import check_contract
-from rsseg.encoders.ddpm import DdpmEncoder, available_maps
+from rsseg.methods.ddpm.encoder import DdpmEncoder, available_maps
 from rsseg.errors import ConfigError
-from rsseg.pretrain.unet import build_unet
+from rsseg.methods.ddpm.unet import build_preset
 
 
 def encoder(preset="tiny", size=64, **features):
+    from rsseg.methods.ddpm.unet import conditioning_of, unet_config
+
     torch.manual_seed(0)
-    unet = build_unet(preset, sample_size=size).eval()
+    unet = build_preset(preset, sample_size=size).eval()
     spec = DdpmFeaturesSpec(**{"resolutions": [16, 8, 4, 2], "timesteps": [0, 50], **features})
-    return DdpmEncoder(unet, NoiseScheduleSpec(), spec, weights_id="test").freeze()
+    return DdpmEncoder(unet, NoiseScheduleSpec(), spec, weights_id="test", conditioning=conditioning_of(unet_config(preset))).freeze()
 
 
 @pytest.mark.parametrize("preset, size, side, per_level, channels", [
@@ -24,8 +26,8 @@ def encoder(preset="tiny", size=64, **features):
     ("tiny", 64, "encoder", 2, {16: 128, 8: 64, 4: 64, 2: 32}),
     ("ho256", 64, "decoder", 3, {16: 512, 8: 256, 4: 256, 2: 128}),
     ("ho256", 64, "encoder", 2, {16: 512, 8: 256, 4: 256, 2: 128}),
-    ("sr3", 32, "decoder", 3, {16: 1024, 8: 1024, 4: 512, 2: 256}),
-    ("sr3", 32, "encoder", 2, {16: 1024, 8: 1024, 4: 512, 2: 256}),
+    ("sr3", 32, "decoder", 3, {16: 512, 8: 512, 4: 256, 2: 128}),
+    ("sr3", 32, "encoder", 2, {16: 512, 8: 512, 4: 256, 2: 128}),
 ])
 def test_maps_match_feature_info_for_every_preset(preset, size, side, per_level, channels):
     """Random weights, small inputs: shapes and channels are what feature_info declares."""
@@ -41,7 +43,7 @@ def test_maps_match_feature_info_for_every_preset(preset, size, side, per_level,
 
 def test_sr3_decoder_has_the_papers_12_maps():
     with torch.device("meta"):
-        unet = build_unet("sr3")
+        unet = build_preset("sr3")
     maps = [m for m in available_maps(unet, "decoder") if m.stride in (16, 8, 4, 2)]
     assert len(maps) == 12 and [m.stride for m in maps] == [16] * 3 + [8] * 3 + [4] * 3 + [2] * 3
 
@@ -148,11 +150,12 @@ def test_cache_hit_equals_recomputation_and_respects_budget(tmp_path):
     x = torch.randn(3, 3, 64, 64)
     keys, variants = ["s:0:0", "s:0:64", "s:64:0"], [0, 3, 0]
     cached = CachedEncoder(enc, FeatureCache.open(tmp_path / "c", budget_gb=1))
-    first = cached(x, keys, variants)  # misses: computed and stored
-    assert cached.cache.stats.misses == 3 and cached.cache.stats.writes == 3 * len(enc.feature_info)
+    first = cached(x, keys, variants)  # misses: 3 tiles x 2 timesteps, computed and stored (one file each)
+    assert (cached.cache.stats.misses, cached.cache.stats.computed, cached.cache.stats.writes) == (6, 6, 6)
+    assert len(list((tmp_path / "c" / enc.cache_id).rglob("*.npz"))) == 6
     again = CachedEncoder(enc, FeatureCache.open(tmp_path / "c", budget_gb=1))  # another run, same keys
     second = again(x, keys, variants)
-    assert again.cache.stats.hits == 3 and again.cache.stats.tiles_computed == 0
+    assert again.cache.stats.hits == 6 and again.cache.stats.computed == 0 and again.cache.stats.tiles_computed == 0
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     with torch.no_grad():
@@ -164,6 +167,60 @@ def test_cache_hit_equals_recomputation_and_respects_budget(tmp_path):
     out = tiny(x, keys, variants)
     assert tiny.cache.stats.writes == 0 and tiny.cache.stats.skipped_over_budget > 0
     assert all(torch.equal(a, b) for a, b in zip(out, first))
+    assert not list((tmp_path / "small").rglob("*.claim"))  # claims released when nothing could be written
+
+
+def test_a_tile_computes_only_the_timesteps_it_lacks(tmp_path, monkeypatch):
+    """t = 50 cached by one trial, [100, 50] asked by the next: one forward of t = 100 only, and
+    the maps equal computing both at once."""
+    x = torch.randn(2, 3, 64, 64)
+    keys, variants = ["s:0:0", "s:0:64"], [0, 0]
+    one = encoder(timesteps=[50])
+    CachedEncoder(one, FeatureCache.open(tmp_path / "c", budget_gb=1))(x, keys, variants)
+    both = encoder(timesteps=[100, 50])
+    assert both.cache_id == one.cache_id  # the features' identity does not include the timestep set
+    calls = []
+    original = both.forward
+    monkeypatch.setattr(both, "forward", lambda *a, **k: calls.append(k.get("parts")) or original(*a, **k))
+    cached = CachedEncoder(both, FeatureCache.open(tmp_path / "c", budget_gb=1))
+    maps = cached(x, keys, variants)
+    assert calls == [["t100"]] and cached.cache.stats.hits == 2 and cached.cache.stats.computed == 2
+    with torch.no_grad():
+        direct = both.__class__.forward(both, x, keys, variants)
+    for a, d in zip(maps, direct):
+        torch.testing.assert_close(a, d, rtol=2e-3, atol=2e-3)
+
+
+def test_a_key_claimed_by_another_process_is_waited_for_not_recomputed(tmp_path):
+    import json
+    import threading
+    import time
+
+    enc = encoder(timesteps=[50])
+    cache = FeatureCache.open(tmp_path / "c", budget_gb=1)
+    claim = cache.path(enc.cache_id, "t50", "s:0:0", 0).with_name("s_0_0~v0.npz.claim")
+    claim.parent.mkdir(parents=True)
+    claim.write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # a live claim of another host
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        maps = enc(x, ["s:0:0"], [0], parts=["t50"])
+
+    def other_process_finishes():
+        time.sleep(0.3)
+        cache.put(enc.cache_id, "t50", "s:0:0", 0, [m[0] for m in maps])
+        claim.unlink()
+
+    threading.Thread(target=other_process_finishes).start()
+    waiter = CachedEncoder(enc, FeatureCache.open(tmp_path / "c", budget_gb=1))
+    out = waiter(x, ["s:0:0"], [0])
+    assert waiter.cache.stats.computed == 0 and waiter.cache.stats.waited == 1
+    assert torch.equal(out[0], maps[0][:1].to(torch.float16).float())
+    # a claim whose process is gone (this host) is taken over
+    claim.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": 2**22 + 12345}))
+    cache.path(enc.cache_id, "t50", "s:0:0", 0).unlink()
+    again = CachedEncoder(enc, FeatureCache.open(tmp_path / "c", budget_gb=1))
+    again(x, ["s:0:0"], [0])
+    assert again.cache.stats.computed == 1 and not claim.exists()
 
 
 def test_noise_differs_by_augmentation_variant_in_the_cache_key(tmp_path):
@@ -174,4 +231,4 @@ def test_noise_differs_by_augmentation_variant_in_the_cache_key(tmp_path):
     cached(x, ["s:0:0"], [0])
     cached(x, ["s:0:0"], [5])
     assert cache.stats.misses == 2
-    assert cache.path(enc.cache_id, enc.feature_info[0].name, "s:0:0", 5).exists()
+    assert cache.path(enc.cache_id, "t50", "s:0:0", 5).exists()

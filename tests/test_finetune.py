@@ -14,43 +14,8 @@ def random_features_run(**over):
     return tiny_run(ddpm={"features": {"weights": "random", "timesteps": [0, 50], "resolutions": [16, 8, 4, 2]}}, **over)
 
 
-def test_frozen_encoder_is_bit_identical_and_gets_no_gradients(workdir):
-    run = random_features_run(finetune={"iterations": 6, "eval_every": 3})
-    p = finetune.prepare(run, workdir)
-    before = {k: v.clone() for k, v in p.encoder.state_dict().items()}
-    grads = []
-    hooks = [q.register_hook(lambda g: grads.append(g)) for q in p.encoder.parameters() if q.requires_grad]
-    assert hooks == []  # nothing in a frozen encoder requires grad
-    finetune.run(run, workdir, pretrained=None)
-    p2 = finetune.prepare(run, workdir)
-    assert all(torch.equal(before[k], v) for k, v in p2.encoder.state_dict().items())
-    # the run's own encoder: same check on the object that trained
-    result_head_params = segmentor_parameters(p.encoder.feature_info, p.table.num_classes)
-    assert count_parameters(p.head, trainable_only=True) == result_head_params
-
-
-def test_frozen_training_leaves_the_encoder_untouched_inside_the_run(workdir, monkeypatch):
-    run = random_features_run(finetune={"iterations": 4, "eval_every": 2})
-    seen = {}
-    original = finetune.prepare
-
-    def spy(*a, **k):
-        p = original(*a, **k)
-        seen["p"] = p
-        seen["before"] = {k: v.clone() for k, v in p.encoder.state_dict().items()}
-        return p
-
-    monkeypatch.setattr(finetune, "prepare", spy)
-    result = finetune.run(run, workdir)
-    p = seen["p"]
-    assert all(torch.equal(seen["before"][k], v) for k, v in p.encoder.state_dict().items())
-    assert all(q.grad is None for q in p.encoder.parameters())
-    assert any(q.grad is not None for q in p.head.parameters())
-    assert result.trainable_params == count_parameters(p.head)
-
-
-def test_full_fine_tuning_updates_the_encoder(workdir, monkeypatch):
-    run = random_features_run(finetune={"iterations": 3, "eval_every": 3, "frozen": False, "head": "mlp"})
+def _spy_prepare(monkeypatch) -> dict:
+    """Record the Prepared of the next run and its encoder weights before training."""
     seen = {}
     original = finetune.prepare
 
@@ -60,6 +25,27 @@ def test_full_fine_tuning_updates_the_encoder(workdir, monkeypatch):
         return p
 
     monkeypatch.setattr(finetune, "prepare", spy)
+    return seen
+
+
+def test_frozen_encoder_is_bit_identical_and_gets_no_gradients(workdir, monkeypatch):
+    """The trained run's own encoder: nothing requires grad, no gradient reaches it, its weights
+    after training equal those before; only the head trains (its size by the closed form)."""
+    run = random_features_run(finetune={"iterations": 4, "eval_every": 2})
+    seen = _spy_prepare(monkeypatch)
+    result = finetune.run(run, workdir)
+    p = seen["p"]
+    assert not any(q.requires_grad for q in p.encoder.parameters())
+    assert all(q.grad is None for q in p.encoder.parameters())
+    after = p.encoder.state_dict()
+    assert seen["before"].keys() == after.keys() and all(torch.equal(seen["before"][k], after[k]) for k in after)
+    assert any(q.grad is not None for q in p.head.parameters())
+    assert result.trainable_params == count_parameters(p.head) == segmentor_parameters(p.encoder.feature_info, p.table.num_classes)
+
+
+def test_full_fine_tuning_updates_the_encoder(workdir, monkeypatch):
+    run = random_features_run(finetune={"iterations": 3, "eval_every": 3, "frozen": False, "head": "mlp"})
+    seen = _spy_prepare(monkeypatch)
     result = finetune.run(run, workdir)
     p = seen["p"]
     changed = [k for k, v in p.encoder.state_dict().items() if not torch.equal(seen["before"][k], v)]
@@ -79,7 +65,7 @@ def test_resume_from_an_eval_checkpoint_equals_the_uninterrupted_run(workdir):
 
 def test_tracked_run_logs_metrics_per_class_iou_and_artifacts(workdir):
     run = random_features_run(finetune={"iterations": 4, "eval_every": 2})
-    result, tracker = runner.execute(run, workdir, tags=runner.run_tags(run, profile="test"))
+    result, tracker = runner.execute(run, workdir, profile="test")
     c = tracking.client(tracker.uri)
     r = c.get_run(tracker.run_id)
     assert r.info.status == "FINISHED"
@@ -99,6 +85,6 @@ def test_non_finite_loss_fails_the_run_with_the_reason(workdir):
     with pytest.raises(finetune.NonFiniteLoss, match=r"fine-tuning loss is (nan|inf) at iteration \d+"):
         runner.execute(run, workdir)
     c = tracking.client(tracking.resolve_uri(None, workdir))
-    exp = c.get_experiment_by_name(runner.FINETUNE_EXPERIMENT)
+    exp = c.get_experiment_by_name(tracking.FINETUNE_EXPERIMENT)
     failed = c.search_runs([exp.experiment_id])
     assert failed[0].info.status == "FAILED" and "NonFiniteLoss" in failed[0].data.tags["error"]

@@ -7,19 +7,12 @@ import pytest
 import torch
 
 from conftest import tiny_run
-from rsseg.config.specs import NoiseScheduleSpec, OptimSpec
+from rsseg.config.specs import OptimSpec
+from rsseg.methods.ddpm.spec import NoiseScheduleSpec
 from rsseg.errors import CheckpointError, ConfigError
 from rsseg.pretrain import schedule, store
-from rsseg.pretrain.ddpm import add_noise, build_objective, build_scheduler, signal_scale
-from rsseg.pretrain.unet import build_unet
-
-
-@pytest.mark.parametrize("preset, count", [("tiny", 4_728_323), ("ho256", 113_673_219), ("sr3", 397_702_403)])
-def test_preset_parameter_counts(preset, count):
-    """ho256 = Ho et al.'s 256^2 model (113.7 M); sr3 = the SR3/DDPM-CD UNet (~398 M)."""
-    with torch.device("meta"):
-        net = build_unet(preset)
-    assert sum(p.numel() for p in net.parameters()) == count
+from rsseg.methods.ddpm.noise import ForwardProcess, add_noise, build_scheduler
+from rsseg.methods.ddpm.objective import build_objective
 
 
 def test_linear_warmup_then_constant_or_cosine():
@@ -68,9 +61,9 @@ def test_noise_is_computed_in_float32_and_t0_is_clean():
     assert xt.dtype == torch.float32
     abar = sched.alphas_cumprod[10]
     assert torch.allclose(xt, abar.sqrt() * x0.float() + (1 - abar).sqrt() * noise, atol=1e-6)
-    assert signal_scale(sched, 0) == 1.0 and 0.9 < signal_scale(sched, 100) < 1.0
-    cos = build_scheduler(NoiseScheduleSpec(kind="cosine"))
-    assert signal_scale(cos, 100) != signal_scale(sched, 100)
+    proc = ForwardProcess(NoiseScheduleSpec())
+    assert proc.signal(0) == 1.0 and 0.9 < proc.signal(100) < 1.0
+    assert ForwardProcess(NoiseScheduleSpec(kind="cosine")).signal(100) != proc.signal(100)
 
 
 def test_objective_loss_is_epsilon_mse_and_decreases_on_one_batch():
@@ -110,20 +103,24 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
     assert json.loads((sd.ckpt / "step_00000008.json").read_text())["git_commit"]
 
 
+def _fp(run) -> str:
+    return run.pretrain_fingerprint
+
+
 def test_fingerprint_ignores_runtime_and_feature_choices_but_not_learning():
     a = tiny_run()
-    assert store.fingerprint(a) == store.fingerprint(tiny_run(pretrain={"runtime": {"workers": 1, "checkpoint_every": 7}}))
-    assert store.fingerprint(a) == store.fingerprint(tiny_run(ddpm={"features": {"timesteps": [100]}}, data={"label_ratio": 0.4}, seed=3))
+    assert a.pretrain_fingerprint == _fp(tiny_run(pretrain={"runtime": {"workers": 1, "checkpoint_every": 7}}))
+    assert a.pretrain_fingerprint == _fp(tiny_run(ddpm={"features": {"timesteps": [100]}}, data={"label_ratio": 0.4}, seed=3))
     # the same schedule spelled as a ratio is the same pre-training
-    assert store.fingerprint(a) == store.fingerprint(
+    assert a.pretrain_fingerprint == _fp(
         tiny_run(pretrain={"iterations": {"archive": None, "homogeneous": None, "total": 24, "homogeneous_ratio": 0.5}}))
-    assert store.fingerprint(a) != store.fingerprint(tiny_run(pretrain={"seed": 1}))
-    assert store.fingerprint(a) != store.fingerprint(tiny_run(ddpm={"unet": {"overrides": {"dropout": 0.1}}}))
-    assert store.fingerprint(a) != store.fingerprint(tiny_run(pretrain={"iterations": {"archive": 6, "homogeneous": 18}}))
+    assert a.pretrain_fingerprint != _fp(tiny_run(pretrain={"seed": 1}))
+    assert a.pretrain_fingerprint != _fp(tiny_run(ddpm={"unet": {"overrides": {"dropout": 0.1}}}))
+    assert a.pretrain_fingerprint != _fp(tiny_run(pretrain={"iterations": {"archive": 6, "homogeneous": 18}}))
 
 
 def test_bad_pretrain_specs_are_refused_with_the_key(tmp_path):
-    from rsseg.config.resolve import load_run
+    from rsseg.runspec import load_run
 
     cases = [
         ("ddpm: {unet: {preset: huge}}", r"ddpm.unet.preset: unknown UNet preset 'huge'; expected one of tiny, ho256, sr3"),

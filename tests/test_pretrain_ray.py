@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 from conftest import tiny_run
 from rsseg import tracking
 from rsseg.errors import CheckpointError, DataError
-from rsseg.pretrain import store, trainer
+from rsseg.pretrain import launch, store
+from rsseg.pretrain.ensure import ensure_pretrained
+from rsseg.pretrain.trainer import Fault
 from rsseg.workdir import Workdir
 
 pytestmark = pytest.mark.slow
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.slow
 def reference(tmp_path_factory, ray_cluster):
     wd = Workdir.resolve(tmp_path_factory.mktemp("ref")).ensure()
     run = tiny_run()
-    result = store.ensure(run, wd)
+    result = ensure_pretrained(run, wd)
     return wd, run, result
 
 
@@ -71,14 +73,14 @@ def test_two_workers_loss_goes_down_and_run_is_tracked(reference):
 def test_resume_after_stop_equals_uninterrupted_run(reference, tmp_path, ray_cluster):
     _, run, ref = reference
     wd = Workdir.resolve(tmp_path / "resume").ensure()
-    assert trainer.train(run, wd, stop_after=10) is None
+    assert launch.train(run, wd, stop_after=10) is None
     sdir = store.StoreDir.for_run(run, wd)
     steps = [s for s, _ in store.checkpoints(sdir)]
     assert steps == [4, 8, 10]
     assert store.find(run, wd) is None
     newest = sdir.ckpt / "step_00000010.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated: must never be loaded
-    resumed = store.ensure(run, wd)
+    resumed = ensure_pretrained(run, wd)
     assert json.loads(sdir.done.read_text())["resumed_from"] == 8
     assert_same_weights(resumed, ref)
     c = tracking.client(tracking.resolve_uri(None, wd))
@@ -90,7 +92,7 @@ def test_worker_crash_resumes_from_last_checkpoint(reference, tmp_path, ray_clus
     _, run, ref = reference
     wd = Workdir.resolve(tmp_path / "crash").ensure()
     marker = tmp_path / "killed"
-    result = trainer.train(run, wd, fault=trainer.Fault(step=6, rank=1, marker=str(marker)))
+    result = launch.train(run, wd, fault=Fault(step=6, rank=1, marker=str(marker)))
     assert marker.read_text().startswith("worker 1 killed at step 6")
     assert json.loads(store.StoreDir.for_run(run, wd).done.read_text())["resumed_from"] == 4
     assert_same_weights(result, ref)
@@ -102,20 +104,20 @@ def test_second_ensure_does_not_train(reference, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("ensure trained although a finished checkpoint exists")
 
-    monkeypatch.setattr(trainer, "train", no_training)
-    again = store.ensure(run, wd)
+    monkeypatch.setattr(launch, "train", no_training)
+    again = ensure_pretrained(run, wd)
     assert again.path == ref.path and again.mlflow_run_id == ref.mlflow_run_id
 
 
 def test_changed_spec_trains_once_for_concurrent_callers(reference):
     wd, run, ref = reference
     changed = tiny_run(pretrain={"seed": 1, "iterations": {"archive": 0, "homogeneous": 4}, "runtime": {"workers": 1}})
-    assert store.fingerprint(changed) != ref.fingerprint
+    assert changed.pretrain_fingerprint != ref.fingerprint
     results, errors = [], []
 
     def call():
         try:
-            results.append(store.ensure(changed, wd))
+            results.append(ensure_pretrained(changed, wd))
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -125,7 +127,7 @@ def test_changed_spec_trains_once_for_concurrent_callers(reference):
     for t in threads:
         t.join()
     assert not errors, errors
-    assert results[0].path == results[1].path and results[0].fingerprint == store.fingerprint(changed)
+    assert results[0].path == results[1].path and results[0].fingerprint == changed.pretrain_fingerprint
     c = tracking.client(tracking.resolve_uri(None, wd))
     exp = c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT).experiment_id
     trained = c.search_runs([exp], filter_string=f"tags.pretrain_fingerprint = '{results[0].fingerprint}'")
@@ -158,7 +160,7 @@ def test_cli_finetune_pretrains_first_when_missing_then_reuses(tmp_path, ray_clu
     wd = tmp_path / "w"
     first = CliRunner().invoke(app, ["--workdir", str(wd), "finetune", str(spec)])
     assert first.exit_code == 0, first.output
-    fp = store.fingerprint(run)
+    fp = run.pretrain_fingerprint
     assert f"pre-training ddpm {fp} first (not in the store yet)" in first.output
     assert f"features from pre-training {fp}" in first.output and "test mIoU" in first.output
     second = CliRunner().invoke(app, ["--workdir", str(wd), "finetune", str(spec)])

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from rsseg import tracking
-from rsseg.config.resolve import load_sweep
+from rsseg.runspec import load_sweep
 from rsseg.sweep.driver import run_sweep
 from rsseg.workdir import Workdir
 

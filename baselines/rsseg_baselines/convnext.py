@@ -9,13 +9,14 @@ head, ConvNeXt-B counts 122.0 M parameters: the paper's Ft-Params for the fine-t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from rsseg.config.specs import Strict
-from rsseg.encoders import FeatureInfo
+from rsseg.data.registry import input_bands
+from rsseg.encoders import FeatureInfo, freeze
 from rsseg.errors import ConfigError
 from rsseg.provenance import fingerprint
 
@@ -56,6 +57,22 @@ def _weights_file(path: Path) -> Path:
     return path
 
 
+def _unreadable(f: Path, exc: Exception) -> ConfigError:
+    return ConfigError(f"convnext.weights: {f} is not a readable state dict ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+
+
+def _unwrap(state: Any, f: Path) -> dict[str, Any]:
+    """The backbone's entries of a classification or UPerNet checkpoint (prefix stripped)."""
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"convnext.weights: {f} is not a state dict of tensors")
+    for prefix in ("convnext.", "backbone."):  # ConvNextForImageClassification / UperNet checkpoints
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return state
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     f = _weights_file(Path(path).expanduser())
     try:
@@ -64,25 +81,34 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(f))
         else:
-            state = torch.load(f, map_location="cpu", weights_only=True)
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file reads the same to the user
-        raise ConfigError(f"convnext.weights: {f} is not a readable state dict ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"convnext.weights: {f} is not a state dict of tensors")
-    return state
+        raise _unreadable(f, exc) from None
+    return _unwrap(state, f)
 
 
-def load_imagenet(backbone: torch.nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Load ImageNet weights into a ConvNextBackbone; returns the (asserted) missing/unexpected keys."""
-    state = read_state_dict(path)
-    for prefix in ("convnext.", "backbone."):  # ConvNextForImageClassification / UperNet checkpoints
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-    own = backbone.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
+def state_dict_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """key -> shape of a weights file, read without loading the tensors (safetensors header, or
+    a memory-mapped torch file)."""
+    f = _weights_file(Path(path).expanduser())
+    if f.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as sf:
+                return {k: tuple(s) for k, s in ((k, sf.get_slice(k).get_shape()) for k in sf.keys())}
+        except Exception as exc:  # noqa: BLE001
+            raise _unreadable(f, exc) from None
+    return {k: tuple(v.shape) for k, v in read_state_dict(f).items()}
+
+
+def check_fit(own: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], path: str | Path) -> None:
+    """The weights' keys and shapes against the backbone's: only the asserted lists may differ."""
+    for prefix in ("convnext.", "backbone."):
+        if any(k.startswith(prefix) for k in shapes):
+            shapes = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in shapes.items()}
+    missing = sorted(k for k in own if k not in shapes)
+    unexpected = sorted(k for k in shapes if k not in own)
     bad_missing = [k for k in missing if not k.startswith(ALLOWED_MISSING_PREFIX)]
     bad_unexpected = [k for k in unexpected if k not in ALLOWED_UNEXPECTED]
     if bad_missing or bad_unexpected:
@@ -92,13 +118,20 @@ def load_imagenet(backbone: torch.nn.Module, path: str | Path) -> dict[str, list
         if bad_unexpected:
             what.append(f"unexpected {len(bad_unexpected)} key(s): {', '.join(bad_unexpected[:4])}{' ...' if len(bad_unexpected) > 4 else ''}")
         raise ConfigError(f"convnext.weights: {path} does not fit this ConvNeXt: {'; '.join(what)}")
-    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if shapes:
-        k = shapes[0]
-        raise ConfigError(f"convnext.weights: {path}: {k} has shape {tuple(state[k].shape)}, this ConvNeXt expects {tuple(own[k].shape)} "
+    wrong = [k for k in own if k in shapes and tuple(shapes[k]) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ConfigError(f"convnext.weights: {path}: {k} has shape {tuple(shapes[k])}, this ConvNeXt expects {tuple(own[k].shape)} "
                           f"(convnext.size or the number of bands differs)")
+
+
+def load_imagenet(backbone: torch.nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Load ImageNet weights into a ConvNextBackbone; returns the (asserted) missing/unexpected keys."""
+    state = read_state_dict(path)
+    own = backbone.state_dict()
+    check_fit(own, {k: tuple(v.shape) for k, v in state.items()}, path)
     backbone.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    return {"missing": missing, "unexpected": unexpected}
+    return {"missing": sorted(k for k in own if k not in state), "unexpected": sorted(k for k in state if k not in own)}
 
 
 class ConvNextEncoder(torch.nn.Module):
@@ -119,16 +152,14 @@ class ConvNextEncoder(torch.nn.Module):
         return self._weights_id
 
     def freeze(self) -> "ConvNextEncoder":
-        for p in self.parameters():
-            p.requires_grad_(False)
-        return self.eval()
+        return freeze(self)
 
     def train(self, mode: bool = True):
         # A frozen encoder stays in eval mode (no drop-path) while the head trains.
         frozen = not any(p.requires_grad for p in self.parameters())
         return super().train(mode and not frozen)
 
-    def forward(self, x: torch.Tensor, keys=None, variants=None) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, keys=None, variants=None, parts=None) -> list[torch.Tensor]:
         if self.imagenet:  # tiles come in [-1, 1]; ImageNet weights expect mean/std-normalised [0, 1]
             mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
             std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
@@ -136,18 +167,10 @@ class ConvNextEncoder(torch.nn.Module):
         return list(self.backbone(pixel_values=x).feature_maps)
 
 
-def _in_channels(run) -> int:
-    from rsseg.data import registry
-    from rsseg.data.scenes import raster_meta
-
-    scenes = registry.scenes(run.data)
-    return len(scenes.bands) if scenes.bands else raster_meta(scenes.labelled[0].image).count
-
-
 def build_random(run, pretrained=None) -> ConvNextEncoder:
     spec = run.convnext
     torch.manual_seed(run.seed)
-    channels = _in_channels(run)
+    channels = input_bands(run.data)
     return ConvNextEncoder(spec, channels, fingerprint({"random": spec.model_dump(mode="json"), "seed": run.seed, "c": channels}), imagenet=False)
 
 
@@ -155,7 +178,7 @@ def build_imagenet(run, pretrained=None) -> ConvNextEncoder:
     spec = run.convnext
     if not spec.weights:
         raise ConfigError("convnext.weights: convnext_imagenet needs local ImageNet weights (a file or directory); nothing is downloaded")
-    channels = _in_channels(run)
+    channels = input_bands(run.data)
     if channels != 3:
         raise ConfigError(f"convnext.weights: ImageNet weights take 3 bands, {run.data.dataset} has {channels} (set data.bands)")
     enc = ConvNextEncoder(spec, channels, "", imagenet=True)
@@ -166,16 +189,40 @@ def build_imagenet(run, pretrained=None) -> ConvNextEncoder:
     return enc
 
 
+def imagenet_unavailable(run) -> str | None:
+    """Without local ImageNet weights the IN-init rows cannot be made here (nothing is downloaded)."""
+    if not run.convnext.weights:
+        return ("convnext_imagenet needs local ImageNet ConvNeXt weights (convnext.weights; the sweep files read "
+                "RSSEG_CONVNEXT_WEIGHTS); nothing is downloaded, so its cells are skipped")
+    return None
+
+
 def check_imagenet(run) -> list[tuple[str, str]]:
-    """At config time, before a sweep starts: the weights must be named and exist."""
+    """At config time: weights that are named must exist."""
     w = run.convnext.weights
-    if not w:
-        return [("convnext.weights", "convnext_imagenet needs local ImageNet weights (a .safetensors/.bin/.pt file or a directory; "
-                                     "the sweep files read RSSEG_CONVNEXT_WEIGHTS); nothing is downloaded")]
-    if not Path(w).expanduser().exists():
+    if w and not Path(w).expanduser().exists():
         return [("convnext.weights", f"{w} does not exist (expected a local ImageNet ConvNeXt checkpoint)")]
+    return []
+
+
+def preflight_imagenet(run) -> list[tuple[str, str]]:
+    """Before a sweep starts: the weights file must be a state dict of this ConvNeXt (its keys and
+    shapes, read without loading the tensors), naming the file when it is not."""
+    if not run.convnext.weights:
+        return []
+    try:
+        shapes = state_dict_shapes(run.convnext.weights)
+        with torch.device("meta"):
+            backbone = ConvNextEncoder(run.convnext, 3, "preflight", imagenet=False).backbone
+        check_fit(backbone.state_dict(), shapes, run.convnext.weights)
+    except ConfigError as exc:
+        return [("convnext.weights", str(exc).removeprefix("convnext.weights: "))]
     return []
 
 
 def tags(run) -> dict[str, object]:
     return {"backbone": f"convnext-{run.convnext.size}", "weights": "imagenet" if run.method == "convnext_imagenet" else "random"}
+
+
+def skeleton(run, in_channels: int) -> ConvNextEncoder:
+    return ConvNextEncoder(run.convnext, in_channels, "skeleton", imagenet=False)

@@ -3,52 +3,49 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rsseg.methods import Method
 from rsseg_baselines.convnext import ConvNextSpec
 from rsseg_baselines.vit import MaeSpec, ScaleMaeSpec
 
-_MAE_KEYS = ("size", "mask_ratio", "norm_pix_loss", "optim")
-
 CONVNEXT_RANDOM = Method(
     name="convnext_random",
     summary="ConvNeXt-B (transformers), random init, + UPerNet; no pre-training",
+    label="Random-init (ConvNeXt-B)",
     block="convnext", spec=ConvNextSpec,
-    encoder="rsseg_baselines.convnext:build_random",
+    encoder="rsseg_baselines.convnext:build_random", skeleton="rsseg_baselines.convnext:skeleton",
     heads=("upernet", "upernet"),
-    tags="rsseg_baselines.convnext:tags",
-    paper_row="Random-init (ConvNeXt-B)",
+    tags="rsseg_baselines.convnext:tags", tag_keys=("backbone", "weights"),
 )
-CONVNEXT_IMAGENET = Method(
+CONVNEXT_IMAGENET = replace(
+    CONVNEXT_RANDOM,
     name="convnext_imagenet",
     summary="ConvNeXt-B (transformers), ImageNet weights from a local file (convnext.weights), + UPerNet",
-    block="convnext", spec=ConvNextSpec,
+    label="IN-init (ConvNeXt-B)",
     encoder="rsseg_baselines.convnext:build_imagenet",
-    heads=("upernet", "upernet"),
-    tags="rsseg_baselines.convnext:tags",
     checks="rsseg_baselines.convnext:check_imagenet",
-    paper_row="IN-init (ConvNeXt-B)",
+    unavailable="rsseg_baselines.convnext:imagenet_unavailable",
+    preflight="rsseg_baselines.convnext:preflight_imagenet",
 )
 MAE = Method(
     name="mae",
     summary="MAE ViT (transformers ViTMAE) pre-trained by the platform on the unlabelled tiles; blocks 3/5/7/11 -> 4-scale neck",
+    label="MAE",
     block="mae", spec=MaeSpec,
     objective="rsseg_baselines.vit:build_mae_objective",
-    pretrain_keys=_MAE_KEYS,
-    encoder="rsseg_baselines.vit:build_encoder",
+    pretrain_keys=("size", "mask_ratio", "norm_pix_loss", "optim"),
+    encoder="rsseg_baselines.vit:build_encoder", skeleton="rsseg_baselines.vit:skeleton",
     neck="rsseg_baselines.vit:build_neck",
     heads=("mlp", "upernet"),
-    tags="rsseg_baselines.vit:mae_tags",
-    paper_row="MAE",
+    tags="rsseg_baselines.vit:mae_tags", tag_keys=("backbone", "blocks"),
 )
-SCALEMAE = Method(
+SCALEMAE = replace(
+    MAE,
     name="scalemae",
     summary="ScaleMAE: MAE + GSD-scaled sin-cos positions + two-band (Laplacian) reconstruction loss",
+    label="ScaleMAE",
     block="scalemae", spec=ScaleMaeSpec,
     objective="rsseg_baselines.vit:build_scalemae_objective",
-    pretrain_keys=_MAE_KEYS + ("gsd", "reference_gsd"),
-    encoder="rsseg_baselines.vit:build_encoder",
-    neck="rsseg_baselines.vit:build_neck",
-    heads=("mlp", "upernet"),
-    tags="rsseg_baselines.vit:mae_tags",
-    paper_row="ScaleMAE",
+    pretrain_keys=MAE.pretrain_keys + ("gsd", "reference_gsd"),
 )

@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from rsseg.config.specs import OptimSpec, Strict
-from rsseg.encoders import FeatureInfo
+from rsseg.encoders import FeatureInfo, freeze
 from rsseg.errors import ConfigError
 
 SIZES = {
@@ -175,7 +175,7 @@ class MaeObjective:
         return {"kind": self.name, "config": self.config.to_dict(), "spec": self.spec.model_dump(mode="json")}
 
     @torch.no_grad()
-    def artifacts(self, net, images, generator, out_dir: Path, **_) -> list[Path]:
+    def artifacts(self, net, images, generator, out_dir: Path, *, samples: int = 0, sample_steps: int = 0) -> list[Path]:
         """Originals, masked inputs and reconstructions of a few tiles."""
         from rsseg.viz import save_grid
 
@@ -222,7 +222,7 @@ class ScaleMaeObjective(MaeObjective):
         return {**super().describe(), "gsd": self.gsd, "scale": self.scale}
 
     @torch.no_grad()
-    def artifacts(self, net, images, generator, out_dir: Path, **_) -> list[Path]:
+    def artifacts(self, net, images, generator, out_dir: Path, *, samples: int = 0, sample_steps: int = 0) -> list[Path]:
         from rsseg.viz import save_grid
 
         net.eval()
@@ -262,11 +262,9 @@ class VitEncoder(nn.Module):
         return self._weights_id
 
     def freeze(self) -> "VitEncoder":
-        for p in self.parameters():
-            p.requires_grad_(False)
-        return self.eval()
+        return freeze(self)
 
-    def forward(self, x: torch.Tensor, keys=None, variants=None) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, keys=None, variants=None, parts=None) -> list[torch.Tensor]:
         emb = self.vit.embeddings
         b, _, h, w = x.shape
         pe = emb.position_embeddings
@@ -291,6 +289,11 @@ def load_vit(vit, state: dict[str, torch.Tensor], prefix: str) -> None:
     missing, unexpected = vit.load_state_dict(sub, strict=False)
     if missing or unexpected or bad:
         raise ConfigError(f"pre-trained ViT checkpoint does not fit: missing {missing[:4]}, unexpected {(list(unexpected) + bad)[:4]}")
+
+
+def skeleton(run, in_channels: int) -> VitEncoder:
+    spec = getattr(run, run.method)
+    return VitEncoder(mae_config(spec, run.data.tile_size, in_channels), spec.blocks, "skeleton")
 
 
 def build_encoder(run, pretrained) -> VitEncoder:
@@ -336,22 +339,21 @@ def build_neck(run, feature_info) -> SimplePyramid:
 # ---------------------------------------------------------------------------------------------- objectives
 
 
-def _channels_and_gsd(run) -> tuple[int, float | None]:
+def raster_gsd(run) -> float | None:
+    """Ground sample distance in metres of the dataset's first labelled scene (None when it is
+    not georeferenced)."""
     from rsseg.data import registry
     from rsseg.data.scenes import raster_meta
 
-    scenes = registry.scenes(run.data)
-    meta = raster_meta(scenes.labelled[0].image)
-    channels = len(scenes.bands) if scenes.bands else meta.count
-    gsd = None
-    if meta.georeferenced and meta.crs:
-        from rasterio.crs import CRS
+    meta = raster_meta(registry.scenes(run.data).labelled[0].image)
+    if not (meta.georeferenced and meta.crs):
+        return None
+    from rasterio.crs import CRS
 
-        size = abs(float(meta.transform[0]))  # pixel width in CRS units
-        crs = CRS.from_string(meta.crs)
-        # geographic CRS: degrees -> metres at the equator (the scale is a ratio; this is close enough)
-        gsd = size * 111_320.0 if crs.is_geographic else size * (crs.linear_units_factor[1] if crs.linear_units_factor else 1.0)
-    return channels, gsd
+    size = abs(float(meta.transform[0]))  # pixel width in CRS units
+    crs = CRS.from_string(meta.crs)
+    # geographic CRS: degrees -> metres at the equator (the scale is a ratio; this is close enough)
+    return size * 111_320.0 if crs.is_geographic else size * (crs.linear_units_factor[1] if crs.linear_units_factor else 1.0)
 
 
 def build_mae_objective(run, in_channels: int) -> MaeObjective:
@@ -362,7 +364,7 @@ def build_scalemae_objective(run, in_channels: int) -> ScaleMaeObjective:
     spec = run.scalemae
     gsd = spec.gsd
     if gsd is None:
-        _, gsd = _channels_and_gsd(run)
+        gsd = raster_gsd(run)
     if gsd is None:
         raise ConfigError(f"scalemae.gsd: {run.data.dataset}'s rasters carry no georeferenced transform; give the ground sample distance in metres")
     return ScaleMaeObjective(spec, run.data.tile_size, in_channels, gsd)

@@ -1,10 +1,23 @@
 """Content-addressed feature cache: frozen encoder + fixed noise => features are a pure function
-of (encoder fingerprint, map, timestep, noise seed, tile, augmentation variant).
+of (encoder fingerprint, part, noise seed, tile, augmentation variant).
 
-Files: ``<workdir>/cache/features/<cache_id>/<map>@t<t>/<tile>~v<variant>.npy``, float16 at native
-resolution, each written atomically, so every run and sweep trial that needs the same key
-shares it. ``cache_id`` covers the pre-training fingerprint, the weights (EMA / raw), the side
-and the noise seed.
+A *part* is the set of maps one forward computes on its own (`FeatureInfo.part`): one timestep
+of the DDPM, the whole network of the other encoders. Files:
+``<workdir>/cache/features/<cache_id>/<part>/<tile>~v<variant>.npz``, every map of that
+(tile, part) in one file, float16 at native resolution, so every run and sweep trial that needs
+the same key shares it and a tile computes only the parts it lacks (one batched forward of them).
+``cache_id`` covers the pre-training fingerprint, the weights (EMA / raw), the side and the noise
+seed.
+
+Writes are a temporary file renamed onto the final name, without fsync: a reader sees the whole
+file or none, and a file left empty or torn by a power loss fails to load, which reads as a miss
+and is recomputed — for a cache that is enough, and it makes a cold write as cheap as the rename.
+
+Concurrent trials never compute the same key: a (tile, part) is *claimed* first (a ``.claim``
+file created with O_EXCL, holding the claimant's host and pid). Whoever holds the claim computes
+and writes; the others wait for the file. A claim whose process is gone (same host) or older than
+``STALE_CLAIM_S`` is taken over. When the claimant cannot write (over budget, disk full) it drops
+the claim and a waiter computes for itself.
 
 A size budget bounds the cache: the current size is measured once when the cache opens and
 tracked as this process writes; beyond the budget nothing more is written and the missing
@@ -13,12 +26,17 @@ processes may together overshoot by at most what each wrote since it opened the 
 cache opens at over 90 % of its budget, the features of *other* encoders are evicted, least
 recently used first (a feature set marks its use when opened), down to half the budget, so
 stale encoders do not lock a new one out; a reader that loses a file to eviction recomputes it.
-Sizes are on-disk sizes (blocks), which for these small files exceed their byte counts.
+Sizes are on-disk sizes (blocks). A full disk is handled like the budget: the features are
+computed online and the run goes on.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +44,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from rsseg.atomic import atomic_path
+from rsseg.encoders import parts_of
+
+STALE_CLAIM_S = 600.0
+WAIT_POLL_S = 0.05
 
 
 def _safe(name: str) -> str:
@@ -45,19 +66,28 @@ def directory_size(root: Path) -> int:
     return total
 
 
+def _on_disk(path: Path) -> int:
+    st = path.stat()
+    return st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+
+
 @dataclass
 class CacheStats:
-    hits: int = 0
-    misses: int = 0
+    hits: int = 0  # (tile, part) keys read from the cache
+    misses: int = 0  # keys not in the cache when asked
+    computed: int = 0  # keys this process computed (the backbone passes it paid)
+    waited: int = 0  # keys another process was computing, read after it finished
     writes: int = 0
     skipped_over_budget: int = 0
     bytes_written: int = 0
-    tiles_computed: int = 0
+    tiles_computed: int = 0  # tiles that joined a forward (any of their parts missing)
 
     def as_metrics(self, prefix: str = "cache/") -> dict[str, float]:
         total = self.hits + self.misses
         return {f"{prefix}hit_rate": self.hits / total if total else 0.0, f"{prefix}writes": float(self.writes),
-                f"{prefix}over_budget": float(self.skipped_over_budget), f"{prefix}tiles_computed": float(self.tiles_computed)}
+                f"{prefix}over_budget": float(self.skipped_over_budget), f"{prefix}tiles_computed": float(self.tiles_computed),
+                f"{prefix}parts_computed": float(self.computed), f"{prefix}parts_waited": float(self.waited),
+                f"{prefix}parts_read": float(self.hits)}
 
 
 @dataclass
@@ -66,6 +96,7 @@ class FeatureCache:
     budget_bytes: int
     used_bytes: int = 0
     stats: CacheStats = field(default_factory=CacheStats)
+    writable: bool = True
 
     @classmethod
     def open(cls, root: Path, budget_gb: float, current: str | None = None) -> "FeatureCache":
@@ -92,37 +123,97 @@ class FeatureCache:
                 used -= size
         return cls(root, budget, used)
 
-    def path(self, cache_id: str, name: str, tile: str, variant: int) -> Path:
-        return self.root / cache_id / _safe(name) / f"{_safe(tile)}~v{variant}.npy"
+    def path(self, cache_id: str, part: str, tile: str, variant: int) -> Path:
+        return self.root / cache_id / _safe(part) / f"{_safe(tile)}~v{variant}.npz"
 
-    def get(self, cache_id: str, name: str, tile: str, variant: int) -> torch.Tensor | None:
-        p = self.path(cache_id, name, tile, variant)
+    def get(self, cache_id: str, part: str, tile: str, variant: int) -> list[torch.Tensor] | None:
+        p = self.path(cache_id, part, tile, variant)
         try:
-            return torch.from_numpy(np.load(p))
-        except (FileNotFoundError, ValueError, EOFError, OSError):
-            return None
+            with np.load(p) as z:
+                return [torch.from_numpy(z[f"m{i}"]) for i in range(len(z.files))]
+        except (FileNotFoundError, ValueError, EOFError, OSError, KeyError):
+            return None  # absent, evicted, or torn by a crash: a miss
 
-    def put(self, cache_id: str, name: str, tile: str, variant: int, feature: torch.Tensor) -> bool:
-        data = feature.detach().to("cpu", torch.float16).contiguous().numpy()
-        if self.used_bytes + data.nbytes > self.budget_bytes:
+    def put(self, cache_id: str, part: str, tile: str, variant: int, maps: Sequence[torch.Tensor]) -> bool:
+        arrays = {f"m{i}": m.detach().to("cpu", torch.float16).contiguous().numpy() for i, m in enumerate(maps)}
+        size = sum(a.nbytes for a in arrays.values())
+        if not self.writable or self.used_bytes + size > self.budget_bytes:
             self.stats.skipped_over_budget += 1
             return False
-        p = self.path(cache_id, name, tile, variant)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(p, suffix=".npy") as tmp:
+        p = self.path(cache_id, part, tile, variant)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
-                np.save(fh, data)
-        st = p.stat()
-        size = st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
-        self.used_bytes += size
+                np.savez(fh, **arrays)
+            os.replace(tmp, p)  # atomic: readers see the whole file or none (no fsync: see above)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                self.writable = False  # a full or read-only disk: compute online from now on
+                self.stats.skipped_over_budget += 1
+                return False
+            raise
+        on_disk = _on_disk(p)
+        self.used_bytes += on_disk
         self.stats.writes += 1
-        self.stats.bytes_written += size
+        self.stats.bytes_written += on_disk
         return True
+
+    # -- claims: one computation per key across processes ----------------------------------------
+    def _claim_path(self, cache_id: str, part: str, tile: str, variant: int) -> Path:
+        p = self.path(cache_id, part, tile, variant)
+        return p.with_name(p.name + ".claim")
+
+    def claim(self, cache_id: str, part: str, tile: str, variant: int) -> bool:
+        """True when this process now holds the key (and must compute it, then `release`)."""
+        if not self.writable:
+            return False
+        c = self._claim_path(cache_id, part, tile, variant)
+        try:
+            c.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(c, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if self._stale(c):
+                c.unlink(missing_ok=True)
+                return self.claim(cache_id, part, tile, variant)
+            return False
+        except OSError:
+            return False  # cannot even create the claim: compute online, write nothing
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        return True
+
+    def release(self, cache_id: str, part: str, tile: str, variant: int) -> None:
+        self._claim_path(cache_id, part, tile, variant).unlink(missing_ok=True)
+
+    def claimed(self, cache_id: str, part: str, tile: str, variant: int) -> bool:
+        c = self._claim_path(cache_id, part, tile, variant)
+        return c.exists() and not self._stale(c)
+
+    @staticmethod
+    def _stale(claim: Path) -> bool:
+        try:
+            age = time.time() - claim.stat().st_mtime
+            owner = json.loads(claim.read_text() or "{}")
+        except (OSError, ValueError):
+            return False  # being written right now
+        if age > STALE_CLAIM_S:
+            return True
+        if owner.get("host") == socket.gethostname() and owner.get("pid"):
+            try:
+                os.kill(int(owner["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return False
 
 
 class CachedEncoder:
-    """Wraps an encoder whose ``cache_id`` is set: per tile, every map comes from the cache or
-    the tile joins one batched forward of the misses, whose maps are then stored."""
+    """Wraps an encoder whose ``cache_id`` is set: per (tile, part), the maps come from the cache,
+    or — for the keys this process claims — from one batched forward of exactly the missing parts,
+    stored afterwards; keys another process is computing are waited for."""
 
     def __init__(self, encoder, cache: FeatureCache):
         if encoder.cache_id is None:
@@ -130,33 +221,92 @@ class CachedEncoder:
         self.encoder = encoder
         self.cache = cache
         self.cache_id = encoder.cache_id
-        self.names = [fi.name for fi in encoder.feature_info]
+        self.parts = parts_of(encoder.feature_info)
+        self.members = {part: [i for i, fi in enumerate(encoder.feature_info) if fi.part == part] for part in self.parts}
+        self.extract_s = 0.0  # seconds spent in the encoder (tiles/s of extraction)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, keys: Sequence[str], variants: Sequence[int]) -> list[torch.Tensor]:
         b = images.shape[0]
-        per_tile: list[list[torch.Tensor] | None] = []
-        for k, v in zip(keys, variants):
-            maps = []
-            for name in self.names:
-                f = self.cache.get(self.cache_id, name, k, int(v))
-                if f is None:
-                    maps = None
-                    break
-                maps.append(f)
-            per_tile.append(maps)
-        missing = [i for i in range(b) if per_tile[i] is None]
-        self.cache.stats.hits += b - len(missing)
+        have: dict[tuple[int, str], list[torch.Tensor]] = {}
+        for i, (k, v) in enumerate(zip(keys, variants)):
+            for part in self.parts:
+                maps = self.cache.get(self.cache_id, part, k, int(v))
+                if maps is not None:
+                    have[(i, part)] = maps
+        missing = [(i, part) for i in range(b) for part in self.parts if (i, part) not in have]
+        self.cache.stats.hits += len(have)
         self.cache.stats.misses += len(missing)
-        if missing:
-            idx = torch.tensor(missing)
-            computed = self.encoder(images[idx], [keys[i] for i in missing], [int(variants[i]) for i in missing])
-            self.cache.stats.tiles_computed += len(missing)
-            for slot, i in enumerate(missing):
-                maps = [m[slot] for m in computed]
-                for name, f in zip(self.names, maps):
-                    self.cache.put(self.cache_id, name, keys[i], int(variants[i]), f)
-                # use what the cache would return (float16) so cached and fresh batches agree
-                per_tile[i] = [f.to(torch.float16) for f in maps]
-        device = images.device
-        return [torch.stack([per_tile[i][m] for i in range(b)]).to(device, torch.float32) for m in range(len(self.names))]
+        self._compute([key for key in missing if self._claim(key, keys, variants)], images, keys, variants, have)
+        waiting = [key for key in missing if key not in have]
+        while waiting:  # keys other processes are computing
+            still = []
+            for key in waiting:
+                i, part = key
+                maps = self.cache.get(self.cache_id, part, keys[i], int(variants[i]))
+                if maps is not None:
+                    have[key] = maps
+                    self.cache.stats.waited += 1
+                elif not self.cache.claimed(self.cache_id, part, keys[i], int(variants[i])):
+                    # the claimant gave up without writing (over budget, full disk, died): ours now
+                    self._compute([key] if self._claim(key, keys, variants) else [], images, keys, variants, have)
+                    if key not in have:  # cannot even claim it: compute online, write nothing
+                        self._compute([key], images, keys, variants, have, store=False)
+                else:
+                    still.append(key)
+            waiting = still
+            if waiting:
+                time.sleep(WAIT_POLL_S)
+        return self._assemble(have, b, images.device)
+
+    def _claim(self, key: tuple[int, str], keys, variants) -> bool:
+        i, part = key
+        return self.cache.claim(self.cache_id, part, keys[i], int(variants[i]))
+
+    def _compute(self, todo: list[tuple[int, str]], images, keys, variants, have, store: bool = True) -> None:
+        """One forward per distinct set of missing parts (usually one), for the tiles needing it.
+        With ``store`` the keys are claimed by this process: written, then released (released
+        unwritten when the forward fails, so that no one waits on a key nobody computes)."""
+        by_tile: dict[int, list[str]] = {}
+        for i, part in todo:
+            by_tile.setdefault(i, []).append(part)
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, parts in by_tile.items():
+            groups.setdefault(tuple(p for p in self.parts if p in parts), []).append(i)
+        try:
+            for parts, tiles in groups.items():
+                t0 = time.perf_counter()
+                computed = self.encoder(images[torch.tensor(tiles, device=images.device)], [keys[i] for i in tiles],
+                                        [int(variants[i]) for i in tiles], parts=list(parts))
+                computed = [m.detach().to("cpu", torch.float16) for m in computed]
+                self.extract_s += time.perf_counter() - t0
+                self.cache.stats.tiles_computed += len(tiles)
+                offset = 0
+                for part in parts:
+                    n = len(self.members[part])
+                    for slot, i in enumerate(tiles):
+                        # what the cache would return (float16), so cached and fresh batches agree
+                        maps = [m[slot] for m in computed[offset : offset + n]]
+                        have[(i, part)] = maps
+                        self.cache.stats.computed += 1
+                        if store:
+                            self.cache.put(self.cache_id, part, keys[i], int(variants[i]), maps)
+                    offset += n
+        finally:
+            if store:
+                for i, part in todo:
+                    self.cache.release(self.cache_id, part, keys[i], int(variants[i]))
+
+    def _assemble(self, have, b: int, device: torch.device) -> list[torch.Tensor]:
+        """The maps in feature_info order, (B, C, h, w) float32 on ``device`` — from the host in
+        one copy (a flat buffer split on the device) rather than one per map."""
+        index = {m: (part, j) for part in self.parts for j, m in enumerate(self.members[part])}
+        stacked = [torch.stack([have[(i, index[m][0])][index[m][1]] for i in range(b)]) for m in range(len(index))]
+        if device.type == "cpu":
+            return [s.float() for s in stacked]
+        flat = torch.cat([s.reshape(-1) for s in stacked]).pin_memory().to(device, non_blocking=True)
+        out, offset = [], 0
+        for s in stacked:
+            out.append(flat[offset : offset + s.numel()].view(s.shape).float())
+            offset += s.numel()
+        return out

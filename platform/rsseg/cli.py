@@ -41,8 +41,12 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configuration files.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: build tile indexes, print what a dataset holds.", no_args_is_help=True)
+weights_app = typer.Typer(help="Released weights: import them once into the checkpoint store, list, export.", no_args_is_help=True)
+models_app = typer.Typer(help="Trained segmentors saved by fine-tuning runs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(weights_app, name="weights")
+app.add_typer(models_app, name="models")
 
 SetOpt = typer.Option(None, "--set", help="Override a key: --set finetune.iterations=100 (repeatable).")
 ProfileOpt = typer.Option(None, "--profile", "-p", help="Profile from sweeps/profiles/ merged over the file (smoke, paper).")
@@ -85,7 +89,7 @@ def config_show(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Print the fully resolved config: file + profile + --set, every default filled in."""
-    from rsseg.config.resolve import show
+    from rsseg.runspec import show
 
     typer.echo(show(file, profile, set_ or []), nl=False)
 
@@ -96,9 +100,10 @@ def config_show(
 
 def _data_spec(dataset: str, root: Optional[Path], tile_size: Optional[int], spec_file: Optional[Path],
                profile: Optional[str], set_: Optional[list[str]]):
-    from rsseg.config.loader import Document, apply_overrides, validate
-    from rsseg.config.resolve import is_sweep_document, load_run, load_sweep, read_yaml
+    from rsseg.config.loader import Document, apply_overrides, read_yaml, validate
+    from rsseg.config.profiles import is_sweep_document
     from rsseg.config.specs import DataSpec
+    from rsseg.runspec import load_run, load_sweep
 
     if spec_file is not None:
         raw = read_yaml(spec_file)
@@ -158,7 +163,7 @@ def data_info(
 def pretrain_cmd(
     spec: Path = typer.Argument(..., help="A run spec, e.g. sweeps/pretrain.yaml."),
     workers: Optional[int] = typer.Option(None, "--workers", "-n", help="Ray Train workers (DDP); default pretrain.runtime.workers."),
-    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Train on GPUs (NCCL) or CPUs (gloo)."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Train on GPUs (NCCL; = --set runtime.device=cuda) or CPUs (gloo)."),
     profile: Optional[str] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
     resume_from: Optional[Path] = typer.Option(None, "--resume-from", help="Resume from this checkpoint (must match the spec's fingerprint)."),
@@ -170,51 +175,55 @@ def pretrain_cmd(
     Trains only if no finished checkpoint with this spec's fingerprint exists; re-running an
     interrupted spec resumes from its last checkpoint.
     """
-    from rsseg import raycluster
-    from rsseg.config.resolve import load_run
     from rsseg.pretrain import store
+    from rsseg.runspec import load_run
 
     overrides = list(set_ or [])
     if workers is not None:
         overrides.append(f"pretrain.runtime.workers={workers}")
     if gpu is not None:
-        overrides.append(f"pretrain.runtime.gpu={str(gpu).lower()}")
+        overrides.append(f"runtime.device={'cuda' if gpu else 'cpu'}")
     run = load_run(spec, profile, overrides).spec
+    _check_runnable(run, spec)
     wd = _workdir()
-    fp = store.fingerprint(run)
     found = store.find(run, wd)
     if found is not None:
-        typer.echo(f"already pre-trained: fingerprint {fp}\n  checkpoint {found.path}\n  MLflow run {found.mlflow_run_id}")
+        typer.echo(f"already pre-trained: fingerprint {run.pretrain_fingerprint}\n  checkpoint {found.path}\n  MLflow run {found.mlflow_run_id}")
         return
-    raycluster.init(address)
-    typer.echo(f"pre-training {run.method} {fp} ({run.pretrain.iterations.n_total} iterations, {run.pretrain.runtime.workers} workers)")
-    result = store.ensure(run, wd, progress=True, resume_from=resume_from, tracking_uri=tracking_uri, profile=profile)
-    from rsseg.progress import done
-
-    done()
-    typer.echo(f"finished: fingerprint {fp}\n  checkpoint {result.path}\n  MLflow run {result.mlflow_run_id}")
+    result = _pretrained(run, wd, address, announce=f"({run.pretrain.iterations.n_total} iterations, {run.pretrain.runtime.workers} workers)",
+                         resume_from=resume_from, tracking_uri=tracking_uri, profile=profile)
+    typer.echo(f"finished: fingerprint {run.pretrain_fingerprint}\n  checkpoint {result.path}\n  MLflow run {result.mlflow_run_id}")
 
 
 # ----------------------------------------------------------------------------------------------
 # finetune
 
 
-def _pretrained(run, wd, address: Optional[str], **ensure_kwargs):
-    """The run's pre-training from the store; trained first on Ray if missing; None if the method
-    needs none."""
+def _check_runnable(run, spec: Path) -> None:
+    """What a sweep would skip or refuse at plan time, for a single run: before anything starts."""
+    from rsseg.errors import ConfigError
+
+    reason = run.plugin.unavailable_reason(run)
+    if reason:
+        raise ConfigError(f"{spec}: {reason.removesuffix(', so its cells are skipped')}")
+    problems = run.plugin.preflight_problems(run)
+    if problems:
+        raise ConfigError(f"{spec}: {problems[0][0]}: {problems[0][1]}")
+
+
+def _pretrained(run, wd, address: Optional[str], announce: str = "first (not in the store yet)", **train_kwargs):
+    """The run's pre-training from the store; trained first on Ray if missing (the CLI's one
+    find-or-train); None if the method needs none."""
     from rsseg import raycluster
-    from rsseg.methods import get
     from rsseg.pretrain import store
+    from rsseg.pretrain.ensure import ensure_pretrained
     from rsseg.progress import done
 
-    if not get(run.method).needs_pretraining(run):
-        return None
-    found = store.find(run, wd)
-    if found is not None:
-        return found
+    if not run.needs_pretraining or store.find(run, wd) is not None:
+        return ensure_pretrained(run, wd)
     raycluster.init(address)
-    typer.echo(f"pre-training {run.method} {store.fingerprint(run)} first (not in the store yet)")
-    found = store.ensure(run, wd, progress=True, **ensure_kwargs)
+    typer.echo(f"pre-training {run.method} {run.pretrain_fingerprint} {announce}")
+    found = ensure_pretrained(run, wd, progress=True, **train_kwargs)
     done()
     return found
 
@@ -231,17 +240,17 @@ def finetune_cmd(
     """One fine-tuning run: pre-training through the fingerprinted store (trained on Ray if
     missing), frozen or full fine-tuning, val/test mIoU, per-class IoU and artifacts in MLflow."""
     from rsseg import runner, tracking
-    from rsseg.config.resolve import load_run
+    from rsseg.runspec import load_run
 
     run = load_run(spec, profile, set_ or []).spec
+    _check_runnable(run, spec)
     wd = _workdir()
     uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, wd)
     tracking.init_store(uri)
     pretrained = _pretrained(run, wd, address, tracking_uri=uri, profile=profile)
     if pretrained is not None:
         typer.echo(f"features from pre-training {pretrained.fingerprint} ({pretrained.path})")
-    result, tracker = runner.execute(run, wd, uri=uri, experiment=experiment, tags=runner.run_tags(run, profile=profile),
-                                     pretrained=pretrained)
+    result, tracker = runner.execute(run, wd, uri=uri, experiment=experiment, profile=profile, pretrained=pretrained)
     iou = "  ".join(f"{a} {100 * v:.1f}" for a, v in zip(result.class_abbrs, result.test.iou) if v == v)
     typer.echo(f"test mIoU {100 * result.test.miou:.2f} %  pixel accuracy {100 * result.test.pixel_accuracy:.2f} %  "
                f"({result.head} head, {result.trainable_params / 1e6:.2f} M trainable parameters, {result.seconds['total_s']:.0f} s)")
@@ -262,17 +271,19 @@ def viz_cmd(
 ) -> None:
     """Figs. 5 and 6 for a checkpoint: t-SNE of encoder vs decoder features per class, and k-means
     maps of decoder features at several noise levels (PNGs)."""
-    from rsseg.config.resolve import load_run
     from rsseg.errors import ConfigError
     from rsseg.featureviz import run_viz
+    from rsseg.runspec import load_run
 
     try:
         ts = [int(t) for t in timesteps.split(",") if t.strip()]
     except ValueError:
         raise ConfigError(f"--timesteps: {timesteps!r} is not a comma-separated list of integers") from None
     run = load_run(spec, profile, set_ or []).spec
-    if max(ts, default=0) >= run.ddpm.schedule.train_steps:
-        raise ConfigError(f"--timesteps: {max(ts)} is outside the schedule's 0..{run.ddpm.schedule.train_steps - 1}")
+    from rsseg.methods.ddpm import max_timestep
+
+    if max(ts, default=0) > max_timestep(run):
+        raise ConfigError(f"--timesteps: {max(ts)} is outside the schedule's 0..{max_timestep(run)}")
     wd = _workdir()
     pretrained = _pretrained(run, wd, address) if run.method == "ddpm" else None
     r = run_viz(run, wd, out, tiles=tiles, points=points, timesteps=ts, pretrained=pretrained)
@@ -296,7 +307,7 @@ def sweep_cmd(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default sqlite in the workdir)."),
 ) -> None:
     """Run a paper experiment as a Ray Tune sweep (grid or Optuna), every trial an MLflow run."""
-    from rsseg.config.resolve import load_sweep
+    from rsseg.runspec import load_sweep
     from rsseg.sweep import plan as planning
 
     loaded = load_sweep(file, profile, set_ or [])
@@ -309,6 +320,142 @@ def sweep_cmd(
     typer.echo(summary_table(result), nl=False)
     if result.finished == 0:
         raise typer.Exit(code=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# weights, models, predict, evaluate
+
+
+@weights_app.command("import")
+def weights_import(
+    path: Path = typer.Argument(..., help="A DDPM-CD *_gen.pth, or a diffusers UNet2DModel directory."),
+    fmt: str = typer.Option(..., "--format", help="ddpm-cd | diffusers (what the installed methods read)."),
+    name: str = typer.Option(..., "--name", help="The name runs use: ddpm.features.weights=NAME or pretrain.init=NAME."),
+) -> None:
+    """Convert released weights once into the checkpoint store (fingerprinted by the file's hash)."""
+    from rsseg.weights import import_weights
+
+    found, new = import_weights(path, fmt, name, _workdir())
+    typer.echo(f"{'imported' if new else 'already imported'}: {name} ({found.method}, {found.fingerprint}) -> {found.path}")
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """Imported weights: name, method, format, fingerprint, source."""
+    from rsseg.pretrain import store
+
+    rows = store.list_imported(_workdir())
+    if not rows:
+        typer.echo("no imported weights (platform weights import PATH --format ... --name NAME)")
+    for r in rows:
+        typer.echo(f"{r['name']:<24} {r['method']:<8} {r['format']:<10} {r['fingerprint']}  {r['source']}")
+
+
+@weights_app.command("export")
+def weights_export(
+    name: str = typer.Argument(..., help="Imported weights' name, or a pre-training fingerprint."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write (diffusers save_pretrained layout)."),
+) -> None:
+    """Write DDPM weights (imported or pre-trained here) as a diffusers UNet2DModel directory."""
+    from rsseg.methods.ddpm.weights import export_diffusers
+    from rsseg.pretrain import store
+
+    wd = _workdir()
+    found = store.find_imported(wd, name)
+    if found is None:
+        matches = sorted((wd.checkpoints / "pretrain").glob(f"ddpm-{name}*/final.pt"))
+        if not matches:
+            from rsseg.errors import CheckpointError
+
+            raise CheckpointError(f"{name!r}: neither imported weights nor a DDPM pre-training fingerprint in {wd.checkpoints}")
+        sdir = store.StoreDir(matches[0].parent)
+        found = store.Pretrained(sdir.final, sdir.fingerprint, "ddpm")
+    export_diffusers(found.load(), out)
+    typer.echo(f"wrote {out}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Saved models of the work directory: run id, method, dataset, test mIoU."""
+    from rsseg.models import list_models
+
+    rows = list_models(_workdir())
+    if not rows:
+        typer.echo("no saved models yet (every fine-tuning run saves one)")
+    for r in rows:
+        typer.echo(f"runs:/{r['run_id']}  {r['method']:<16} {r['dataset']:<11} {r['head']:<8} "
+                   f"{'fine-tuned' if r['finetuned'] else 'frozen':<10} test mIoU {100 * r['mIoU']:.1f} %")
+
+
+ModelArg = typer.Argument(..., help="runs:/<run id>, best:<experiment> (its best test mIoU) or a saved model directory.")
+DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda (default: the model's runtime.device).")
+
+
+@app.command("predict")
+def predict_cmd(
+    model: str = ModelArg,
+    scenes: list[str] = typer.Argument(..., help="GeoTIFFs, folders or globs; 'dataset:N' = the N-th labelled scene of the model's own dataset."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory."),
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in pixels (default: a quarter tile)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-class probabilities (uint8 x 255)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that exist."),
+    quicklook: bool = typer.Option(False, "--quicklook", help="Also write a PNG of each class map with a legend."),
+    device: Optional[str] = DeviceOpt,
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow store holding the run."),
+) -> None:
+    """Map whole scenes with a trained segmentor: sliding windows, blended, into georeferenced COGs."""
+    from rsseg.models import load_model
+    from rsseg.predict import predict_scene, quicklook as make_quicklook, scenes_of
+    from rsseg.progress import done
+
+    wd = _workdir()
+    loaded = load_model(model, wd, device=device, tracking_uri=tracking_uri)
+    paths = []
+    for s in scenes:
+        if s.startswith("dataset:"):
+            from rsseg.data import registry
+
+            found = registry.scenes(loaded.run.data, wd).labelled
+            paths.append(found[int(s.split(":", 1)[1]) % len(found)].image)
+        else:
+            paths += scenes_of([s])
+    for scene in paths:
+        r = predict_scene(loaded, scene, out, overlap=overlap, batch_size=batch_size, probabilities=probabilities,
+                          overwrite=overwrite, progress=True)
+        done()
+        extra = ""
+        if quicklook:
+            png = make_quicklook(r.classes, r.classes.with_suffix(".png"), loaded.meta["classes"]["names"], loaded.meta["classes"]["colors"])
+            extra = f" + {png.name}"
+        typer.echo(f"{scene} -> {r.classes}{' + ' + r.probabilities.name if r.probabilities else ''}{extra} "
+                   f"({r.windows} windows, {r.windows / max(r.seconds, 1e-9):.1f} tiles/s)")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: str = ModelArg,
+    dataset: str = typer.Option(..., "--data", help="synthetic | minifrance | gid | folder: the labelled scenes to score."),
+    root: Optional[Path] = RootOpt,
+    set_: Optional[list[str]] = DataSetOpt,
+    overlap: Optional[int] = typer.Option(None, "--overlap", help="Window overlap in pixels (default: a quarter tile)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    device: Optional[str] = DeviceOpt,
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."),
+) -> None:
+    """mIoU and per-class IoU of a saved model over whole labelled scenes (an MLflow run)."""
+    from rsseg.evaluate import evaluate_scenes
+    from rsseg.models import load_model
+    from rsseg.progress import done
+
+    wd = _workdir()
+    loaded = load_model(model, wd, device=device, tracking_uri=tracking_uri)
+    data = _data_spec(dataset, root, loaded.tile_size, None, None, set_)
+    r = evaluate_scenes(loaded, data, wd, overlap=overlap, batch_size=batch_size, tracking_uri=tracking_uri, progress=True)
+    done()
+    iou = "  ".join(f"{a} {100 * v:.1f}" for a, v in zip(r.abbrs, r.metrics.iou) if v == v)
+    typer.echo(f"mIoU {100 * r.metrics.miou:.2f} % over {r.scenes} scene(s), {r.windows} windows; MLflow run {r.run_id}")
+    typer.echo(f"per-class IoU  {iou}")
 
 
 @app.command("methods")

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rsseg.labels import IGNORE_INDEX
+
 STRIDE = 4
 
 
@@ -36,7 +38,7 @@ def pixel_labels(mask: torch.Tensor) -> torch.Tensor:
     return mask[:, STRIDE // 2::STRIDE, STRIDE // 2::STRIDE]
 
 
-def sample_pixels(feats: torch.Tensor, labels: torch.Tensor, n: int, seed: int, ignore: int = 255) -> tuple[np.ndarray, np.ndarray]:
+def sample_pixels(feats: torch.Tensor, labels: torch.Tensor, n: int, seed: int, ignore: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
     """(B, C, h, w), (B, h, w) -> X (m, C), y (m,) with m <= n labelled pixels, classes balanced
     as far as they exist (a rare class is not lost among the common ones)."""
     x = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).numpy()
@@ -73,13 +75,38 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple[tor
     return assign, c
 
 
+def class_separation(x: np.ndarray, y: np.ndarray) -> float:
+    """Silhouette of the classes in feature space (-1..1; higher: classes separate better);
+    NaN with fewer than two classes."""
+    from sklearn.metrics import silhouette_score
+
+    return float(silhouette_score(x, y)) if len(np.unique(y)) > 1 else float("nan")
+
+
+def cluster_agreement(feats: torch.Tensor, labels: torch.Tensor, k: int, seed: int = 0,
+                      ignore: int = IGNORE_INDEX) -> tuple[torch.Tensor, float]:
+    """k-means of per-pixel features (B, C, h, w) into ``k`` clusters, and the adjusted Rand
+    index between clusters and labels (B, h, w) over labelled pixels: (cluster map, ARI)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    b, c, h, w = feats.shape
+    assign, _ = kmeans(feats.permute(0, 2, 3, 1).reshape(-1, c), k, seed=seed)
+    valid = labels.reshape(-1) != ignore
+    ari = float(adjusted_rand_score(labels.reshape(-1)[valid].numpy(), assign[valid].numpy()))
+    return assign.reshape(b, h, w), ari
+
+
 def _encoder(run, workdir, pretrained, **features):
-    from rsseg.methods import get
+    """The run's DDPM encoder with some feature options changed (side, timesteps)."""
+    from rsseg.config.loader import set_path
 
     d = run.model_dump(mode="json", by_alias=True)
-    d["ddpm"]["features"].update(features)
+    for key, value in features.items():
+        set_path(d, f"ddpm.features.{key}", value)
     variant = type(run).model_validate(d)
-    return get(variant.method).build_encoder(variant, pretrained).freeze()
+    from rsseg.device import resolve
+
+    return variant.plugin.build_encoder(variant, pretrained).freeze().to(resolve(run.runtime.device))
 
 
 def _tiles(run, workdir, n: int):
@@ -87,29 +114,26 @@ def _tiles(run, workdir, n: int):
     from rsseg.data.dataset import TileDataset, TileReader, collate
 
     index = tiles.build(run.data, workdir)
-    s = index.scenes
-    ds = TileDataset(TileReader(s.scenes, s.table, s.bands, s.value_range), index.split("test"))
+    ds = TileDataset(TileReader.of(index.scenes), index.split("test"))
     # tiles with the most distinct classes first: the pictures should show several classes
     items = [ds[i] for i in range(min(len(ds), 64))]
-    items.sort(key=lambda it: -len(torch.unique(it["mask"][it["mask"] != 255])))
-    return collate(items[:n]), s.table
+    items.sort(key=lambda it: -len(torch.unique(it["mask"][it["mask"] != IGNORE_INDEX])))
+    return collate(items[:n]), index.table
 
 
 def run_viz(run, workdir, out: Path, *, tiles: int = 8, points: int = 2000, timesteps: Sequence[int] = (0, 50, 100, 150, 200),
             seed: int = 0, pretrained=None) -> dict[str, object]:
     """Write ``tsne_encoder_vs_decoder.png`` and ``kmeans_noise_levels.png`` into ``out``."""
     from sklearn.manifold import TSNE
-    from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-    from rsseg.methods import get
-    from rsseg.pretrain import store
+    from rsseg.pretrain.ensure import ensure_pretrained
 
     if run.method != "ddpm":
         from rsseg.errors import ConfigError
 
         raise ConfigError(f"method: platform viz shows DDPM features; {run.method!r} is not ddpm")
-    if pretrained is None and get(run.method).needs_pretraining(run):
-        pretrained = store.ensure(run, workdir)
+    if pretrained is None:
+        pretrained = ensure_pretrained(run, workdir, allow_training=False)
     batch, table = _tiles(run, workdir, tiles)
     images, mask = batch["image"], batch["mask"]
     size = tuple(images.shape[-2:])
@@ -121,9 +145,10 @@ def run_viz(run, workdir, out: Path, *, tiles: int = 8, points: int = 2000, time
     for side in ("encoder", "decoder"):
         enc = _encoder(run, workdir, pretrained, side=side)
         with torch.no_grad():
-            feats = pixel_features(enc(images, [f"viz{i}" for i in range(len(images))], [0] * len(images)), size)
+            feats = pixel_features([m.cpu() for m in enc(images.to(next(enc.parameters()).device), [f"viz{i}" for i in range(len(images))],
+                                                            [0] * len(images))], size)
         x, y = sample_pixels(feats, labels, points, seed)
-        sil = float(silhouette_score(x, y)) if len(np.unique(y)) > 1 else float("nan")
+        sil = class_separation(x, y)
         xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, max(5, len(x) // 10))).fit_transform(x)
         embedded[side] = (xy, y, sil)
         result[f"silhouette_{side}"] = sil
@@ -136,12 +161,9 @@ def run_viz(run, workdir, out: Path, *, tiles: int = 8, points: int = 2000, time
     for t in timesteps:
         enc = _encoder(run, workdir, pretrained, side="decoder", timesteps=[t])
         with torch.no_grad():
-            feats = pixel_features(enc(images, [f"viz{i}" for i in range(len(images))], [0] * len(images)), size)
-        b, c, h, w = feats.shape
-        assign, _ = kmeans(feats.permute(0, 2, 3, 1).reshape(-1, c), k, seed=seed)
-        maps[t] = assign.reshape(b, h, w)
-        valid = labels.reshape(-1) != 255
-        ari[t] = float(adjusted_rand_score(labels.reshape(-1)[valid].numpy(), assign[valid].numpy()))
+            feats = pixel_features([m.cpu() for m in enc(images.to(next(enc.parameters()).device), [f"viz{i}" for i in range(len(images))],
+                                                            [0] * len(images))], size)
+        maps[t], ari[t] = cluster_agreement(feats, labels, k, seed)
     result["ari"] = ari
     result["kmeans"] = _kmeans_png(images, labels, maps, ari, table, out / "kmeans_noise_levels.png")
     return result

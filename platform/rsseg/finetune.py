@@ -3,7 +3,8 @@
 The same function serves ``platform finetune`` and every sweep trial. The caller passes an
 MLflow `tracking.Run` to log to, and optionally ``on_eval`` (called after each validation with
 the metrics and a checkpoint state, which a Tune trial reports) and ``resume_state`` (a state
-``on_eval`` received earlier) to continue an interrupted run.
+``on_eval`` received earlier) to continue an interrupted run. A run whose method needs a
+pre-training receives it (or finds it in the store): fine-tuning never trains one.
 
 Training follows the paper (4.2.2): AdamW (lr 2e-4, weight decay 1e-4), cosine schedule,
 300 iterations, augmentation = random linear stretch (5-15 % cut) + rot90 + flips. Batches are a
@@ -28,10 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rsseg.config.specs import OptimSpec
-from rsseg.data.classes import IGNORE_INDEX
 from rsseg.encoders import count_parameters
 from rsseg.metrics import ConfusionMatrix, SegMetrics
 from rsseg.pretrain import schedule
@@ -50,6 +49,7 @@ class FinetuneResult:
     seconds: dict[str, float]
     class_abbrs: list[str]
     cache: dict[str, float] = field(default_factory=dict)
+    perf: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         return self.test.as_dict(self.class_abbrs)
@@ -61,7 +61,7 @@ class NonFiniteLoss(FloatingPointError):
 
 @dataclass
 class Prepared:
-    """Everything a run needs, built once: data, encoder, head, feature function."""
+    """Everything a run needs, built once: data, encoder, head, feature function, device."""
 
     index: Any
     reader: Any
@@ -74,6 +74,26 @@ class Prepared:
     frozen: bool
     cached: Any
     table: Any
+    device: torch.device = torch.device("cpu")
+    precision: str = "auto"
+    loader_workers: int = 0
+    extract_s: float = 0.0  # seconds in the encoder forward (uncached runs; the cache keeps its own)
+    tiles_extracted: int = 0
+    pretrained: Any = None  # the pre-training the encoder came from (None: random or imported weights)
+
+    def loader(self, ds, batches):
+        """Batches of ``ds`` in the given index lists, read ahead by DataLoader workers and pinned
+        for the copy to a GPU (with 0 workers: read in this process, in the same order)."""
+        from rsseg.data.dataset import collate
+
+        return torch.utils.data.DataLoader(ds, batch_sampler=list(batches), num_workers=self.loader_workers,
+                                           pin_memory=self.device.type == "cuda", collate_fn=collate)
+
+    def extraction_rate(self) -> float | None:
+        """Tiles per second through the encoder (None when nothing was extracted)."""
+        seconds = self.cached.extract_s if self.cached is not None else self.extract_s
+        tiles = self.cached.cache.stats.tiles_computed if self.cached is not None else self.tiles_extracted
+        return tiles / seconds if tiles and seconds > 0 else None
 
 
 def _optim_spec(ft) -> OptimSpec:
@@ -85,20 +105,17 @@ def _optim_spec(ft) -> OptimSpec:
 def prepare(run, workdir: Workdir, pretrained=None) -> Prepared:
     from rsseg.cache import CachedEncoder, FeatureCache
     from rsseg.data import tiles
+    from rsseg.device import resolve
     from rsseg.data.dataset import TileDataset, TileReader
-    from rsseg.heads import build_head
-    from rsseg.methods import get
-    from rsseg.pretrain import store
+    from rsseg.errors import DataError
+    from rsseg.heads import NeckHead, build_head
+    from rsseg.pretrain.ensure import ensure_pretrained
 
-    method = get(run.method)
-    ft = run.finetune
+    method, ft = run.plugin, run.finetune
     index = tiles.build(run.data, workdir)
-    s = index.scenes
-    reader = TileReader(s.scenes, s.table, s.bands, s.value_range)
+    reader = TileReader.of(index.scenes)
     train_frame = index.subset(run.data.label_ratio)
     if train_frame.height == 0:
-        from rsseg.errors import DataError
-
         raise DataError(f"{run.data.dataset}: no training tile has labels (label_ratio {run.data.label_ratio})")
     val_frame = index.split("val")
     if ft.val_max_tiles is not None and val_frame.height > ft.val_max_tiles:
@@ -108,35 +125,47 @@ def prepare(run, workdir: Workdir, pretrained=None) -> Prepared:
     val = TileDataset(reader, val_frame)
     test = TileDataset(reader, index.split("test"))
 
-    if pretrained is None and method.needs_pretraining(run):
-        pretrained = store.ensure(run, workdir)
+    device = resolve(run.runtime.device)
+    if pretrained is None:
+        pretrained = ensure_pretrained(run, workdir, allow_training=False)
     encoder = method.build_encoder(run, pretrained)
-    frozen = ft.frozen
-    if frozen:
+    if ft.frozen:
         encoder.freeze()
     torch.manual_seed(run.seed)
-    head_name = ft.head if ft.head != "auto" else method.default_head(frozen)
+    head_name = ft.head if ft.head != "auto" else method.default_head(ft.frozen)
     neck = method.build_neck(run, encoder.feature_info)
     head = build_head(head_name, neck.feature_info if neck is not None else encoder.feature_info, index.table.num_classes, ft)
     if neck is not None:
-        from rsseg.heads import NeckHead
-
         head = NeckHead(neck, head)
+    encoder.to(device)
+    head.to(device)
     cached = None
-    if frozen and ft.cache.enabled and encoder.cache_id is not None:
+    if ft.frozen and ft.cache.enabled and encoder.cache_id is not None:
         cached = CachedEncoder(encoder, FeatureCache.open(workdir.cache / "features", ft.cache.budget_gb, encoder.cache_id))
-    return Prepared(index, reader, train, val, test, encoder, head, head_name, frozen, cached, index.table)
+    return Prepared(index, reader, train, val, test, encoder, head, head_name, ft.frozen, cached, index.table,
+                    device=device, precision=run.runtime.precision, loader_workers=run.runtime.loader_workers, pretrained=pretrained)
+
+
+def _encode(p: Prepared, images: torch.Tensor, keys, variants) -> list[torch.Tensor]:
+    """The encoder forward on the device (timed for the run's extraction rate)."""
+    t0 = time.perf_counter()
+    out = p.encoder(images, keys, variants)
+    if p.device.type == "cuda":
+        torch.cuda.synchronize(p.device)
+    p.extract_s += time.perf_counter() - t0
+    p.tiles_extracted += images.shape[0]
+    return out
 
 
 def _features(p: Prepared, batch: dict, ds) -> list[torch.Tensor]:
     keys = [ds.tile_ids[i] for i in batch["index"].tolist()]
     variants = batch["variant"].tolist()
-    images = batch["image"]
+    images = batch["image"].to(p.device, non_blocking=True)
     if not p.frozen:
         return p.encoder(images, keys, variants)
     with torch.no_grad():
         if p.cached is None:
-            return p.encoder(images, keys, variants)
+            return _encode(p, images, keys, variants)
         stretched = batch["stretched"]
         if not stretched.any():
             return p.cached(images, keys, variants)
@@ -147,10 +176,10 @@ def _features(p: Prepared, batch: dict, ds) -> list[torch.Tensor]:
         parts = []
         if plain:
             parts.append((plain, p.cached(images[plain], [keys[i] for i in plain], [variants[i] for i in plain])))
-        parts.append((online, [f.float() for f in p.encoder(images[online], [keys[i] for i in online], [variants[i] for i in online])]))
+        parts.append((online, [f.float() for f in _encode(p, images[online], [keys[i] for i in online], [variants[i] for i in online])]))
         for idx, maps in parts:
             if out is None:
-                out = [torch.empty((len(keys), *m.shape[1:]), dtype=torch.float32) for m in maps]
+                out = [torch.empty((len(keys), *m.shape[1:]), dtype=torch.float32, device=p.device) for m in maps]
             for o, m in zip(out, maps):
                 o[idx] = m.float()
         return out
@@ -159,18 +188,19 @@ def _features(p: Prepared, batch: dict, ds) -> list[torch.Tensor]:
 def evaluate(p: Prepared, ds, batch_size: int, keep: int = 0) -> tuple[SegMetrics, list[tuple]]:
     """Confusion matrix over a whole split (ignore index excluded); optionally the first
     ``keep`` (image, truth, prediction) triples for overlays."""
-    from rsseg.data.dataset import collate
+    from rsseg.device import autocast
 
     cm = ConfusionMatrix(p.table.num_classes)
     kept: list[tuple] = []
     p.head.eval()
     if not p.frozen:
         p.encoder.eval()
+    batches = [list(range(start, min(len(ds), start + batch_size))) for start in range(0, len(ds), batch_size)]
     with torch.no_grad():
-        for start in range(0, len(ds), batch_size):
-            batch = collate([ds[i] for i in range(start, min(len(ds), start + batch_size))])
-            logits = p.head(_features(p, batch, ds), batch["image"].shape[-2:])
-            pred = logits.argmax(1)
+        for batch in p.loader(ds, batches):
+            with autocast(p.device, p.precision):
+                logits = p.head(_features(p, batch, ds), batch["image"].shape[-2:])
+            pred = logits.argmax(1).cpu()
             cm.update(pred, batch["mask"])
             for j in range(len(pred)):
                 if len(kept) < keep:
@@ -181,110 +211,135 @@ def evaluate(p: Prepared, ds, batch_size: int, keep: int = 0) -> tuple[SegMetric
     return cm.compute(), kept
 
 
-def _loss(p: Prepared, features, logits, mask) -> torch.Tensor:
-    if (mask != IGNORE_INDEX).sum() == 0:
-        return logits.sum() * 0.0
-    loss = F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)
-    aux = getattr(p.head, "auxiliary_logits", None)
-    if aux is not None:
-        from rsseg.heads.upernet import AUX_WEIGHT
+class Finetuner:
+    """The training loop of one run; `run` below reads it top to bottom."""
 
-        aux_logits = p.head.auxiliary_logits(features, mask.shape[-2:])
-        if aux_logits is not None:
-            loss = loss + AUX_WEIGHT * F.cross_entropy(aux_logits, mask, ignore_index=IGNORE_INDEX)
-    return loss
+    def __init__(self, run, p: Prepared, tracker=None):
+        from rsseg.tracking import MetricBuffer
+
+        self.run, self.p, self.ft = run, p, run.finetune
+        self.trainable = list(p.head.parameters()) + ([] if p.frozen else [q for q in p.encoder.parameters() if q.requires_grad])
+        self.n_trainable = sum(q.numel() for q in self.trainable)
+        self.n_total = count_parameters(p.head) + count_parameters(p.encoder)
+        self.optim = _optim_spec(self.ft)
+        self.opt = torch.optim.AdamW(self.trainable, lr=self.ft.lr, weight_decay=self.ft.weight_decay)
+        self.phase = schedule.Phase("finetune", 0, self.ft.iterations)
+        self.tracker = tracker
+        self.metrics = MetricBuffer(tracker)
+        self.start, self.val_history = 0, []
+        self.seconds = {"train_s": 0.0, "eval_s": 0.0}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.p.head.load_state_dict(state["head"])
+        if not self.p.frozen and state.get("encoder") is not None:
+            self.p.encoder.load_state_dict(state["encoder"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.start, self.val_history = int(state["iteration"]), list(state.get("val_history", []))
+
+    def log_parameters(self) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics({"params/trainable": self.n_trainable, "params/total": self.n_total,
+                                      "ft_params_M": self.n_trainable / 1e6}, step=0)
+            from rsseg.device import describe
+
+            self.tracker.set_tags({"head": self.p.head_name, "ft_params_M": f"{self.n_trainable / 1e6:.1f}",
+                                   "device": describe(self.p.device)})
+
+    def batches(self):
+        """The training batches from ``start`` on: iteration i draws ``schedule.batch_keys`` (a pure
+        function of seed and i), read ahead by the loader."""
+        keys = [schedule.batch_keys(self.run.seed, self.phase, it, len(self.p.train), self.ft.batch_size, 0, 1)
+                for it in range(self.start, self.ft.iterations)]
+        return iter(self.p.loader(self.p.train, keys))
+
+    def train_step(self, it: int, batch: dict) -> None:
+        from rsseg.device import autocast
+
+        t0 = time.perf_counter()
+        p = self.p
+        lr = schedule.lr_at(it, self.optim, self.ft.iterations)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with autocast(p.device, p.precision):
+            features = _features(p, batch, p.train)
+            logits = p.head(features, batch["image"].shape[-2:])
+            loss = p.head.loss(features, logits, batch["mask"].to(p.device, non_blocking=True))
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"fine-tuning loss is {loss.item()} at iteration {it + 1} (lr {lr:g})")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.seconds["train_s"] += time.perf_counter() - t0
+        self.metrics.add(it + 1, {"train/loss": float(loss.detach()), "train/lr": lr})
+
+    def due(self, done: int) -> bool:
+        return done % self.ft.eval_every == 0 or done == self.ft.iterations
+
+    def validate(self, done: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        val, _ = evaluate(self.p, self.p.val, self.ft.eval_batch_size)
+        self.seconds["eval_s"] += time.perf_counter() - t0
+        metrics = {"iteration": done, **val.as_dict(self.p.table.abbrs, prefix="val/")}
+        self.val_history.append(metrics)
+        self.metrics.add(done, {k: v for k, v in metrics.items() if k != "iteration"})
+        self.metrics.flush()
+        return metrics
+
+    def snapshot(self, done: int) -> dict[str, Any]:
+        """A copy of the resumable state (state_dict tensors alias the live parameters)."""
+        return copy.deepcopy({"head": self.p.head.state_dict(), "optimizer": self.opt.state_dict(), "iteration": done,
+                              "val_history": self.val_history, "encoder": None if self.p.frozen else self.p.encoder.state_dict()})
+
+    def test(self) -> tuple[SegMetrics, list[tuple]]:
+        self.metrics.flush()
+        t0 = time.perf_counter()
+        metrics, kept = evaluate(self.p, self.p.test, self.ft.eval_batch_size, keep=self.ft.log_predictions)
+        self.seconds["eval_s"] += time.perf_counter() - t0
+        return metrics, kept
 
 
 def run(run, workdir: Workdir | None = None, *, tracker=None, pretrained=None,
         on_eval: Callable[[int, dict[str, float], dict[str, Any]], None] | None = None,
         resume_state: dict[str, Any] | None = None) -> FinetuneResult:
-    from rsseg.data.dataset import collate
-
     workdir = workdir or Workdir.resolve()
-    ft = run.finetune
-    if ft.threads:
-        torch.set_num_threads(ft.threads)
+    if run.finetune.threads:
+        torch.set_num_threads(run.finetune.threads)
     t_start = time.perf_counter()
     p = prepare(run, workdir, pretrained)
-    abbrs = p.table.abbrs
-    trainable = [q for q in p.head.parameters()] + ([] if p.frozen else [q for q in p.encoder.parameters() if q.requires_grad])
-    n_trainable = sum(q.numel() for q in trainable)
-    n_total = count_parameters(p.head) + count_parameters(p.encoder)
-    optim = _optim_spec(ft)
-    opt = torch.optim.AdamW(trainable, lr=ft.lr, weight_decay=ft.weight_decay)
-    start, val_history = 0, []
+    loop = Finetuner(run, p, tracker)
     if resume_state is not None:
-        p.head.load_state_dict(resume_state["head"])
-        if not p.frozen and resume_state.get("encoder") is not None:
-            p.encoder.load_state_dict(resume_state["encoder"])
-        opt.load_state_dict(resume_state["optimizer"])
-        start, val_history = int(resume_state["iteration"]), list(resume_state.get("val_history", []))
-    if tracker is not None:
-        tracker.log_metrics({"params/trainable": n_trainable, "params/total": n_total,
-                             "ft_params_M": n_trainable / 1e6}, step=0)
-        tracker.set_tags({"head": p.head_name, "ft_params_M": f"{n_trainable / 1e6:.1f}"})
-
-    phase = schedule.Phase("finetune", 0, ft.iterations)
+        loop.restore(resume_state)
+    loop.log_parameters()
     p.head.train()
     if not p.frozen:
         p.encoder.train()
-    t_train, t_eval = 0.0, 0.0
-    pending: list[tuple[int, dict[str, float]]] = []
-    for it in range(start, ft.iterations):
-        t0 = time.perf_counter()
-        keys = schedule.batch_keys(run.seed, phase, it, len(p.train), ft.batch_size, 0, 1)
-        batch = collate([p.train[k] for k in keys])
-        lr = schedule.lr_at(it, optim, ft.iterations)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        features = _features(p, batch, p.train)
-        logits = p.head(features, batch["image"].shape[-2:])
-        loss = _loss(p, features, logits, batch["mask"])
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"fine-tuning loss is {loss.item()} at iteration {it + 1} (lr {lr:g})")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        t_train += time.perf_counter() - t0
-        done = it + 1
-        pending.append((done, {"train/loss": float(loss.detach()), "train/lr": lr}))
-        if done % ft.eval_every == 0 or done == ft.iterations:
-            t1 = time.perf_counter()
-            val, _ = evaluate(p, p.val, ft.eval_batch_size)
-            t_eval += time.perf_counter() - t1
-            metrics = {"iteration": done, **val.as_dict(abbrs, prefix="val/")}
-            val_history.append(metrics)
-            if tracker is not None:
-                for s, m in pending:
-                    tracker.log_metrics(m, step=s)
-                tracker.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, step=done)
-            pending.clear()
+    batches = loop.batches()
+    for it in range(loop.start, run.finetune.iterations):
+        loop.train_step(it, next(batches))
+        if loop.due(it + 1):
+            metrics = loop.validate(it + 1)
             if on_eval is not None:
-                # a snapshot (state_dict tensors alias the live parameters, which keep training)
-                state = copy.deepcopy({"head": p.head.state_dict(), "optimizer": opt.state_dict(), "iteration": done,
-                                       "val_history": val_history, "encoder": None if p.frozen else p.encoder.state_dict()})
-                on_eval(done, metrics, state)
-    if tracker is not None and pending:
-        for s, m in pending:
-            tracker.log_metrics(m, step=s)
-
-    t1 = time.perf_counter()
-    test, kept = evaluate(p, p.test, ft.eval_batch_size, keep=ft.log_predictions)
-    t_eval += time.perf_counter() - t1
-    seconds = {"total_s": time.perf_counter() - t_start, "train_s": t_train, "eval_s": t_eval}
+                on_eval(it + 1, metrics, loop.snapshot(it + 1))
+    test, kept = loop.test()
+    seconds = {"total_s": time.perf_counter() - t_start, **loop.seconds}
     cache = p.cached.cache.stats.as_metrics() if p.cached is not None else {}
-    result = FinetuneResult(test, val_history, n_trainable, n_total, p.head_name, seconds, abbrs, cache)
+    trained = run.finetune.iterations - loop.start
+    perf = {"perf/iterations_per_s": trained / loop.seconds["train_s"] if trained and loop.seconds["train_s"] > 0 else None,
+            "perf/extraction_tiles_per_s": p.extraction_rate()}
+    result = FinetuneResult(test, loop.val_history, loop.n_trainable, loop.n_total, p.head_name, seconds, p.table.abbrs, cache,
+                            {k: v for k, v in perf.items() if v is not None})
     if tracker is not None:
-        _log_final(tracker, run, result, kept, p)
+        _log_final(tracker, run, result, kept, p, workdir)
     return result
 
 
-def _log_final(tracker, run, result: FinetuneResult, kept, p: Prepared) -> None:
-    from rsseg.config.resolve import dump_yaml
+def _log_final(tracker, run, result: FinetuneResult, kept, p: Prepared, workdir: Workdir) -> None:
+    from rsseg.config.profiles import dump_yaml
+    from rsseg.models import save_model
     from rsseg.provenance import stamp
     from rsseg.viz import save_confusion, save_overlays
 
-    tracker.log_metrics({**result.metrics(), **{f"time/{k}": v for k, v in result.seconds.items()}, **result.cache},
+    tracker.log_metrics({**result.metrics(), **{f"time/{k}": v for k, v in result.seconds.items()}, **result.cache, **result.perf},
                         step=run.finetune.iterations)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -304,3 +359,7 @@ def _log_final(tracker, run, result: FinetuneResult, kept, p: Prepared) -> None:
             images, truths, preds = zip(*kept)
             save_overlays(torch.stack(images), torch.stack(truths), torch.stack(preds), p.table.palette(), d / "predictions.png")
             tracker.log_artifact(d / "predictions.png")
+    # the trained model, for `platform predict runs:/<run id>` (work directory copy + MLflow artifact)
+    model_dir = save_model(workdir.root / "models" / tracker.run_id, run, p, result, p.pretrained)
+    tracker.log_artifacts(model_dir, "model")
+    tracker.set_tags({"model": str(model_dir)})

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rsseg.data.classes import IGNORE_INDEX
+from rsseg.labels import IGNORE_INDEX
 
 
 class ConfusionMatrix:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 from rsseg.errors import ConfigError
 
@@ -38,9 +39,68 @@ def total_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0.0))
 
 
-def cpus_per_worker(workers: int, gpu: bool) -> float:
-    """Spread the cluster's CPUs over the Train workers (at least one each)."""
-    total = total_cpus()
-    if total < workers:
-        raise ConfigError(f"pretrain.runtime.workers: {workers} workers need {workers} CPUs, the Ray cluster has {total:g}")
-    return max(1.0, float(int(total // workers)))
+def total_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def largest_node(resource: str = "CPU") -> float:
+    """The most of ``resource`` any one alive node has: a Train worker's request must fit there."""
+    import ray
+
+    return max((float(n["Resources"].get(resource, 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What each Ray Train worker of one pre-training reserves."""
+
+    cpus: float
+    gpus: float
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus > 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+
+
+def worker_resources(runtime, device: str, concurrent: int = 1) -> WorkerResources:
+    """Per-worker CPUs and GPUs of a pre-training, ``concurrent`` of which share the cluster.
+
+    GPUs: ``pretrain.runtime.gpus_per_worker``, else 1 when the device policy says CUDA (``cuda``,
+    or ``auto`` on a cluster with GPUs), else 0. CPUs: ``cpus_per_worker``, else the cluster's
+    CPUs divided among all workers of the concurrent pre-trainings, but never more than one node
+    has — a request no node can satisfy would wait forever."""
+    workers = runtime.workers
+    cluster_gpus, cluster_cpus, node_cpus = total_gpus(), total_cpus(), largest_node("CPU")
+    if device == "cuda" and cluster_gpus == 0:
+        raise ConfigError("runtime.device: cuda, but the Ray cluster has no GPU for the pre-training workers")
+    gpus = runtime.gpus_per_worker
+    if gpus is None:
+        gpus = 1.0 if (device == "cuda" or (device == "auto" and cluster_gpus > 0)) else 0.0
+    if gpus > largest_node("GPU"):
+        raise ConfigError(f"pretrain.runtime.gpus_per_worker: {gpus:g} GPU per worker, but no node of the Ray cluster has that many "
+                          f"(largest: {largest_node('GPU'):g})")
+    if device == "cpu" and gpus > 0:
+        raise ConfigError(f"runtime.device: cpu, but pretrain.runtime.gpus_per_worker is {gpus:g}")
+    cpus = runtime.cpus_per_worker
+    if cpus is None:
+        if cluster_cpus < workers * concurrent:
+            raise ConfigError(f"pretrain.runtime.workers: {workers} workers need {workers} CPUs, the Ray cluster has {cluster_cpus:g}")
+        cpus = max(1.0, min(node_cpus, float(int(cluster_cpus // (workers * concurrent)))))
+    elif cpus > node_cpus:
+        raise ConfigError(f"pretrain.runtime.cpus_per_worker: {cpus:g} CPUs per worker, but the largest node of the Ray cluster "
+                          f"has {node_cpus:g}")
+    return WorkerResources(cpus=float(cpus), gpus=float(gpus))
+
+
+def concurrent_pretrainings(runtime, device: str, todo: int) -> int:
+    """How many pre-trainings of this shape fit on the cluster at once (at least 1)."""
+    per = worker_resources(runtime, device, 1)
+    fit = int(total_cpus() // (runtime.workers * (runtime.cpus_per_worker or 1.0)))
+    if per.gpus:
+        fit = min(fit, int(total_gpus() // (runtime.workers * per.gpus)))
+    return max(1, min(todo, fit))

@@ -15,6 +15,7 @@ explicitly, logged with ``log_batch`` and ended FINISHED or FAILED.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -22,12 +23,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 from rsseg.errors import TrackingError
 from rsseg.workdir import Workdir
 
 PRETRAIN_EXPERIMENT = "rsseg-pretrain"
+FINETUNE_EXPERIMENT = "rsseg-finetune"
 MAX_PARAM_VALUE = 6000
 BATCH = 900  # MLflow's log_batch takes at most 1000 metrics and 100 params per call
 
@@ -161,14 +163,6 @@ class Run:
         for i in range(0, len(items), BATCH):
             self._client.log_batch(self.run_id, metrics=items[i : i + BATCH])
 
-    def log_metric_series(self, key: str, points: Iterable[tuple[int, float]]) -> None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = [Metric(key, float(v), ts, int(s)) for s, v in points if math.isfinite(float(v))]
-        for i in range(0, len(items), BATCH):
-            self._client.log_batch(self.run_id, metrics=items[i : i + BATCH])
-
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -179,23 +173,15 @@ class Run:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_artifacts(self, directory: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._client.log_artifacts(self.run_id, str(directory), artifact_path)
+
     def last_step(self, key: str) -> int | None:
         hist = self._client.get_metric_history(self.run_id, key)
         return max((m.step for m in hist), default=None)
 
-    def status(self) -> str:
-        return self._client.get_run(self.run_id).info.status
-
     def end(self, status: str = "FINISHED") -> None:
         self._client.set_terminated(self.run_id, status=status)
-
-
-def find_runs(uri: str, experiment: str, filter_string: str, workdir: Workdir | None = None) -> list:
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=1000)
 
 
 def start_run(uri: str, experiment: str, name: str, tags: dict[str, Any], parent_run_id: str | None = None,
@@ -218,3 +204,60 @@ def start_run(uri: str, experiment: str, name: str, tags: dict[str, Any], parent
         all_tags["mlflow.parentRunId"] = parent_run_id
     created = c.create_run(exp_id, tags=all_tags, run_name=name)
     return Run(uri, created.info.run_id, exp_id)
+
+
+def error_reason(exc: BaseException) -> str:
+    """One line for an error tag: the root cause's type and first line, not a traceback or a
+    wrapper's "Training failed due to worker errors"."""
+    seen = exc
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = [line.strip() for line in str(seen).strip().splitlines() if line.strip()]
+    text = [line for line in text if not line.startswith("Traceback (most recent call last)")]
+    return f"{type(seen).__name__}: {text[0] if text else type(seen).__name__}"[:500]
+
+
+@dataclass
+class Outcome:
+    """What a tracked block ends its run with when it returns normally."""
+
+    status: str = "FINISHED"
+    tags: dict[str, str] | None = None
+
+
+@contextlib.contextmanager
+def tracked(run: Run) -> Iterator[Outcome]:
+    """The one run-lifecycle guard: an exception ends the run FAILED (KILLED on Ctrl-C) with the
+    reason as its ``error`` tag and is re-raised; a normal exit ends it with ``outcome.status``
+    (FINISHED unless the block says otherwise). A run is never left RUNNING by an error we see."""
+    outcome = Outcome()
+    try:
+        yield outcome
+    except BaseException as exc:
+        run.set_tags({"error": error_reason(exc)})
+        run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if outcome.tags:
+        run.set_tags(outcome.tags)
+    run.end(outcome.status)
+
+
+class MetricBuffer:
+    """Metric points gathered per step and logged in batches (one ``log_batch`` per flush), so a
+    training loop logs every step without one HTTP call per point. Points at or before
+    ``logged_up_to`` (already in MLflow before a resume) are dropped."""
+
+    def __init__(self, tracker: Run | None, logged_up_to: int = -1):
+        self.tracker = tracker
+        self.logged_up_to = logged_up_to
+        self.points: list[tuple[int, dict[str, float]]] = []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        if step > self.logged_up_to:
+            self.points.append((step, metrics))
+
+    def flush(self) -> None:
+        if self.tracker is not None:
+            for step, metrics in self.points:
+                self.tracker.log_metrics(metrics, step=step)
+        self.points.clear()

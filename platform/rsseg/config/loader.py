@@ -14,6 +14,7 @@ the dotted key and what was expected; an unknown key also gets the closest valid
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -197,23 +198,34 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, _interpolate(parsed, key, f"--set {key}")
 
 
+def set_path(data: dict[str, Any], dotted: str, value: Any, *, merge_dicts: bool = False) -> None:
+    """Set ``a.b.c`` in nested dicts, creating missing levels. With ``merge_dicts`` a mapping
+    value merges into a mapping already there (``--set data={tile_size: 32}``) unless it is
+    tagged ``!replace``. Raises ValueError naming the level that is not a mapping."""
+    parts = dotted.split(".")
+    target = data
+    for part in parts[:-1]:
+        nxt = target.get(part)
+        if nxt is None:
+            nxt = target[part] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"{part!r} is not a mapping")
+        target = nxt
+    last = parts[-1]
+    if merge_dicts and isinstance(value, dict) and not isinstance(value, Replace) and isinstance(target.get(last), dict):
+        target[last] = merge(target[last], value)
+    else:
+        target[last] = _plain(copy.deepcopy(value))
+
+
 def apply_overrides(doc: Document, overrides: list[str], at: str = "") -> None:
     for text in overrides:
         key, value = parse_override(text)
         full = f"{at}.{key}" if at else key
-        target = doc.data
-        parts = full.split(".")
-        for part in parts[:-1]:
-            nxt = target.get(part)
-            if nxt is None:
-                nxt = target[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {text}: {part!r} is not a mapping, cannot set {key}")
-            target = nxt
-        if isinstance(value, Replace) or not (isinstance(value, dict) and isinstance(target.get(parts[-1]), dict)):
-            target[parts[-1]] = _plain(value)
-        else:
-            target[parts[-1]] = merge(target[parts[-1]], value)
+        try:
+            set_path(doc.data, full, value, merge_dicts=True)
+        except ValueError as exc:
+            raise ConfigError(f"--set {text}: {exc}, cannot set {key}") from None
         doc.sources[full] = f"--set {key}"
         _record_sources(value, full, f"--set {key}", doc.sources)
 

@@ -4,17 +4,17 @@ Defaults live here, once. Every model forbids unknown keys (a typo is an error w
 valid key, not a silently ignored setting) and is frozen (a spec is a value: hashing it gives the
 fingerprints of pre-trainings and cached features).
 
-A run spec (one pre-training + fine-tuning = one sweep trial) is ``RunSpec``; method plugins add
-their own blocks to it (``ddpm:``, ``mae:``, ...), see `run_spec_model`.
+This module is the config edge: it knows no method plugin. A run spec (one pre-training +
+fine-tuning = one sweep trial) is `RunSpecBase` plus one block per installed method (``ddpm:``,
+``mae:``, ...), assembled by `rsseg.runspec` from the method registry.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -138,6 +138,11 @@ class IterationsSpec(Strict):
         a, h = self.counts()
         return a + h
 
+    @property
+    def homogeneous_share(self) -> float:
+        """Share of the iterations spent on homogeneous imagery (Fig. 9 / 10's axis)."""
+        return self.counts()[1] / self.n_total
+
 
 class OptimSpec(Strict):
     """AdamW with a linear warm-up from ``warmup_start_lr`` to ``lr``, then constant or cosine."""
@@ -158,17 +163,20 @@ class EmaSpec(Strict):
 
 
 class PretrainRuntimeSpec(Strict):
-    """How a pre-training runs (not what it learns): excluded from its fingerprint."""
+    """How a pre-training runs on Ray Train (not what it learns): excluded from its fingerprint.
+    The device comes from the run's `RuntimeSpec` (``runtime.device``)."""
 
     workers: int = Field(1, ge=1)
-    gpu: bool = False
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs each Train worker reserves; default: the cluster's CPUs shared by the pre-trainings "
+                                "that run at once, at most one node's")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs each worker reserves; default 1 when the device is CUDA, else 0")
+    placement: Literal["PACK", "SPREAD"] = Field("PACK", description="Ray placement strategy of the worker group")
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(50, ge=1)
     max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint")
     controller_failure_limit: int = Field(3, ge=0, description="bound on retries when resources are lost")
-    loader_workers: int = Field(0, ge=0)
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     samples: int = Field(4, ge=0, description="denoised samples in the artifact grid")
     sample_steps: int = Field(50, ge=1, description="reverse steps for the sample grid (DDIM-free, strided DDPM)")
 
@@ -182,77 +190,9 @@ class PretrainSpec(Strict):
     homogeneous: list[Literal["unlabeled", "train"]] = Field(
         ["unlabeled", "train"], description="target-dataset tiles used (images only) in step 2"
     )
+    init: str | None = Field(None, description="start from imported weights of this name (`platform weights list`), e.g. "
+                                               "DDPM-CD's model pre-trained on Google Earth imagery, instead of the seeded init")
     runtime: PretrainRuntimeSpec = PretrainRuntimeSpec()
-
-
-# ----------------------------------------------------------------------------------------------
-# The DDPM method block
-
-
-class UNetSpec(Strict):
-    preset: str = Field("sr3", description="tiny | ho256 | sr3")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="UNet2DModel arguments over the preset")
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, v: str) -> str:
-        from rsseg.pretrain.unet import PRESETS  # torch-free module
-
-        if v not in PRESETS:
-            raise ValueError(f"unknown UNet preset {v!r}; expected one of {', '.join(PRESETS)}")
-        return v
-
-    @field_validator("overrides")
-    @classmethod
-    def _known_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from rsseg.pretrain.unet import UNET_ARGS
-
-        unknown = sorted(set(v) - set(UNET_ARGS))
-        if unknown:
-            import difflib
-
-            close = difflib.get_close_matches(unknown[0], UNET_ARGS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown UNet2DModel argument {unknown[0]!r}{hint}")
-        return v
-
-
-class NoiseScheduleSpec(Strict):
-    kind: Literal["linear", "cosine"] = "linear"
-    train_steps: int = Field(1000, ge=2)
-    beta_start: float = Field(1e-4, gt=0)
-    beta_end: float = Field(0.02, gt=0, lt=1)
-
-
-class DdpmFeaturesSpec(Strict):
-    side: Literal["decoder", "encoder"] = "decoder"
-    resolutions: list[int] = Field([16, 8, 4, 2], description="feature strides: 16 means H/16")
-    maps: list[int] | None = Field(None, description="which maps per resolution (0-based); default all")
-    timesteps: list[int] = Field([50, 100, 150], description="noise levels; 0 = the clean image")
-    noise: Literal["fixed", "fresh"] = Field("fixed", description="fixed: seeded per (tile, t), cacheable; fresh: new each call")
-    noise_seed: int = 0
-    weights: Literal["ema", "raw", "random"] = Field("ema", description="random = the UNet's seeded init, no pre-training (an ablation)")
-
-    @field_validator("resolutions")
-    @classmethod
-    def _resolutions(cls, v: list[int]) -> list[int]:
-        if not v or any(r < 1 or r & (r - 1) for r in v) or len(set(v)) != len(v):
-            raise ValueError(f"expected distinct powers of two such as [16, 8, 4, 2], got {v}")
-        return v
-
-    @field_validator("timesteps")
-    @classmethod
-    def _timesteps(cls, v: list[int]) -> list[int]:
-        if not v or any(t < 0 for t in v) or len(set(v)) != len(v):
-            raise ValueError(f"expected distinct non-negative timesteps such as [50, 100, 150], got {v}")
-        return v
-
-
-class DdpmSpec(Strict):
-    unet: UNetSpec = UNetSpec()
-    schedule: NoiseScheduleSpec = NoiseScheduleSpec()
-    optim: OptimSpec = OptimSpec()
-    features: DdpmFeaturesSpec = DdpmFeaturesSpec()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,6 +205,9 @@ class MlpHeadSpec(Strict):
     # timesteps. Report the trainable-parameter count either way.
     grouping: Literal["map", "resolution"] = "map"
     fuse_stride: int = Field(4, description="resolution at which maps are fused (the paper: 1/4)")
+    fuse_hidden: int | None = Field(
+        None, ge=1, description="width of the final (fusion) block: the concatenation is first projected to it (1x1); "
+                                "None = a block on the full concatenation")
 
 
 class UperNetHeadSpec(Strict):
@@ -307,6 +250,18 @@ class FinetuneSpec(Strict):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: the trial's CPUs")
 
 
+class RuntimeSpec(Strict):
+    """Where and how a run computes, for every stage (pre-training, fine-tuning, evaluation,
+    feature extraction, viz, prediction): excluded from fingerprints and trial keys.
+
+    ``auto``: the GPU Ray grants the process (a sweep trial's or a Train worker's share), else a
+    local CUDA device, else the CPU. ``cuda`` without one is an error, never a silent CPU run."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes reading tiles ahead")
+
+
 class TrackingSpec(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under the workdir")
     experiment: str | None = None
@@ -317,69 +272,41 @@ class TrackingSpec(Strict):
 
 
 class RunSpecBase(Strict):
+    """One run without its method blocks: `rsseg.runspec` assembles the full RunSpec from the
+    installed methods (one block per method spec) above this module, so config knows no plugin."""
+
     name: str = "run"
     seed: int = Field(0, description="fine-tuning seed (pre-training has its own: pretrain.seed)")
     data: DataSpec = DataSpec()
     method: str = "ddpm"
     pretrain: PretrainSpec = PretrainSpec()
     finetune: FinetuneSpec = FinetuneSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
     tracking: TrackingSpec = TrackingSpec()
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        from rsseg.methods import registry
-
-        methods = registry()
-        if v not in methods:
-            raise ValueError(f"unknown method {v!r}; installed: {', '.join(sorted(methods))}")
-        return v
-
-    @model_validator(mode="after")
-    def _method_checks(self) -> "RunSpecBase":
-        from rsseg.methods import registry
-
-        method = registry().get(self.method)
-        if method is not None and hasattr(self, method.block or ""):
-            problems = method.check(self)
-            if problems:
-                key, message = problems[0]
-                # "@key: message" lets the loader name the dotted key in its one-line error.
-                raise ValueError(f"@{key}: {message}")
-        return self
-
-    def block(self, name: str) -> Any:
-        return getattr(self, name)
-
-
-@functools.lru_cache(maxsize=1)
-def run_spec_model() -> type[RunSpecBase]:
-    """RunSpec with one block per installed method's spec (``ddpm:``, ``mae:``, ...)."""
-    from rsseg.methods import registry
-
-    blocks: dict[str, Any] = {}
-    for method in registry().values():
-        if method.block and method.block not in blocks:
-            blocks[method.block] = (method.spec, method.spec())
-    return create_model("RunSpec", __base__=RunSpecBase, **blocks)
-
-
-def RunSpec(**kwargs: Any) -> RunSpecBase:  # noqa: N802 - reads like the class it builds
-    return run_spec_model()(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
 # Sweeps
 
 
-_AXIS_KINDS = ("grid", "choice", "uniform", "loguniform", "int")
+_AXIS_KINDS = ("grid", "cases", "choice", "uniform", "loguniform", "int")
 _AXIS_ATTR = {"int": "integer"}
 
 
 class Axis(Strict):
-    """One dimension of a sweep's search space: exactly one of the keys."""
+    """One dimension of a sweep's search space: exactly one of the keys.
+
+    ``grid`` values go to the axis' dotted key; ``cases`` are named sets of dotted keys and values
+    that change together (the axis' key is then a label, e.g. ``strategy``)::
+
+        strategy:
+          cases:
+            - {name: two-step, pretrain.iterations.homogeneous_ratio: 0.1}
+            - {name: imported + homogeneous, pretrain.init: ddpm_cd, pretrain.iterations: {archive: 0, homogeneous: 20000}}
+    """
 
     grid: list[Any] | None = None
+    cases: list[dict[str, Any]] | None = None
     choice: list[Any] | None = None
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
@@ -391,10 +318,14 @@ class Axis(Strict):
     def _exactly_one(self) -> "Axis":
         given = [k for k in _AXIS_KINDS if getattr(self, _AXIS_ATTR.get(k, k)) is not None]
         if len(given) != 1:
-            raise ValueError("expected exactly one of grid, choice, uniform, loguniform, int")
+            raise ValueError("expected exactly one of grid, cases, choice, uniform, loguniform, int")
         kind = given[0]
-        if kind in ("grid", "choice") and not getattr(self, kind):
+        if kind in ("grid", "cases", "choice") and not getattr(self, kind):
             raise ValueError(f"{kind} is empty: list at least one value")
+        if kind == "cases":
+            for i, case in enumerate(self.cases):
+                if not any(k != "name" for k in case):
+                    raise ValueError(f"cases[{i}]: expected dotted keys and their values, e.g. {{name: two-step, pretrain.init: x}}")
         if kind in ("uniform", "loguniform", "int"):
             lo, hi = getattr(self, _AXIS_ATTR.get(kind, kind))
             if not lo < hi:
@@ -409,7 +340,18 @@ class Axis(Strict):
 
     @property
     def bounds(self) -> tuple[float, float] | None:
-        return getattr(self, _AXIS_ATTR.get(self.kind, self.kind)) if self.kind not in ("grid", "choice") else None
+        return getattr(self, _AXIS_ATTR.get(self.kind, self.kind)) if self.kind not in ("grid", "cases", "choice") else None
+
+    @property
+    def planned(self) -> bool:
+        """Expanded by the plan (grid, cases), not searched by Optuna."""
+        return self.kind in ("grid", "cases")
+
+    def cells(self, key: str) -> list[tuple[Any, dict[str, Any]]]:
+        """(the value shown for the axis, the dotted keys it sets) per planned value."""
+        if self.kind == "grid":
+            return [(v, {key: v}) for v in self.grid]
+        return [(c.get("name", f"case {i}"), {k: v for k, v in c.items() if k != "name"}) for i, c in enumerate(self.cases)]
 
 
 class AshaSpec(Strict):

@@ -19,8 +19,7 @@ from typing import Literal
 import numpy as np
 
 from rsseg.errors import DataError
-
-IGNORE_INDEX = 255
+from rsseg.labels import IGNORE_INDEX  # noqa: F401 - re-exported: the data layer's users import it from here
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from rsseg.config.specs import AugmentSpec
-from rsseg.data.classes import IGNORE_INDEX, ClassTable
+from rsseg.data.classes import ClassTable
+from rsseg.labels import IGNORE_INDEX
 from rsseg.data.scenes import Scene, open_raster
 from rsseg.data.tiles import decode_label, read_valid
 
@@ -50,6 +51,11 @@ class TileReader:
         self.value_range = value_range
         self._handles: dict[tuple[int, str], object] = {}
         self._pid = os.getpid()
+
+    @classmethod
+    def of(cls, scenes) -> "TileReader":
+        """The reader of a `SceneSet` (its scenes, class table, bands and value range)."""
+        return cls(scenes.scenes, scenes.table, scenes.bands, scenes.value_range)
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -11,11 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from rsseg.data.classes import ClassTable
-from rsseg.data.scenes import Scene, SceneSet
+from rsseg.data.scenes import SceneSet, pair_by_stem
 from rsseg.errors import DataError
 
 EXTS = (".tif", ".tiff", ".png")
 LAYOUT = "folder layout: <root>/images/*.tif|png, <root>/masks/*.tif|png paired by stem, <root>/classes.yaml"
+
+
+def _stem(p: Path) -> str:
+    return p.stem
 
 
 def _files(folder: Path) -> list[Path]:
@@ -28,17 +32,11 @@ def discover(root: Path, table: ClassTable) -> SceneSet:
     images_dir, masks_dir = root / "images", root / "masks"
     if not images_dir.is_dir():
         raise DataError(f"dataset root {root}: missing images/ folder; expected the {LAYOUT}")
-    masks = {p.stem: p for p in _files(masks_dir)} if masks_dir.is_dir() else {}
-    labelled, unlabeled, seen = [], [], {}
-    for img in _files(images_dir):
-        if img.stem in seen:
-            raise DataError(f"two images with stem {img.stem!r}: {seen[img.stem]} and {img}")
-        seen[img.stem] = img
-        mask = masks.get(img.stem)
-        (labelled if mask else unlabeled).append(Scene(id=img.stem, image=img, label=mask))
-    orphans = sorted(set(masks) - set(seen))
+    masks = _files(masks_dir) if masks_dir.is_dir() else []
+    labelled, unlabeled, orphans = pair_by_stem(_files(images_dir), masks, _stem, _stem, kind="scene")
     if orphans:
-        raise DataError(f"mask {masks[orphans[0]]} has no image with stem {orphans[0]!r} in {images_dir}")
+        stem, mask = next(iter(orphans.items()))
+        raise DataError(f"mask {mask} has no image with stem {stem!r} in {images_dir}")
     if not labelled:
         raise DataError(f"dataset root {root}: no image in images/ has a mask in masks/; expected the {LAYOUT}")
     return SceneSet(dataset="folder", root=root, table=table, labelled=tuple(labelled), unlabeled=tuple(unlabeled), layout=LAYOUT)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rsseg.config.specs import GidSpec
 from rsseg.data.classes import ClassTable
-from rsseg.data.scenes import SceneSet, pair_by_stem
+from rsseg.data.scenes import Scene, SceneSet, pair_by_stem, strip_suffix
 from rsseg.errors import DataError
 
 COARSE_DIR = "Large-scale Classification_5classes"
@@ -40,7 +40,8 @@ def discover(root: Path, table: ClassTable, gid: GidSpec) -> SceneSet:
     for p in (images_path, labels_path):
         if not p.is_dir():
             raise DataError(f"dataset root {root}: missing folder {p.relative_to(root)}; expected the {LAYOUT}")
-    labelled, unlabeled = pair_by_stem(_tifs(images_path), _tifs(labels_path), "_label.tif", image_suffix=".tif")
+    labelled, unlabeled, _ = pair_by_stem(_tifs(images_path), _tifs(labels_path), strip_suffix((".tif", ".tiff")),
+                                          strip_suffix(("_label.tif", "_label.tiff")))
     if not labelled:
         raise DataError(f"{labels_path}: no <stem>_label.tif matches an image in {images_path}")
     if gid.level == "fine":
@@ -48,8 +49,6 @@ def discover(root: Path, table: ClassTable, gid: GidSpec) -> SceneSet:
         coarse_images = root / COARSE_DIR / image_dir
         fine_ids = {s.id for s in labelled}
         if coarse_images.is_dir():
-            from rsseg.data.scenes import Scene
-
             extra = [Scene(id=p.stem, image=p) for p in _tifs(coarse_images) if p.stem not in fine_ids]
             unlabeled = sorted(list(unlabeled) + extra, key=lambda s: s.id)
     return SceneSet(

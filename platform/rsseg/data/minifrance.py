@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from rsseg.data.classes import ClassTable
-from rsseg.data.scenes import Scene, SceneSet
+from rsseg.data.scenes import SceneSet, pair_by_stem, strip_suffix
 from rsseg.errors import DataError
 
 LABEL_SUFFIX = "_UA2012.tif"
@@ -33,12 +33,8 @@ def expected_origin(stem: str) -> tuple[float, float] | None:
     return int(m.group("x")) * 1000.0, int(m.group("y")) * 1000.0
 
 
-def image_stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".jp2.tif", ".tif", ".tiff"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+image_stem = strip_suffix((".jp2.tif", ".tif", ".tiff"))
+label_stem = strip_suffix((LABEL_SUFFIX,))
 
 
 def discover(root: Path, table: ClassTable) -> SceneSet:
@@ -49,23 +45,10 @@ def discover(root: Path, table: ClassTable) -> SceneSet:
     images = [p for p in tifs if not p.name.endswith(LABEL_SUFFIX)]
     if not images:
         raise DataError(f"dataset root {root} holds no image GeoTIFFs; expected the {LAYOUT}")
-    by_stem: dict[str, Path] = {}
-    for img in images:
-        stem = image_stem(img)
-        if stem in by_stem:
-            raise DataError(f"two images for MiniFrance scene {stem!r}: {by_stem[stem]} and {img}")
-        by_stem[stem] = img
-    label_by_stem: dict[str, Path] = {}
-    for lab in labels:
-        stem = lab.name[: -len(LABEL_SUFFIX)]
-        if stem in label_by_stem:
-            raise DataError(f"two labels for MiniFrance scene {stem!r}: {label_by_stem[stem]} and {lab}")
-        label_by_stem[stem] = lab
-    labelled = [Scene(id=s, image=p, label=label_by_stem[s]) for s, p in sorted(by_stem.items()) if s in label_by_stem]
-    unlabeled = [Scene(id=s, image=p) for s, p in sorted(by_stem.items()) if s not in label_by_stem]
-    orphans = sorted(set(label_by_stem) - set(by_stem))
+    labelled, unlabeled, orphans = pair_by_stem(images, labels, image_stem, label_stem, kind="MiniFrance scene")
     if orphans:
-        raise DataError(f"label {orphans[0]}{LABEL_SUFFIX} under {root} has no image {orphans[0]}.jp2.tif")
+        stem = next(iter(orphans))
+        raise DataError(f"label {stem}{LABEL_SUFFIX} under {root} has no image {stem}.jp2.tif")
     if not labelled:
         raise DataError(f"dataset root {root}: no image has a {LABEL_SUFFIX} label; expected the {LAYOUT}")
     return SceneSet(

@@ -57,7 +57,7 @@ def scenes(spec: DataSpec, workdir: Workdir | None = None) -> SceneSet:
     else:
         out = folder.discover(spec.root, table)
     value_range = tuple(spec.value_range) if spec.value_range else out.value_range
-    return SceneSet(out.dataset, out.root, out.table, out.labelled, out.unlabeled, bands, value_range, out.layout, out.extras)
+    return SceneSet(out.dataset, out.root, out.table, out.labelled, out.unlabeled, bands, value_range, out.layout)
 
 
 def archive_scenes(spec: ArchiveSpec, data: DataSpec, workdir: Workdir | None = None) -> SceneSet | None:
@@ -78,3 +78,12 @@ def archive_scenes(spec: ArchiveSpec, data: DataSpec, workdir: Workdir | None = 
     out = archive.discover(spec.root, UNLABELLED, spec.glob)
     value_range = tuple(spec.value_range) if spec.value_range else None
     return SceneSet(out.dataset, out.root, out.table, (), out.unlabeled, bands, value_range, out.layout)
+
+
+def input_bands(spec: DataSpec, workdir: Workdir | None = None) -> int:
+    """How many bands a network reading this dataset gets: ``data.bands`` if set, else the first
+    labelled scene's band count (every scene of a dataset has the same)."""
+    from rsseg.data.scenes import raster_meta
+
+    found = scenes(spec, workdir)
+    return len(found.bands) if found.bands else raster_meta(found.labelled[0].image).count

@@ -7,9 +7,9 @@ image/label size or transform mismatch, a scene smaller than one tile.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Callable
 
 from rsseg.data.classes import ClassTable
 from rsseg.errors import DataError
@@ -34,7 +34,6 @@ class SceneSet:
     bands: tuple[int, ...] | None = None
     value_range: tuple[float, float] | None = None
     layout: str = ""
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def scenes(self) -> tuple[Scene, ...]:
@@ -129,27 +128,36 @@ def _fmt_transform(t: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{x:g}" for x in t) + ")"
 
 
-def pair_by_stem(images: list[Path], labels: list[Path], label_suffix: str, image_suffix: str = "") -> tuple[list[Scene], list[Scene]]:
-    """Pair images with labels by stem: ``<stem><image_suffix>`` with ``<stem><label_suffix>``.
+def strip_suffix(suffixes: tuple[str, ...]) -> Callable[[Path], str]:
+    """A stem function: the file name without the first of ``suffixes`` it ends with (else
+    ``Path.stem``)."""
+    def stem(p: Path) -> str:
+        for suffix in suffixes:
+            if suffix and p.name.endswith(suffix):
+                return p.name[: -len(suffix)]
+        return p.stem
 
-    Returns (labelled, unlabelled) scenes, sorted by id for determinism.
-    """
-    def stem_of(p: Path, suffix: str) -> str:
-        name = p.name
-        return name[: -len(suffix)] if suffix and name.endswith(suffix) else p.stem
+    return stem
 
+
+def pair_by_stem(images: list[Path], labels: list[Path], image_stem: Callable[[Path], str],
+                 label_stem: Callable[[Path], str], kind: str = "scene") -> tuple[list[Scene], list[Scene], dict[str, Path]]:
+    """Pair images with labels by stem. Returns (labelled, unlabelled) scenes, sorted by id for
+    determinism, and the labels without an image (stem -> path; the caller says whether that is
+    an error). Two images or two labels with one stem are an error naming both files."""
     label_by_stem: dict[str, Path] = {}
     for lab in labels:
-        stem = stem_of(lab, label_suffix)
+        stem = label_stem(lab)
         if stem in label_by_stem and label_by_stem[stem] != lab:
-            raise DataError(f"two labels for scene {stem!r}: {label_by_stem[stem]} and {lab}")
+            raise DataError(f"two labels for {kind} {stem!r}: {label_by_stem[stem]} and {lab}")
         label_by_stem[stem] = lab
     labelled, unlabeled, seen = [], [], {}
     for img in images:
-        stem = stem_of(img, image_suffix)
+        stem = image_stem(img)
         if stem in seen:
-            raise DataError(f"two images for scene {stem!r}: {seen[stem]} and {img}")
+            raise DataError(f"two images for {kind} {stem!r}: {seen[stem]} and {img}")
         seen[stem] = img
         lab = label_by_stem.get(stem)
         (labelled if lab else unlabeled).append(Scene(id=stem, image=img, label=lab))
-    return sorted(labelled, key=lambda s: s.id), sorted(unlabeled, key=lambda s: s.id)
+    orphans = {stem: p for stem, p in sorted(label_by_stem.items()) if stem not in seen}
+    return sorted(labelled, key=lambda s: s.id), sorted(unlabeled, key=lambda s: s.id), orphans

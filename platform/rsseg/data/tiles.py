@@ -245,8 +245,3 @@ def build(spec: DataSpec, workdir: Workdir | None = None, scenes: SceneSet | Non
             with atomic_path(path, suffix=".parquet") as tmp:
                 frame.write_parquet(tmp)
     return TileIndex(frame=frame, scenes=scenes, params=params, key=key, path=path)
-
-
-def build_unlabeled(scenes: SceneSet, spec: DataSpec, workdir: Workdir | None = None) -> TileIndex:
-    """Index of an unlabelled scene set (archive imagery) with the run's tiling parameters."""
-    return build(spec, workdir, scenes=scenes)

@@ -4,9 +4,12 @@ An encoder is an ``nn.Module`` with
 
 - ``feature_info: list[FeatureInfo]`` — per output map: channels, stride (input size / map
   size), ``group`` (the map's identity independent of the noise level: heads that fuse the
-  timesteps of one map group by it) and a unique ``name`` (the feature-cache key);
-- ``forward(x, keys=None, variants=None) -> list[Tensor]`` — maps in ``feature_info`` order,
-  each ``(B, channels, H / stride, W / stride)``. ``keys`` (tile ids) and ``variants``
+  timesteps of one map group by it), a unique ``name`` and the ``part`` it belongs to: the
+  maps one forward can compute on their own (DDPM: one part per timestep; the feature cache
+  stores and computes per (tile, part));
+- ``forward(x, keys=None, variants=None, parts=None) -> list[Tensor]`` — maps in
+  ``feature_info`` order (only those of ``parts`` when given), each
+  ``(B, channels, H / stride, W / stride)``. ``keys`` (tile ids) and ``variants``
   (augmentation element) matter only to encoders with per-tile randomness (DDPM's fixed noise);
   others ignore them;
 - ``cache_id: str | None`` — a fingerprint of everything the features depend on, or None when
@@ -29,13 +32,20 @@ class FeatureInfo:
     stride: int
     group: str
     name: str
+    part: str = "all"
+
+
+def parts_of(feature_info: list[FeatureInfo]) -> list[str]:
+    """The encoder's parts in order of first appearance."""
+    return list(dict.fromkeys(fi.part for fi in feature_info))
 
 
 class Encoder(Protocol):
     feature_info: list[FeatureInfo]
     cache_id: str | None
 
-    def __call__(self, x: torch.Tensor, keys: Sequence[str] | None = None, variants: Sequence[int] | None = None) -> list[torch.Tensor]: ...
+    def __call__(self, x: torch.Tensor, keys: Sequence[str] | None = None, variants: Sequence[int] | None = None,
+                 parts: Sequence[str] | None = None) -> list[torch.Tensor]: ...
 
 
 def check_contract(encoder, x: torch.Tensor, features: list[torch.Tensor]) -> None:

@@ -1,36 +1,76 @@
-"""Segmentation heads over the encoder contract: the paper's MLP segmentor and UPerNet."""
+"""Segmentation heads over the encoder contract, registered by name like methods.
+
+A head is an ``nn.Module`` built by ``builder(feature_info, num_classes, finetune_spec)`` with
+
+- ``forward(features, size) -> logits`` of shape (B, classes, H, W);
+- ``loss(features, logits, mask) -> scalar``: its training loss (cross-entropy with the ignore
+  index; a head with an auxiliary output adds its own term, e.g. UPerNet's FCN head).
+
+Built in: ``mlp`` (the paper's MLP segmentor) and ``upernet``; `register_head` adds another.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
+import torch.nn.functional as F
 
 from rsseg.encoders import FeatureInfo
+from rsseg.labels import IGNORE_INDEX
+
+# name -> "module:function" (loaded on first use) or the builder itself
+HEADS: dict[str, str | Callable[..., torch.nn.Module]] = {
+    "mlp": "rsseg.heads.mlp:build",
+    "upernet": "rsseg.heads.upernet:build",
+}
 
 
-class NeckHead(torch.nn.Module):
+def register_head(name: str, builder: str | Callable[..., torch.nn.Module]) -> None:
+    HEADS[name] = builder
+
+
+def build_head(name: str, feature_info: list[FeatureInfo], num_classes: int, finetune: Any) -> torch.nn.Module:
+    """A head for these features; ``finetune`` is the run's FinetuneSpec (head options)."""
+    from rsseg.imports import load_object
+
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; registered: {', '.join(sorted(HEADS))}")
+    builder = HEADS[name]
+    if isinstance(builder, str):
+        builder = load_object(builder)
+    return builder(feature_info, num_classes, finetune)
+
+
+def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over labelled pixels; zero (with a graph) for an all-ignored batch."""
+    if (mask != IGNORE_INDEX).sum() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)
+
+
+class SegHead(torch.nn.Module):
+    """Base of the heads: the plain segmentation loss."""
+
+    def loss(self, features: list[torch.Tensor], logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return segmentation_loss(logits, mask)
+
+
+class NeckHead(SegHead):
     """A trainable neck (e.g. the ViT's 4-scale pyramid) followed by a head; a head to the trainer."""
 
     def __init__(self, neck: torch.nn.Module, head: torch.nn.Module):
         super().__init__()
         self.neck, self.head = neck, head
+        self._pyramid: tuple[int, list[torch.Tensor]] | None = None
 
     def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        return self.head(self.neck(features), size)
+        pyramid = self.neck(features)
+        self._pyramid = (id(features), pyramid)
+        return self.head(pyramid, size)
 
-    def auxiliary_logits(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor | None:
-        aux = getattr(self.head, "auxiliary_logits", None)
-        return aux(self.neck(features), size) if aux is not None else None
-
-
-def build_head(name: str, feature_info: list[FeatureInfo], num_classes: int, finetune):
-    """A head for these features; ``finetune`` is the run's FinetuneSpec (head options)."""
-    if name == "mlp":
-        from rsseg.heads.mlp import MlpSegmentor
-
-        return MlpSegmentor(feature_info, num_classes, grouping=finetune.mlp.grouping, fuse_stride=finetune.mlp.fuse_stride)
-    if name == "upernet":
-        from rsseg.heads.upernet import UperNetSegHead
-
-        u = finetune.upernet
-        return UperNetSegHead(feature_info, num_classes, channels=u.channels, pool_scales=u.pool_scales, auxiliary=u.auxiliary)
-    raise ValueError(f"unknown head {name!r}")
+    def loss(self, features: list[torch.Tensor], logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # The pyramid of the forward that made ``logits`` (running the neck again would update
+        # its BatchNorm statistics twice per step).
+        pyramid = self._pyramid[1] if self._pyramid is not None and self._pyramid[0] == id(features) else self.neck(features)
+        return self.head.loss(pyramid, logits, mask)

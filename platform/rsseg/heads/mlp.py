@@ -9,7 +9,9 @@ for one map at 3 timesteps) and refined per pixel by a residual MLP block mappin
 
 Every group's output is resized to 1/4 of the input (bilinear), all are concatenated, and a
 final block of the same form maps the sum of the c_i to class logits at H/4 x W/4, upsampled
-(bilinear) to H x W.
+(bilinear) to H x W. With ``fuse_hidden`` = h the concatenation is first projected to h channels
+(1 x 1 with bias) and the final block is h -> classes: its C x C layers on a wide concatenation
+(4 224 channels for the paper's UNet with all 12 maps) are most of the head otherwise.
 
 The paper's "3 c_i" is ambiguous; `grouping` makes the reading explicit:
 - ``map``: one block per feature map across the timesteps (3 c_i = 3 timesteps x 1 map);
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsseg.encoders import FeatureInfo
+from rsseg.heads import SegHead
 
 
 class MlpBlock(nn.Module):
@@ -58,18 +61,22 @@ def groups_of(feature_info: list[FeatureInfo], grouping: str) -> "OrderedDict[st
     return out
 
 
-def segmentor_parameters(feature_info: list[FeatureInfo], num_classes: int, grouping: str = "map") -> int:
+def segmentor_parameters(feature_info: list[FeatureInfo], num_classes: int, grouping: str = "map",
+                         fuse_hidden: int | None = None) -> int:
     total, fused = 0, 0
     for members in groups_of(feature_info, grouping).values():
         c_in = sum(feature_info[i].channels for i in members)
         c_out = feature_info[members[0]].channels
         total += block_parameters(c_in, c_out)
         fused += c_out
+    if fuse_hidden is not None:
+        return total + fused * fuse_hidden + fuse_hidden + block_parameters(fuse_hidden, num_classes)
     return total + block_parameters(fused, num_classes)
 
 
-class MlpSegmentor(nn.Module):
-    def __init__(self, feature_info: list[FeatureInfo], num_classes: int, grouping: str = "map", fuse_stride: int = 4):
+class MlpSegmentor(SegHead):
+    def __init__(self, feature_info: list[FeatureInfo], num_classes: int, grouping: str = "map", fuse_stride: int = 4,
+                 fuse_hidden: int | None = None):
         super().__init__()
         self.groups = groups_of(feature_info, grouping)
         self.fuse_stride = fuse_stride
@@ -83,7 +90,9 @@ class MlpSegmentor(nn.Module):
             c_out = feature_info[members[0]].channels
             self.blocks[key.replace(".", "_")] = MlpBlock(c_in, c_out)
             fused += c_out
-        self.final = MlpBlock(fused, num_classes)
+        # (B, sum c_i, H/4, W/4) -> (B, h, H/4, W/4) when the fusion block is narrower
+        self.fuse_proj = nn.Conv2d(fused, fuse_hidden, 1) if fuse_hidden is not None else None
+        self.final = MlpBlock(fuse_hidden or fused, num_classes)
 
     def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         h, w = size
@@ -95,5 +104,13 @@ class MlpSegmentor(nn.Module):
             if y.shape[-2:] != target:
                 y = F.interpolate(y, size=target, mode="bilinear", align_corners=False)
             outs.append(y)
-        logits = self.final(torch.cat(outs, dim=1))  # (B, classes, H/4, W/4)
+        fused = torch.cat(outs, dim=1)
+        if self.fuse_proj is not None:
+            fused = self.fuse_proj(fused)
+        logits = self.final(fused)  # (B, classes, H/4, W/4)
         return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def build(feature_info: list[FeatureInfo], num_classes: int, finetune) -> MlpSegmentor:
+    m = finetune.mlp
+    return MlpSegmentor(feature_info, num_classes, grouping=m.grouping, fuse_stride=m.fuse_stride, fuse_hidden=m.fuse_hidden)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsseg.encoders import FeatureInfo
+from rsseg.heads import SegHead, segmentation_loss
+from rsseg.labels import IGNORE_INDEX
 
 AUX_WEIGHT = 0.4
 
@@ -29,7 +31,7 @@ def _config(num_classes: int, channels: int, pool_scales, aux_in: int | None):
     )
 
 
-class UperNetSegHead(nn.Module):
+class UperNetSegHead(SegHead):
     def __init__(self, feature_info: list[FeatureInfo], num_classes: int, channels: int = 512,
                  pool_scales=(1, 2, 3, 6), auxiliary: bool = False):
         super().__init__()
@@ -60,3 +62,15 @@ class UperNetSegHead(nn.Module):
         if self.auxiliary is None:
             return None
         return F.interpolate(self.auxiliary(self._levels(features)), size=size, mode="bilinear", align_corners=False)
+
+    def loss(self, features: list[torch.Tensor], logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy plus the FCN auxiliary head's, weighted 0.4 (mmsegmentation's recipe)."""
+        loss = segmentation_loss(logits, mask)
+        if self.auxiliary is not None and (mask != IGNORE_INDEX).any():
+            loss = loss + AUX_WEIGHT * F.cross_entropy(self.auxiliary_logits(features, mask.shape[-2:]), mask, ignore_index=IGNORE_INDEX)
+        return loss
+
+
+def build(feature_info: list[FeatureInfo], num_classes: int, finetune) -> UperNetSegHead:
+    u = finetune.upernet
+    return UperNetSegHead(feature_info, num_classes, channels=u.channels, pool_scales=u.pool_scales, auxiliary=u.auxiliary)

@@ -1,9 +1,9 @@
 """Methods as plugins.
 
 A method = a pre-training objective (or none) + an encoder that satisfies the feature contract +
-default heads for the frozen and the fine-tuned setting. Methods register through the
-``rsseg.methods`` entry-point group (the DDPM method registers the same way, from this package),
-so a user adds one with their own package and no edit to ``platform/``::
+default heads for the frozen and the fine-tuned setting. Every method, the paper's own DDPM
+included, registers through the ``rsseg.methods`` entry-point group, so a user adds one with
+their own package and no edit to ``platform/`` (docs/methods.md)::
 
     [project.entry-points."rsseg.methods"]
     my_method = "my_package.method:METHOD"
@@ -15,29 +15,24 @@ listing or validating methods never imports a network.
 from __future__ import annotations
 
 import functools
-import importlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel
 
+from rsseg.imports import load_object
+
 ENTRY_POINT_GROUP = "rsseg.methods"
-
-
-def load_object(ref: str) -> Any:
-    module, _, attr = ref.partition(":")
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     summary: str
+    # How the tables name the method's rows (Table 3: "MAE · Frozen", ...).
+    label: str
     # The RunSpec block holding this method's options (several methods may share one block).
     block: str | None = None
     spec: type[BaseModel] | None = None
@@ -47,12 +42,14 @@ class Method:
     # Fields of the method's block that change what pre-training learns (they enter the
     # pre-training fingerprint; the rest, e.g. feature selection, does not).
     pretrain_keys: tuple[str, ...] = ()
-    # "module:function" (run: RunSpec, checkpoint: Path | None) -> Encoder
+    # "module:function" (run: RunSpec, pretrained: Pretrained | None) -> Encoder
     encoder: str = ""
     # Default heads: (frozen, fine-tuned).
     heads: tuple[str, str] = ("mlp", "upernet")
-    # "module:function" (run) -> dict: MLflow tags describing the method's setting (timesteps, ...)
+    # "module:function" (run) -> dict: MLflow tags describing the method's setting (timesteps, ...),
+    # with their names in `tag_keys` (the run-tag schema reads them back by these names).
     tags: str | None = None
+    tag_keys: tuple[str, ...] = ()
     # "module:function" (run) -> bool: whether this run needs the platform's pre-training
     # (default: whenever the method has an objective).
     needs_pretraining_fn: str | None = None
@@ -63,16 +60,26 @@ class Method:
     # neck between encoder and head (a ViT's single-stride blocks -> a 4-scale pyramid). It is
     # trained with the head, also when the encoder is frozen (so frozen features stay cacheable).
     neck: str | None = None
-    paper_row: str | None = None  # the row of the paper's Table 3 this method reproduces
-    extras: dict[str, Any] = field(default_factory=dict)
+    # "module:function" (run) -> str | None: why this run cannot be made here (e.g. no local
+    # ImageNet weights). A sweep skips such cells with the reason instead of failing.
+    unavailable: str | None = None
+    # "module:function" (run) -> list of (dotted key, message): checks too slow for every
+    # validation (reading a weights file's keys), made once per sweep plan before anything runs.
+    preflight: str | None = None
+    # "module:function" (run, in_channels) -> Encoder with untrained weights: built on the meta
+    # device to count parameters at plan time (no data, no checkpoint, nothing allocated).
+    skeleton: str | None = None
+    # Released weights this method reads (`platform weights import --format F`): (format, "module:function"
+    # (path) -> state in the store's final form: model, ema (None), objective).
+    importers: tuple[tuple[str, str], ...] = ()
 
     def build_objective(self, run: Any, in_channels: int) -> Any:
         if self.objective is None:
             raise ValueError(f"method {self.name!r} has no pre-training objective")
         return load_object(self.objective)(run, in_channels)
 
-    def build_encoder(self, run: Any, checkpoint: Any) -> Any:
-        return load_object(self.encoder)(run, checkpoint)
+    def build_encoder(self, run: Any, pretrained: Any) -> Any:
+        return load_object(self.encoder)(run, pretrained)
 
     def run_tags(self, run: Any) -> dict[str, str]:
         return {k: str(v) for k, v in load_object(self.tags)(run).items()} if self.tags else {}
@@ -80,8 +87,31 @@ class Method:
     def check(self, run: Any) -> list[tuple[str, str]]:
         return list(load_object(self.checks)(run)) if self.checks else []
 
+    def unavailable_reason(self, run: Any) -> str | None:
+        return load_object(self.unavailable)(run) if self.unavailable else None
+
+    def preflight_problems(self, run: Any) -> list[tuple[str, str]]:
+        return list(load_object(self.preflight)(run)) if self.preflight else []
+
     def build_neck(self, run: Any, feature_info: list) -> Any:
         return load_object(self.neck)(run, feature_info) if self.neck else None
+
+    def parameter_counts(self, run: Any, in_channels: int, num_classes: int) -> tuple[int, int] | None:
+        """(encoder, head + neck) parameters of ``run``'s networks, counted on the meta device;
+        None when the method has no skeleton builder."""
+        if self.skeleton is None:
+            return None
+        import torch
+
+        from rsseg.encoders import count_parameters
+        from rsseg.heads import build_head
+
+        with torch.device("meta"):
+            encoder = load_object(self.skeleton)(run, in_channels)
+            neck = self.build_neck(run, encoder.feature_info)
+            head_name = run.finetune.head if run.finetune.head != "auto" else self.default_head(run.finetune.frozen)
+            head = build_head(head_name, (neck or encoder).feature_info, num_classes, run.finetune)
+        return count_parameters(encoder), count_parameters(head) + (count_parameters(neck) if neck is not None else 0)
 
     def default_head(self, frozen: bool) -> str:
         return self.heads[0] if frozen else self.heads[1]
@@ -96,15 +126,9 @@ class Method:
         return bool(load_object(self.needs_pretraining_fn)(run)) if self.needs_pretraining_fn else True
 
 
-def _builtin() -> dict[str, Method]:
-    from rsseg.methods.ddpm import METHOD
-
-    return {METHOD.name: METHOD}
-
-
 @functools.lru_cache(maxsize=1)
 def registry() -> dict[str, Method]:
-    methods = _builtin()
+    methods: dict[str, Method] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
@@ -115,7 +139,7 @@ def registry() -> dict[str, Method]:
             warnings.warn(f"method plugin {ep.name!r} ({ep.value}) is not an rsseg.methods.Method", stacklevel=2)
             continue
         methods.setdefault(obj.name, obj)
-    return methods
+    return dict(sorted(methods.items()))
 
 
 def get(name: str) -> Method:
@@ -125,6 +149,3 @@ def get(name: str) -> Method:
 
         raise ConfigError(f"unknown method {name!r}; installed: {', '.join(sorted(methods))}")
     return methods[name]
-
-
-Builder = Callable[..., Any]

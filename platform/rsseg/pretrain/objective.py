@@ -1,13 +1,16 @@
 """The objective interface: what the shared trainer needs from DDPM, MAE or ScaleMAE.
 
 An objective owns its network and its loss; the trainer owns the optimiser, warm-up, EMA, mixed
-precision, checkpoints and Ray Train. Keep it small::
+precision, checkpoints and Ray Train. Every objective implements all of it, with these exact
+signatures (the trainer calls them one way, never probing)::
 
     network: nn.Module                               the trainable module (DDP-wrapped by the trainer)
     optim: OptimSpec                                 its optimiser settings
     loss(net, images, generator) -> (loss, logs)     net is the (wrapped) network to call
     describe() -> dict                               enough to rebuild the network from a checkpoint
-    artifacts(net, images, generator, out_dir) -> [paths]   optional pictures for MLflow
+    artifacts(net, images, generator, out_dir, *, samples, sample_steps) -> [paths]
+                                                     pictures for MLflow (generative objectives draw
+                                                     ``samples`` images in ``sample_steps`` steps)
 """
 
 from __future__ import annotations
@@ -28,4 +31,5 @@ class Objective(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
-    def artifacts(self, net: torch.nn.Module, images: torch.Tensor, generator: torch.Generator, out_dir: Path) -> list[Path]: ...
+    def artifacts(self, net: torch.nn.Module, images: torch.Tensor, generator: torch.Generator, out_dir: Path, *,
+                  samples: int, sample_steps: int) -> list[Path]: ...

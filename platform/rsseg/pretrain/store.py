@@ -1,10 +1,6 @@
-"""The fingerprinted checkpoint store: one directory per resolved pre-training spec.
-
-A pre-training is identified by the hash of what it learns from and how (method and its
-pre-training options, iterations, batch size, seed, EMA, the imagery: dataset identity, archive,
-homogeneous splits) — not by how it runs (workers, GPU, checkpoint interval). Sweeps that need
-the same pre-training share its checkpoint; `ensure` trains only when no finished one exists,
-and concurrent callers with one fingerprint train once (a per-process lock plus a file lock).
+"""The fingerprinted checkpoint store: persistence only (find, write, verify). One directory per
+pre-training fingerprint (`rsseg.pretrain.identity`); what to train and when is decided by
+`rsseg.pretrain.ensure`, the training itself is `rsseg.pretrain.launch`.
 
 Layout under ``<workdir>/checkpoints/pretrain/<method>-<fingerprint>/``::
 
@@ -23,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,34 +27,10 @@ import torch
 
 from rsseg.atomic import atomic_path, atomic_write_text, sha256_file
 from rsseg.errors import CheckpointError
-from rsseg.provenance import canonical_json, fingerprint as hash_of, stamp
+from rsseg.provenance import canonical_json, stamp
 from rsseg.workdir import Workdir
 
 log = logging.getLogger(__name__)
-STORE_VERSION = 1
-_THREAD_LOCKS: dict[str, threading.Lock] = {}
-_THREAD_LOCKS_GUARD = threading.Lock()
-
-
-def identity(run) -> dict[str, Any]:
-    """What a pre-training's result depends on (the fingerprint hashes this)."""
-    from rsseg.methods import get
-
-    method = get(run.method)
-    block = run.block(method.block).model_dump(mode="json") if method.block else {}
-    return {
-        "v": STORE_VERSION,
-        "method": method.name,
-        "objective": {k: block[k] for k in method.pretrain_keys if k in block},
-        "pretrain": run.pretrain.model_dump(mode="json", exclude={"runtime"}) | {
-            "iterations": list(run.pretrain.iterations.counts())
-        },
-        "data": run.data.identity(),
-    }
-
-
-def fingerprint(run) -> str:
-    return hash_of(identity(run))
 
 
 @dataclass(frozen=True)
@@ -69,7 +40,7 @@ class StoreDir:
     @classmethod
     def for_run(cls, run, workdir: Workdir | None = None) -> "StoreDir":
         workdir = workdir or Workdir.resolve()
-        return cls(workdir.checkpoints / "pretrain" / f"{run.method}-{fingerprint(run)}")
+        return cls(workdir.checkpoints / "pretrain" / f"{run.method}-{run.pretrain_fingerprint}")
 
     @property
     def fingerprint(self) -> str:
@@ -212,35 +183,57 @@ def finalize(store: StoreDir, state: dict[str, Any], mlflow_run_id: str | None) 
     return Pretrained(store.final, store.fingerprint, state.get("method", store.root.name.rsplit("-", 1)[0]), mlflow_run_id)
 
 
-def write_spec(store: StoreDir, run) -> None:
+def write_spec(store: StoreDir, run, identity: dict[str, Any]) -> None:
+    """spec.json: the resolved run and the identity its fingerprint hashes."""
     store.root.mkdir(parents=True, exist_ok=True)
-    body = {"identity": identity(run), "run": run.model_dump(mode="json"), **stamp()}
+    body = {"identity": identity, "run": run.model_dump(mode="json"), **stamp()}
     atomic_write_text(store.root / "spec.json", json.dumps(json.loads(canonical_json(body)), indent=2))
 
 
-def _thread_lock(key: str) -> threading.Lock:
-    with _THREAD_LOCKS_GUARD:
-        return _THREAD_LOCKS.setdefault(key, threading.Lock())
+# ----------------------------------------------------------------------------------------------
+# Imported weights: released checkpoints converted once, kept under a name
 
 
-def ensure(run, workdir: Workdir | None = None, **train_kwargs: Any) -> Pretrained:
-    """The finished pre-training for ``run``: found in the store, or trained now (once)."""
-    from filelock import FileLock
+def imported_dir(workdir: Workdir, name: str) -> StoreDir:
+    return StoreDir(workdir.checkpoints / "imported" / name)
 
-    from rsseg.methods import get
 
-    workdir = workdir or Workdir.resolve()
-    if not get(run.method).pretrained:
-        raise CheckpointError(f"method {run.method!r} is not pre-trained by the platform")
-    found = find(run, workdir)
-    if found is not None:
-        return found
-    store = StoreDir.for_run(run, workdir)
-    store.root.parent.mkdir(parents=True, exist_ok=True)
-    with _thread_lock(str(store.root)), FileLock(str(store.lock)):
-        found = find(run, workdir)  # someone else may have finished while we waited
-        if found is not None:
-            return found
-        from rsseg.pretrain.trainer import train
+def find_imported(workdir: Workdir, name: str) -> Pretrained | None:
+    """Imported weights by name (None when there are none of that name)."""
+    sdir = imported_dir(workdir, name)
+    if not sdir.done.exists():
+        return None
+    done = json.loads(sdir.done.read_text())
+    validate(sdir.final)
+    return Pretrained(sdir.final, done["fingerprint"], done["method"], None)
 
-        return train(run, workdir, **train_kwargs)
+
+def imported_fingerprint(workdir: Workdir, name: str) -> str | None:
+    """The content fingerprint of imported weights (what a run that uses them depends on)."""
+    sdir = imported_dir(workdir, name)
+    try:
+        return json.loads(sdir.done.read_text())["fingerprint"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def write_imported(workdir: Workdir, name: str, method: str, state: dict[str, Any], source: dict[str, Any]) -> Pretrained:
+    """Store converted weights under ``name``: final.pt (+ manifest), then DONE.json (last) with
+    where they came from. The fingerprint is the source file's hash: a re-import of the same
+    file is the same weights."""
+    sdir = imported_dir(workdir, name)
+    fp = "import-" + source["sha256"][:16]
+    save(sdir.final, {**state, "fingerprint": fp, "method": method, "source": source, **stamp()}, fp, 0)
+    atomic_write_text(sdir.done, json.dumps({"fingerprint": fp, "method": method, "name": name, **source, **stamp()}, indent=2))
+    return Pretrained(sdir.final, fp, method, None)
+
+
+def list_imported(workdir: Workdir) -> list[dict[str, Any]]:
+    root = workdir.checkpoints / "imported"
+    out = []
+    for done in sorted(root.glob("*/DONE.json")) if root.exists() else []:
+        try:
+            out.append(json.loads(done.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return out

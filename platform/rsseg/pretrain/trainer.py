@@ -1,21 +1,23 @@
-"""One trainer for every pre-training objective, on Ray Train.
+"""One trainer for every pre-training objective: what each Ray Train worker runs.
 
-The driver (`train`) plans the run (tile indexes, checks), opens its MLflow run and starts a
-``TorchTrainer`` with N workers (DDP: gloo on CPU, NCCL on GPU) under a deterministic Train run
-name, so re-running the same spec resumes instead of restarting. Each worker (`worker_loop`):
+``Trainer.fit()`` reads top to bottom: resume -> a loop of ``step()`` -> ``save()``. Around the
+step, small collaborators do one job each:
 
-- builds the objective and wraps its network in DDP; rank 0 also keeps the EMA;
-- resumes from the newest *valid* checkpoint of the fingerprint's store (or an explicit one);
-- draws its share of every global batch from the step number alone (`schedule.batch_keys`):
-  a distributed sampler over per-epoch permutations, reading rasterio windows per worker;
-- switches from archive to homogeneous imagery at the planned step (two-step schedule);
-- every K steps, rank 0 writes an atomic checkpoint (model, EMA, optimiser, step, data
-  position, RNG states, resolved spec, git commit) and registers a small pointer to it with
-  Ray Train, so a worker failure restarts the group from there (`FailureConfig`);
-- rank 0 logs loss / lr / images/s to MLflow and a progress file the driver displays.
+- `Ema` — rank 0's exponential moving average of the weights (the usual choice for features);
+- `rsseg.device.autocast` — bf16 autocast on CUDA, fp32 elsewhere (the noise maths stays float32);
+- `Checkpoints` — rank 0 writes an atomic checkpoint every K steps (model, EMA, optimiser, step,
+  data position, RNG states, resolved spec, git commit) into the fingerprint's store, and a
+  restarted worker group resumes from the newest *valid* one;
+- `tracking.MetricBuffer` — loss / lr / images/s to MLflow in batches (rank 0), shared with
+  fine-tuning, and a progress file the driver displays;
+- `Fault` — a test hook that kills one worker once at a step.
 
-Exact resume: learning rate, data order, augmentation and noise are pure functions of the step
-(and rank), so a run stopped at step k and resumed ends with the weights of an uninterrupted run.
+Each worker draws its share of every global batch from the step number alone
+(`schedule.batch_keys`, a distributed sampler over per-epoch permutations) and switches from
+archive to homogeneous imagery at the planned step. Learning rate, data order, augmentation and
+noise are pure functions of the step (and rank), so a run stopped at step k and resumed ends with
+the weights of an uninterrupted one. The driver side (planning, MLflow run, Ray Train) is
+`rsseg.pretrain.launch`.
 """
 
 from __future__ import annotations
@@ -25,22 +27,19 @@ import logging
 import os
 import random
 import tempfile
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from rsseg.errors import CheckpointError, ConfigError, DataError
+from rsseg.device import autocast
 from rsseg.pretrain import schedule, store
 from rsseg.provenance import stamp
-from rsseg.workdir import Workdir
 
 log = logging.getLogger(__name__)
-PRETRAIN_AUGMENT = dict(stretch=False, rot90=True, flip=True, p=0.5)
 
 
 @dataclass(frozen=True)
@@ -54,67 +53,36 @@ class Fault:
 
 @dataclass(frozen=True)
 class TrainPlan:
+    """Everything a worker needs, decided by the driver (JSON-able, sent to every worker)."""
+
     fingerprint: str
     store_root: str
     workdir: str
     run: dict[str, Any]
-    method: str
     in_channels: int
-    archive_tiles: int
-    homogeneous_tiles: int
     counts: tuple[int, int]
-    workers: int
-    gpu: bool
     tracking_uri: str
     mlflow_run_id: str
+    threads: int = 1
     stop_after: int | None = None
     resume_from: str | None = None
     fault: Fault | None = None
 
-
-# ----------------------------------------------------------------------------------------------
-# Data
-
-
-def _run_spec(run_dict: dict[str, Any]):
-    from rsseg.config.specs import run_spec_model
-
-    return run_spec_model().model_validate(run_dict)
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainPlan":
+        fault = Fault(**d["fault"]) if d.get("fault") else None
+        return cls(**{**d, "counts": tuple(d["counts"]), "fault": fault})
 
 
-def datasets(run, workdir: Workdir):
-    """(archive dataset or None, homogeneous dataset): unlabelled tile datasets."""
-    from rsseg.config.specs import AugmentSpec
-    from rsseg.data import registry, tiles
-    from rsseg.data.dataset import TileDataset, TileReader
-    import polars as pl
-
-    augment = AugmentSpec(**PRETRAIN_AUGMENT)
-    index = tiles.build(run.data, workdir)
-    frame = index.frame.filter(pl.col("split").is_in(list(run.pretrain.homogeneous)))
-    s = index.scenes
-    homogeneous = TileDataset(TileReader(s.scenes, s.table, s.bands, s.value_range), frame, augment=augment,
-                              seed=run.pretrain.seed, with_labels=False)
-    archive = None
-    arc_scenes = registry.archive_scenes(run.pretrain.archive, run.data, workdir)
-    if arc_scenes is not None:
-        arc_index = tiles.build(run.data, workdir, scenes=arc_scenes)
-        archive = TileDataset(TileReader(arc_scenes.scenes, arc_scenes.table, arc_scenes.bands, arc_scenes.value_range),
-                              arc_index.frame, augment=augment, seed=run.pretrain.seed, with_labels=False)
-    return archive, homogeneous
-
-
-def _channels(ds) -> int:
-    return int(ds[0]["image"].shape[0])
-
-
-# ----------------------------------------------------------------------------------------------
-# Worker
+# ---------------------------------------------------------------------------------------------- collaborators
 
 
 class Ema:
-    """Exponential moving average of a network's weights, with the usual warm-up
-    (decay_t = min(decay, (1 + t) / (10 + t))) so short runs are not stuck at the init."""
+    """Exponential moving average of a network's weights (buffers too), with the usual warm-up
+    decay_t = min(decay, (1 + t) / (10 + t)) so short runs are not stuck at the init.
+
+    Kept instead of diffusers' EMAModel: that one skips the first update (decay 0 at step 1) and
+    computes s - (1 - d)(s - p) on parameters only, which changes the numbers of every checkpoint."""
 
     def __init__(self, net: torch.nn.Module, decay: float):
         self.decay = decay
@@ -138,12 +106,16 @@ class Ema:
         self.shadow = {k: v.float() for k, v in state["shadow"].items()}
         self.updates = int(state["updates"])
 
+    def copy_into(self, net: torch.nn.Module) -> torch.nn.Module:
+        """A copy of ``net`` holding the EMA weights (for samples drawn from them)."""
+        import copy
 
-def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+        view = copy.deepcopy(net)
+        view.load_state_dict({k: v.to(next(net.parameters()).dtype) for k, v in self.shadow.items()})
+        return view
 
 
-def _rng_states() -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
     """Global RNG states as tensors and ints (loadable with ``weights_only=True``). The training
     step itself draws from per-step generators; these cover any library that uses the globals."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
@@ -155,12 +127,39 @@ def _rng_states() -> dict[str, Any]:
     }
 
 
-def _restore_rng(states: dict[str, Any]) -> None:
+def restore_rng(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     n = states["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     p = states["python"]
     random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss"]))
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
+class Checkpoints:
+    """The fingerprint's periodic checkpoints: the newest valid one to resume from, and atomic
+    writes (plus pruning to ``keep``)."""
+
+    def __init__(self, sdir: store.StoreDir, fingerprint: str, keep: int):
+        self.sdir, self.fingerprint, self.keep = sdir, fingerprint, keep
+
+    def resume_state(self, explicit: str | None) -> tuple[int, dict[str, Any] | None]:
+        found = store.latest_valid(self.sdir, self.fingerprint)
+        if found is not None:
+            start, path = found
+            return start, store.load(path, self.fingerprint)
+        if explicit:
+            state = store.load(Path(explicit), self.fingerprint)
+            return int(state["step"]), state
+        return 0, None
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        path = store.save(self.sdir.ckpt / f"step_{step:08d}.pt", state, self.fingerprint, step)
+        store.prune(self.sdir, self.keep)
+        return path
 
 
 class _StepBatches(torch.utils.data.Sampler):
@@ -178,7 +177,8 @@ class _StepBatches(torch.utils.data.Sampler):
             yield schedule.batch_keys(seed, phase, local, n, batch, rank, world)
 
 
-def _batches(data, phases, start: int, end: int, seed: int, batch: int, rank: int, world: int, loader_workers: int):
+def batches(data: dict, phases: list[schedule.Phase], start: int, end: int, seed: int, batch: int, rank: int, world: int,
+            loader_workers: int):
     """(step, phase, data position, images) for steps [start, end), phase by phase; with
     ``loader_workers`` > 0 the windows are read ahead in DataLoader worker processes."""
     from rsseg.data.dataset import collate
@@ -198,315 +198,220 @@ def _batches(data, phases, start: int, end: int, seed: int, batch: int, rank: in
             yield phase.start + local, phase, schedule.position(phase, local, len(ds), batch), b["image"]
 
 
-def worker_loop(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
+# ---------------------------------------------------------------------------------------------- the trainer
 
-    from rsseg.methods import get
-    from rsseg.tracking import Run
 
-    plan = TrainPlan(**{**config["plan"], "fault": Fault(**config["plan"]["fault"]) if config["plan"].get("fault") else None})
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = config.get("threads")
-    if threads:
-        torch.set_num_threads(threads)
-    workdir = Workdir.resolve(plan.workdir)
-    run = _run_spec(plan.run)
-    sdir = store.StoreDir(Path(plan.store_root))
-    device = ray.train.torch.get_device()
-    n_archive, n_homogeneous = plan.counts
-    total = n_archive + n_homogeneous
-    phases = schedule.phases(n_archive, n_homogeneous)
-    archive_ds, homogeneous_ds = datasets(run, workdir)
-    data = {"archive": archive_ds, "homogeneous": homogeneous_ds}
-    batch = run.pretrain.batch_size
+class Trainer:
+    """One worker's share of a pre-training (Ray Train: DDP over gloo on CPU, NCCL on GPU)."""
 
-    torch.manual_seed(run.pretrain.seed)  # identical initial weights on every rank
-    objective = get(plan.method).build_objective(run, plan.in_channels)
-    net = objective.network
-    ema = Ema(net, run.pretrain.ema.decay) if (rank == 0 and run.pretrain.ema.enabled) else None
+    def __init__(self, plan: TrainPlan, rank: int, world: int, device: torch.device):
+        from rsseg.pretrain.data import pretrain_datasets
+        from rsseg.runspec import parse_run
+        from rsseg.tracking import MetricBuffer, Run
+        from rsseg.workdir import Workdir
 
-    # Resume: the newest valid checkpoint of this fingerprint, else an explicit one.
-    start, state = 0, None
-    found = store.latest_valid(sdir, plan.fingerprint)
-    if found is not None:
-        start, path = found
-        state = store.load(path, plan.fingerprint)
-    elif plan.resume_from:
-        state = store.load(Path(plan.resume_from), plan.fingerprint)
-        start = int(state["step"])
-    if state is not None:
-        net.load_state_dict(state["model"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        _restore_rng(state["rng"])
-        if rank == 0:
-            log.info("resuming %s at step %d", sdir.root.name, start)
+        self.plan, self.rank, self.world, self.device = plan, rank, world, device
+        self.run = parse_run(plan.run)
+        self.runtime = self.run.pretrain.runtime
+        self.total = sum(plan.counts)
+        self.end = min(self.total, plan.stop_after) if plan.stop_after is not None else self.total
+        self.phases = schedule.phases(*plan.counts)
+        archive, homogeneous = pretrain_datasets(self.run, Workdir.resolve(plan.workdir))
+        self.data = {"archive": archive, "homogeneous": homogeneous}
+        self.sdir = store.StoreDir(Path(plan.store_root))
+        self.checkpoints = Checkpoints(self.sdir, plan.fingerprint, self.runtime.keep_checkpoints)
 
-    model = ray.train.torch.prepare_model(net)
-    optim = objective.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-    autocast = device.type == "cuda" and run.pretrain.runtime.precision in ("auto", "bf16")
-    runtime = run.pretrain.runtime
-    tracker = Run(plan.tracking_uri, plan.mlflow_run_id, "") if rank == 0 else None
-    logged_up_to = (tracker.last_step("loss") if tracker else None) or -1
+        torch.manual_seed(self.run.pretrain.seed)  # identical initial weights on every rank
+        self.objective = self.run.plugin.build_objective(self.run, plan.in_channels)
+        self.net = self.objective.network
+        self.optim = self.objective.optim
+        self.ema = Ema(self.net, self.run.pretrain.ema.decay) if (rank == 0 and self.run.pretrain.ema.enabled) else None
+        self.tracker = Run(plan.tracking_uri, plan.mlflow_run_id, "") if rank == 0 else None
+        self.metrics = MetricBuffer(self.tracker, (self.tracker.last_step("loss") if self.tracker else None) or -1)
+        self.start, self.position = 0, None
 
-    def checkpoint_state(step: int, pos: schedule.DataPosition) -> dict[str, Any]:
+    # -- fit = resume -> steps -> save -----------------------------------------------------------
+    def fit(self) -> None:
+        import ray.train.torch
+
+        state = self.resume()
+        self.record_group()
+        self.model = ray.train.torch.prepare_model(self.net)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.optim.lr, betas=tuple(self.optim.betas),
+                                     weight_decay=self.optim.weight_decay)
+        if state is not None:
+            self.opt.load_state_dict(state["optimizer"])
+            self.position = schedule.DataPosition(**state["data_position"])
+        self.model.train()
+        self.clock = (time.perf_counter(), self.start)
+        self.t0 = time.perf_counter()
+        for step, phase, position, images in batches(self.data, self.phases, self.start, self.end, self.run.pretrain.seed,
+                                                     self.run.pretrain.batch_size, self.rank, self.world,
+                                                     self.run.runtime.loader_workers):
+            self.position = position
+            loss, lr, logs = self.step(step, images.to(self.device, non_blocking=True))
+            self.after_step(step + 1, phase, loss, lr, logs)
+        if self.rank == 0 and self.end == self.total:
+            self.save()
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load the newest valid checkpoint of this fingerprint (or the explicit one); a fresh
+        run with ``pretrain.init`` starts from those imported weights instead of the seeded init."""
+        self.start, state = self.checkpoints.resume_state(self.plan.resume_from)
+        if state is None and self.run.pretrain.init:
+            self.load_init(self.run.pretrain.init)
+        if state is not None:
+            self.net.load_state_dict(state["model"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            restore_rng(state["rng"])
+            if self.rank == 0:
+                log.info("resuming %s at step %d", self.sdir.root.name, self.start)
+        return state
+
+    def load_init(self, name: str) -> None:
+        """Imported weights as the starting point: they must describe the same network and schedule."""
+        from rsseg.errors import ConfigError
+        from rsseg.weights import imported
+        from rsseg.workdir import Workdir
+
+        state = imported(name, Workdir.resolve(self.plan.workdir)).load()
+
+        def comparable(desc: dict[str, Any]) -> dict[str, Any]:
+            unet = {k: v for k, v in desc.get("unet", {}).items() if k != "sample_size"}
+            schedule = {k: v for k, v in desc.get("schedule", {}).items() if k != "preset"}
+            return {**desc, "unet": unet, "schedule": schedule}
+
+        theirs, ours = comparable(state["objective"]), comparable(self.objective.describe())
+        if theirs != ours:
+            diff = sorted(k for k in set(theirs["unet"]) | set(ours["unet"]) if theirs["unet"].get(k) != ours["unet"].get(k))
+            what = f"UNet {', '.join(diff)}" if diff else f"schedule {theirs.get('schedule')} vs {ours.get('schedule')}"
+            raise ConfigError(f"pretrain.init: the imported weights {name!r} are another network than this run's ({what} differ); "
+                              "use the preset and schedule they came with (ddpm.unet.preset: sr3, ddpm.schedule.preset: ddpm_cd)")
+        self.net.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema = Ema(self.net, self.run.pretrain.ema.decay)
+
+    def record_group(self) -> None:
+        """Rank 0 tags the run with the node of every worker of this (re)started group and logs
+        where the group started and how many steps a restart redid (those after the checkpoint it
+        resumed from, already logged before the failure)."""
+        import ray
+        import torch.distributed as dist
+
+        node = ray.get_runtime_context().get_node_id()
+        nodes = [node] * self.world
+        if self.world > 1:
+            dist.all_gather_object(nodes, node)
+        if self.tracker is not None:
+            self.tracker.set_tags({"worker_nodes": ",".join(f"rank{r}={n}" for r, n in enumerate(nodes)),
+                                   "device": str(self.device)})
+            redone = max(0, self.metrics.logged_up_to - self.start) if self.start or self.metrics.logged_up_to > 0 else 0
+            self.tracker.log_metrics({"train/group_start": self.start, "train/steps_redone": redone}, step=self.start)
+
+    def step(self, step: int, images: torch.Tensor) -> tuple[torch.Tensor, float, dict[str, float]]:
+        """One optimisation step at global step ``step``; returns (mean loss over ranks, lr, logs)."""
+        import torch.distributed as dist
+
+        lr = schedule.lr_at(step, self.optim, self.total)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with autocast(self.device, self.run.runtime.precision):
+            loss, logs = self.objective.loss(self.model, images, step_generator(self.run.pretrain.seed, step, self.rank))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.optim.grad_clip:
+            logs = {**logs, "grad_norm": float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip))}
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.net)
+        fault = self.plan.fault
+        if fault is not None and step == fault.step and self.rank == fault.rank and not os.path.exists(fault.marker):
+            Path(fault.marker).write_text(f"worker {self.rank} killed at step {step}\n")
+            os._exit(1)
+        mean = loss.detach().float().reshape(1).cpu()
+        if self.world > 1:
+            dist.all_reduce(mean)
+            mean /= self.world
+        if not torch.isfinite(mean).all():
+            raise FloatingPointError(f"pre-training loss is {mean.item()} at step {step + 1}")
+        return mean, lr, logs
+
+    def after_step(self, done: int, phase: schedule.Phase, loss: torch.Tensor, lr: float, logs: dict[str, float]) -> None:
+        """Metrics every step; every ``log_every`` / ``checkpoint_every`` steps and at the end: flush
+        them, write the progress file, checkpoint (rank 0) and report to Ray Train (every rank)."""
+        point = {"loss": float(loss), "lr": lr, "phase": 0.0 if phase.name == "archive" else 1.0, **logs}
+        self.metrics.add(done, point)
+        is_last = done == self.end
+        due_checkpoint = done % self.runtime.checkpoint_every == 0 or is_last
+        if not (done % self.runtime.log_every == 0 or due_checkpoint):
+            return
+        now = time.perf_counter()
+        t_last, step_last = self.clock
+        ips = (done - step_last) * self.run.pretrain.batch_size / max(now - t_last, 1e-9)
+        self.clock = (now, done)
+        if self.tracker is not None:
+            self.metrics.add(done, {"images_per_s": ips, "seconds_per_iteration": self.run.pretrain.batch_size / max(ips, 1e-9)})
+            self.metrics.flush()
+            self.write_progress(done, point, ips, phase, now)
+        ckpt = self.checkpoints.save(done, self.state(done)) if (self.rank == 0 and due_checkpoint) else None
+        self.report({"step": done, "loss": point["loss"], "lr": lr, "images_per_s": ips}, ckpt)
+
+    def save(self) -> None:
+        """Rank 0, at the end: sample-grid artifacts (from the EMA weights), final.pt and DONE."""
+        homogeneous = self.data["homogeneous"]
+        images = torch.stack([homogeneous[i]["image"] for i in range(min(4, len(homogeneous)))]).to(self.device)
+        view = self.ema.copy_into(self.net) if self.ema is not None else self.net
+        with tempfile.TemporaryDirectory() as d:
+            paths = self.objective.artifacts(view, images, torch.Generator().manual_seed(0), Path(d),
+                                             samples=self.runtime.samples, sample_steps=self.runtime.sample_steps)
+            for p in paths:
+                self.tracker.log_artifact(p, "samples")
+        store.finalize(self.sdir, self.state(self.total), self.plan.mlflow_run_id)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def state(self, step: int) -> dict[str, Any]:
         return {
-            "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-            "ema": ema.state_dict() if ema is not None else None,
-            "optimizer": opt.state_dict(),
+            "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.opt.state_dict(),
             "step": step,
-            "data_position": pos.as_dict(),
-            "rng": _rng_states(),
-            "objective": objective.describe(),
-            "spec": plan.run,
-            "fingerprint": plan.fingerprint,
-            "method": plan.method,
-            "resumed_from": start,
+            "data_position": self.position.as_dict(),
+            "rng": rng_states(),
+            "objective": self.objective.describe(),
+            "spec": self.plan.run,
+            "fingerprint": self.plan.fingerprint,
+            "method": self.run.method,
+            "resumed_from": self.start,
             **stamp(),
         }
 
-    def report(metrics: dict[str, float], ckpt_path: Path | None) -> None:
-        if rank == 0 and ckpt_path is not None:
-            with tempfile.TemporaryDirectory() as d:
-                Path(d, "pointer.json").write_text(json.dumps({"path": str(ckpt_path), "step": metrics["step"]}))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
+    def write_progress(self, done: int, point: dict[str, float], ips: float, phase: schedule.Phase, now: float) -> None:
+        from rsseg.atomic import atomic_write_text
+
+        eta = (self.total - done) * (now - self.t0) / max(done - self.start, 1)
+        atomic_write_text(self.sdir.progress, json.dumps({"step": done, "total": self.total, "loss": point["loss"], "lr": point["lr"],
+                                                          "images_per_s": ips, "eta_s": eta, "phase": phase.name}))
+
+    def report(self, metrics: dict[str, float], ckpt_path: Path | None) -> None:
+        """Every rank reports; rank 0 attaches a pointer to the checkpoint it just wrote, so a
+        worker failure restarts the group from there (Ray Train FailureConfig)."""
+        import ray.train
+
+        if ckpt_path is None:
             ray.train.report(metrics)
-
-    model.train()
-    pending: list[tuple[int, dict[str, float]]] = []
-    t_last, step_last = time.perf_counter(), start
-    t0 = time.perf_counter()
-    stop = plan.stop_after if plan.stop_after is not None else total
-    pos = None
-    for step, phase, pos, images in _batches(data, phases, start, min(total, stop), run.pretrain.seed, batch, rank, world,
-                                             runtime.loader_workers):
-        images = images.to(device, non_blocking=True)
-        lr = schedule.lr_at(step, optim, total)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        gen = _step_generator(run.pretrain.seed, step, rank)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss, extra = objective.loss(model, images, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = None
-        if optim.grad_clip:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip))
-        opt.step()
-        if ema is not None:
-            ema.update(net)
-
-        if plan.fault is not None and step == plan.fault.step and rank == plan.fault.rank and not os.path.exists(plan.fault.marker):
-            Path(plan.fault.marker).write_text(f"worker {rank} killed at step {step}\n")
-            os._exit(1)
-
-        done = step + 1
-        loss_t = loss.detach().float().reshape(1).cpu()
-        if world > 1:
-            dist.all_reduce(loss_t)
-            loss_t /= world
-        if not torch.isfinite(loss_t).all():
-            raise FloatingPointError(f"pre-training loss is {loss_t.item()} at step {done}")
-        point = {"loss": float(loss_t), "lr": lr, "phase": 0.0 if phase.name == "archive" else 1.0, **extra}
-        if grad_norm is not None:
-            point["grad_norm"] = grad_norm
-        if step > logged_up_to:
-            pending.append((done, point))
-        is_last = done == min(total, stop)
-        if done % runtime.log_every == 0 or is_last or done % runtime.checkpoint_every == 0:
-            now = time.perf_counter()
-            ips = (done - step_last) * batch / max(now - t_last, 1e-9)
-            t_last, step_last = now, done
-            if tracker is not None:
-                for s, p in pending:
-                    tracker.log_metrics(p, step=s)
-                tracker.log_metrics({"images_per_s": ips, "seconds_per_iteration": batch / max(ips, 1e-9)}, step=done)
-                pending.clear()
-                elapsed = now - t0
-                eta = (total - done) * elapsed / max(done - start, 1)
-                progress = {"step": done, "total": total, "loss": point["loss"], "lr": lr, "images_per_s": ips,
-                            "eta_s": eta, "phase": phase.name}
-                from rsseg.atomic import atomic_write_text
-
-                atomic_write_text(sdir.progress, json.dumps(progress))
-            ckpt = None
-            if rank == 0 and (done % runtime.checkpoint_every == 0 or is_last):
-                ckpt = store.save(sdir.ckpt / f"step_{done:08d}.pt", checkpoint_state(done, pos), plan.fingerprint, done)
-                store.prune(sdir, runtime.keep_checkpoints)
-            report({"step": done, "loss": point["loss"], "lr": lr, "images_per_s": ips}, ckpt)
-
-    if rank == 0 and (plan.stop_after is None or plan.stop_after >= total):
-        if pos is None:  # nothing left to train (a restart after the last step): state is loaded
-            pos = schedule.DataPosition(**state["data_position"])
-        _finish(objective, net, ema, data["homogeneous"], sdir, plan, checkpoint_state(total, pos), device)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, "pointer.json").write_text(json.dumps({"path": str(ckpt_path), "step": metrics["step"]}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _finish(objective, net, ema, homogeneous, sdir, plan: TrainPlan, state, device) -> None:
-    """Rank 0: sample grid artifacts, final.pt and DONE (last)."""
-    from rsseg.tracking import Run
+def worker_loop(config: dict[str, Any]) -> None:
+    """The Ray Train entry point of every worker."""
+    import ray.train
+    import ray.train.torch
 
-    tracker = Run(plan.tracking_uri, plan.mlflow_run_id, "")
-    runtime = _run_spec(plan.run).pretrain.runtime
-    images = torch.stack([homogeneous[i]["image"] for i in range(min(4, len(homogeneous)))]).to(device)
-    view = net
-    if ema is not None:  # samples from the EMA weights, the ones features use by default
-        import copy
-
-        view = copy.deepcopy(net)
-        view.load_state_dict({k: v.to(next(net.parameters()).dtype) for k, v in ema.shadow.items()})
-    with tempfile.TemporaryDirectory() as d:
-        gen = torch.Generator().manual_seed(0)
-        try:
-            paths = objective.artifacts(view, images, gen, Path(d), samples=runtime.samples, sample_steps=runtime.sample_steps)
-        except TypeError:
-            paths = objective.artifacts(view, images, gen, Path(d))
-        for p in paths:
-            tracker.log_artifact(p, "samples")
-    store.finalize(sdir, state, plan.mlflow_run_id)
-
-
-# ----------------------------------------------------------------------------------------------
-# Driver
-
-
-def plan_checks(run, archive_ds, homogeneous_ds, workers: int) -> tuple[int, int]:
-    n_archive, n_homogeneous = run.pretrain.iterations.counts()
-    if n_homogeneous and len(homogeneous_ds) == 0:
-        raise DataError(
-            f"no unlabeled tiles for step-2 pre-training in {run.data.dataset} "
-            f"(pretrain.homogeneous = {list(run.pretrain.homogeneous)}); add unlabelled scenes or use the train split"
-        )
-    if n_archive and (archive_ds is None or len(archive_ds) == 0):
-        raise DataError(
-            f"pretrain.iterations asks for {n_archive} archive iterations but there is no archive imagery "
-            f"(pretrain.archive.source = {run.pretrain.archive.source}); set pretrain.archive.root or use homogeneous only"
-        )
-    if run.pretrain.batch_size % workers:
-        raise ConfigError(f"pretrain.batch_size: {run.pretrain.batch_size} is not divisible by {workers} workers")
-    return n_archive, n_homogeneous
-
-
-class _Progress(threading.Thread):
-    """Polls the store's progress file and prints iterations, loss, images/s and ETA."""
-
-    def __init__(self, path: Path, label: str):
-        super().__init__(daemon=True)
-        self.path, self.label = path, label
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        from rsseg.progress import line
-
-        last = None
-        while not self.stop_event.wait(1.0):
-            try:
-                p = json.loads(self.path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if p != last:
-                last = p
-                line(f"{self.label} step {p['step']}/{p['total']} ({p['phase']})  loss {p['loss']:.4f}  "
-                     f"lr {p['lr']:.2e}  {p['images_per_s']:.1f} img/s  ETA {p['eta_s'] / 60:.1f} min")
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(timeout=2)
-
-
-def train(run, workdir: Workdir | None = None, *, workers: int | None = None, gpu: bool | None = None,
-          stop_after: int | None = None, resume_from: str | Path | None = None, fault: Fault | None = None,
-          tracking_uri: str | None = None, progress: bool = False, threads_per_worker: int | None = None,
-          profile: str | None = None, tags: dict[str, str] | None = None) -> store.Pretrained | None:
-    """Train (or resume) the pre-training of ``run``. Returns the finished checkpoint, or None
-    when ``stop_after`` stopped it early. Callers normally go through `store.ensure`."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from rsseg import raycluster, tracking
-    from rsseg.methods import get
-
-    workdir = workdir or Workdir.resolve()
-    method = get(run.method)
-    runtime = run.pretrain.runtime
-    workers = workers or runtime.workers
-    gpu = runtime.gpu if gpu is None else gpu
-    fp = store.fingerprint(run)
-    sdir = store.StoreDir.for_run(run, workdir)
-    archive_ds, homogeneous_ds = datasets(run, workdir)  # builds and caches the indexes once, here
-    counts = plan_checks(run, archive_ds, homogeneous_ds, workers)
-    if resume_from is not None:
-        store.load(Path(resume_from), fp)  # refuse a foreign checkpoint before starting anything
-    store.write_spec(sdir, run)
-
-    uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, workdir)
-    tracking.init_store(uri)
-    from rsseg.provenance import git_commit
-
-    mlrun = tracking.start_run(
-        uri, tracking.PRETRAIN_EXPERIMENT, f"pretrain-{run.method}-{fp[:8]}",
-        tags={"pretrain_fingerprint": fp, "method": run.method, "dataset": run.data.dataset, "kind": "pretrain",
-              "git_commit": git_commit(), "profile": profile or "", **(tags or {}), **method.run_tags(run)},
-        workdir=workdir, reuse_tag=("pretrain_fingerprint", fp),
-    )
-    mlrun.log_params(tracking.flatten({"pretrain": run.pretrain.model_dump(mode="json"), method.block or "method": run.block(method.block).model_dump(mode="json") if method.block else {}, "data": run.data.model_dump(mode="json"), "fingerprint": fp}))
-
-    plan = TrainPlan(
-        fingerprint=fp, store_root=str(sdir.root), workdir=str(workdir.root), run=run.model_dump(mode="json"),
-        method=run.method, in_channels=_channels(homogeneous_ds), archive_tiles=len(archive_ds) if archive_ds else 0,
-        homogeneous_tiles=len(homogeneous_ds), counts=counts, workers=workers, gpu=gpu, tracking_uri=uri,
-        mlflow_run_id=mlrun.run_id, stop_after=stop_after, resume_from=str(resume_from) if resume_from else None,
-        fault=fault,
-    )
-    raycluster.init()
-    cpus = raycluster.cpus_per_worker(workers, gpu)
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"plan": asdict(plan), "threads": threads_per_worker or max(1, int(cpus))},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(
-            name=f"pretrain-{run.method}-{fp}",
-            storage_path=str(workdir.ray_storage),
-            failure_config=FailureConfig(max_failures=runtime.max_failures, controller_failure_limit=runtime.controller_failure_limit),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    watcher = _Progress(sdir.progress, f"pretrain {fp[:8]}") if progress else None
-    if watcher:
-        watcher.start()
-    try:
-        trainer.fit()
-    except BaseException as exc:
-        mlrun.set_tags({"error": str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__})
-        mlrun.end("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
-        if isinstance(exc, ray.exceptions.RayError) or type(exc).__module__.startswith("ray"):
-            raise CheckpointError(f"pre-training {fp} failed: {_root_cause(exc)}") from exc
-        raise
-    finally:
-        if watcher:
-            watcher.stop()
-    if stop_after is not None and stop_after < sum(counts):
-        mlrun.set_tags({"stopped_at": str(stop_after)})
-        mlrun.end("KILLED")
-        return None
-    found = store.find(run, workdir)
-    if found is None:
-        mlrun.end("FAILED")
-        raise CheckpointError(f"pre-training {fp} ended without a valid final checkpoint in {sdir.root}")
-    mlrun.end("FINISHED")
-    return found
-
-
-def _root_cause(exc: BaseException) -> str:
-    seen = exc
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    text = str(seen).strip().splitlines()
-    return text[-1] if text else type(seen).__name__
+    plan = TrainPlan.from_dict(config["plan"])
+    ctx = ray.train.get_context()
+    torch.set_num_threads(plan.threads)
+    Trainer(plan, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()).fit()

@@ -73,23 +73,21 @@ def _write_state(workdir: Workdir, name: str, state: dict[str, Any]) -> None:
 def _pretrain_all(plan: SweepPlan, workdir: Workdir, uri: str, profile: str | None, progress: bool) -> None:
     """Each distinct pre-training once; several at a time when the cluster has the CPUs."""
     from rsseg import raycluster
-    from rsseg.config.specs import run_spec_model
     from rsseg.pretrain import store
+    from rsseg.pretrain.ensure import ensure_pretrained
 
-    todo = [p for p in plan.pretrainings if store.find(run_spec_model().model_validate(p.run), workdir) is None]
-    if not todo:
+    runs = [p.spec for p in plan.pretrainings if store.find(p.spec, workdir) is None]
+    if not runs:
         return
-    runs = [run_spec_model().model_validate(p.run) for p in todo]
-    per = max(r.pretrain.runtime.workers for r in runs)
-    parallel = max(1, min(len(runs), int(raycluster.total_cpus() // max(1, per))))
+    parallel = min(raycluster.concurrent_pretrainings(r.pretrain.runtime, r.runtime.device, len(runs)) for r in runs)
     if progress:
         from rsseg.progress import line
 
-        line(f"pre-training {len(runs)} model(s) first ({parallel} at a time): " + ", ".join(p.fingerprint for p in todo))
+        line(f"pre-training {len(runs)} model(s) first ({parallel} at a time): " + ", ".join(r.pretrain_fingerprint for r in runs))
 
     def one(run):
-        return store.ensure(run, workdir, tracking_uri=uri, profile=profile, progress=progress and parallel == 1,
-                            tags={"sweep": plan.spec.name})
+        return ensure_pretrained(run, workdir, tracking_uri=uri, profile=profile, progress=progress and parallel == 1,
+                                 tags={"sweep": plan.spec.name}, concurrent=parallel)
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         for f in [pool.submit(one, r) for r in runs]:
@@ -147,19 +145,18 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
                                     failure_config=tune.FailureConfig(max_failures=search.trial_retries),
                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
         if search.algorithm == "grid":
-            space = {"values": tune.grid_search(plan.cells)}
+            space = {"cell": tune.grid_search([t.cell for t in plan.trials])}
             cfg = tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler, num_samples=search.num_samples,
                                   max_concurrent_trials=search.max_concurrent, reuse_actors=True)
         else:
             from ray.tune.search.optuna import OptunaSearch
 
-            cell = plan.cells[i]
             searcher = OptunaSearch(space=_optuna_distributions(plan.search_axes), metric=search.metric, mode=search.mode,
                                     seed=search.sampler_seed + i)
             if search.max_concurrent:
                 searcher = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
-            # The static grid cell travels in param_space; OptunaSearch adds the s__* keys.
-            space = {"values": cell}
+            # The planned grid cell travels in param_space; OptunaSearch adds the s__* keys.
+            space = {"cell": plan.trials[i].cell}
             cfg = tune.TuneConfig(metric=search.metric, mode=search.mode, search_alg=searcher, scheduler=scheduler,
                                   num_samples=search.num_samples, max_concurrent_trials=search.max_concurrent, reuse_actors=True)
         # Every trial reports a checkpoint at each evaluation, so Tune snapshots its state often and
@@ -172,15 +169,17 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
 def run_sweep(loaded, workdir: Workdir | None = None, *, address: str | None = None, tracking_uri: str | None = None,
               resume: bool = False, progress: bool = True) -> SweepResult:
     from rsseg import raycluster
+    from rsseg.device import check_sweep_resources
     from rsseg.provenance import git_commit
 
     workdir = workdir or Workdir.resolve()
+    workdir.export()  # the planner, the store and the trials resolve this work directory
     spec = loaded.spec
     previous = _read_state(workdir, spec.name)
     if resume and previous is None:
         raise SweepError(f"no sweep named {spec.name!r} to resume: {state_path(workdir, spec.name)} does not exist "
                          f"(start it without --resume, or check --workdir)")
-    plan = make_plan(loaded)
+    plan = make_plan(loaded, workdir)
     uri = tracking.resolve_uri(tracking_uri or (previous or {}).get("uri") if resume else tracking_uri or loaded.base.tracking.uri, workdir)
     tracking.init_store(uri)  # fails here, before any trial, when the store is unreachable
     exp_id = tracking.experiment_id(uri, spec.name, workdir)
@@ -204,39 +203,34 @@ def run_sweep(loaded, workdir: Workdir | None = None, *, address: str | None = N
         parent.log_params({"n_trials": str(plan.n_trials), "algorithm": spec.search.algorithm,
                            **{f"space.{k}": json.dumps(v.model_dump(mode="json", by_alias=True, exclude_none=True)) for k, v in spec.space.items()}})
         parent_id = parent.run_id
-        n_tuners = 1 if spec.search.algorithm == "grid" else len(plan.cells)
+        n_tuners = 1 if spec.search.algorithm == "grid" else len(plan.trials)
         tune_names = [f"{spec.name}-{stamp}" + (f"-cell{i}" if n_tuners > 1 else "") for i in range(n_tuners)]
         _write_state(workdir, spec.name, {"parent_run_id": parent_id, "experiment_id": exp_id, "uri": uri,
                                           "tune_names": tune_names, "plan": plan.identity(), "profile": loaded.profile,
                                           "sweep_file": str(loaded.path), "started": stamp})
     parent_run = tracking.Run(uri, parent_id, exp_id)
-    try:
+    with tracking.tracked(parent_run) as outcome:
         raycluster.init(address)
+        # before any pre-training or trial: the device policy must fit the cluster
+        check_sweep_resources(loaded.base.runtime.device, spec.search.resources.gpu, raycluster.total_gpus())
         _pretrain_all(plan, workdir, uri, loaded.profile, progress)
         parent_run.set_tags({"pretrain_fingerprints": ",".join(p.fingerprint for p in plan.pretrainings)})
         context = {
-            "base": loaded.base.model_dump(mode="json", by_alias=True), "sweep": spec.name, "table": spec.table or "",
+            "sweep": spec.name, "table": spec.table or "",
             "workdir": str(workdir.root), "uri": uri, "experiment": spec.name, "parent_run_id": parent_id,
             "profile": loaded.profile or "", "threads": max(1, int(spec.search.resources.cpu)),
             "search_axes": {k: v.model_dump(mode="json", by_alias=True) for k, v in plan.search_axes.items()},
         }
-        grids = []
-        for tuner in _tuners(plan, context, workdir, tune_names, resume, progress):
-            grids.append(tuner.fit())
+        grids = [tuner.fit() for tuner in _tuners(plan, context, workdir, tune_names, resume, progress)]
         if progress:
             from rsseg.progress import done
 
             done()
         result = _reconcile(client, uri, spec.name, exp_id, parent_id, grids)
-    except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        parent_run.set_tags({"error": (str(exc).splitlines() or [type(exc).__name__])[0][:500]})
-        parent_run.end(status)
-        raise
-    best = [t for t in result.trials if t["status"] == "FINISHED" and t.get("mIoU") is not None]
-    parent_run.log_metrics({"trials_finished": result.finished, "trials_failed": result.failed,
-                            **({"best_test_mIoU": max(t["mIoU"] for t in best)} if best else {})})
-    parent_run.end("FINISHED" if result.finished else "FAILED")
+        best = [t for t in result.trials if t["status"] == "FINISHED" and t.get("mIoU") is not None]
+        parent_run.log_metrics({"trials_finished": result.finished, "trials_failed": result.failed,
+                                **({"best_test_mIoU": max(t["mIoU"] for t in best)} if best else {})})
+        outcome.status = "FINISHED" if result.finished else "FAILED"
     return result
 
 

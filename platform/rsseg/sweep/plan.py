@@ -18,25 +18,33 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from rsseg.config.loader import Document, _unwrap, format_validation_error
-from rsseg.config.resolve import LoadedSweep
-from rsseg.config.specs import Axis, RunSpecBase, run_spec_model
+from rsseg.config.loader import Document, _unwrap, format_validation_error, set_path
+from rsseg.config.specs import Axis, RunSpecBase
 from rsseg.errors import ConfigError
 from rsseg.provenance import fingerprint
+from rsseg.runspec import LoadedSweep, run_spec_model
 
 
 @dataclass(frozen=True)
 class PlannedTrial:
     values: dict[str, Any]  # dotted path -> value (grid values; searched axes are added per trial)
-    run: dict[str, Any]  # the resolved run spec (JSON)
+    run: dict[str, Any]  # the resolved, validated run spec (JSON): what the Tune trial receives
     key: str  # stable identity of the trial's resolved spec (MLflow tag trial_key)
     pretrain_fingerprint: str | None
+    network: str = ""  # the method's network (UNet preset, backbone)
+    params: tuple[int, int] | None = None  # (encoder, head + neck) parameters, counted on the meta device
+    trainable: int | None = None
+
+    @property
+    def cell(self) -> dict[str, Any]:
+        """What travels to Tune: the grid values (for names and tags) and the planned run."""
+        return {"values": self.values, "run": self.run}
 
 
 @dataclass(frozen=True)
 class PlannedPretraining:
     fingerprint: str
-    run: dict[str, Any]
+    spec: RunSpecBase  # a run that needs this pre-training (the first planned one)
     cached: bool
     summary: str
 
@@ -46,8 +54,7 @@ class SweepPlan:
     loaded: LoadedSweep
     grid_axes: list[str]
     search_axes: dict[str, Axis]
-    cells: list[dict[str, Any]]  # grid points
-    trials: list[PlannedTrial]  # grid algorithm: every trial; optuna: one per cell (search axes at base values)
+    trials: list[PlannedTrial]  # one per grid cell (optuna: searched axes at the base values, overlaid per trial)
     pretrainings: list[PlannedPretraining]
     skipped: list[tuple[dict[str, Any], str]] = field(default_factory=list)
 
@@ -57,7 +64,7 @@ class SweepPlan:
 
     @property
     def n_trials(self) -> int:
-        return len(self.cells) * self.spec.search.num_samples
+        return len(self.trials) * self.spec.search.num_samples
 
     def identity(self) -> str:
         """What a resume must match: the trials and the search settings."""
@@ -82,21 +89,16 @@ def field_exists(model: type[BaseModel], path: str) -> tuple[bool, list[str]]:
     return True, []
 
 
-def set_path(doc: dict[str, Any], path: str, value: Any) -> None:
-    parts = path.split(".")
-    target = doc
-    for p in parts[:-1]:
-        if not isinstance(target.get(p), dict):
-            target[p] = {}
-        target = target[p]
-    target[parts[-1]] = copy.deepcopy(value)
+def overlay(run: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a run spec's JSON with dotted-path values set (grid cells, Optuna samples)."""
+    doc = copy.deepcopy(run)
+    for path, value in values.items():
+        set_path(doc, path, value)
+    return doc
 
 
 def build_run(base: dict[str, Any], values: dict[str, Any]) -> RunSpecBase:
-    doc = copy.deepcopy(base)
-    for path, value in values.items():
-        set_path(doc, path, value)
-    return run_spec_model().model_validate(doc)
+    return run_spec_model().model_validate(overlay(base, values))
 
 
 def search_key(path: str) -> str:
@@ -105,65 +107,130 @@ def search_key(path: str) -> str:
 
 
 def trial_key(run: dict[str, Any]) -> str:
-    return fingerprint({k: v for k, v in run.items() if k not in ("tracking", "name")})
+    """What the trial computes (not how or where: tracking, name, runtime are left out)."""
+    return fingerprint({k: v for k, v in run.items() if k not in ("tracking", "name", "runtime")})
 
 
-def make_plan(loaded: LoadedSweep) -> SweepPlan:
+def plan_bands(data) -> int:
+    """The input bands a network of this dataset gets, known without reading a raster:
+    ``data.bands`` if set, NIR-RGB GID 4, else 3."""
+    if data.bands:
+        return len(data.bands)
+    return 4 if data.dataset == "gid" and data.gid.image == "nirrgb" else 3
+
+
+def _classes(data) -> int | None:
+    from rsseg.data.registry import class_table
+
+    try:
+        return class_table(data).num_classes
+    except Exception:  # noqa: BLE001 - a folder dataset without its root: counted as unknown
+        return None
+
+
+def network_summary(run) -> tuple[str, tuple[int, int] | None, int | None]:
+    """(network name, (encoder, head) parameters, trainable parameters) of a planned run."""
+    tags = run.plugin.run_tags(run)
+    network = tags.get("unet") or tags.get("backbone") or run.method
+    classes = _classes(run.data)
+    counts = run.plugin.parameter_counts(run, plan_bands(run.data), classes) if classes else None
+    trainable = None if counts is None else counts[1] + (0 if run.finetune.frozen else counts[0])
+    return network, counts, trainable
+
+
+def _check_space(spec, path, model) -> None:
+    """Every axis names run-spec keys (cases: each of theirs); grid vs searched axes fit the algorithm."""
+    for key, axis in spec.space.items():
+        for where, path_key in ([(f"space.{key}", key)] if axis.kind != "cases" else
+                                [(f"space.{key}.cases[{i}].{k}", k) for i, c in enumerate(axis.cases) for k in c if k != "name"]):
+            ok, valid = field_exists(model, path_key)
+            if not ok:
+                close = difflib.get_close_matches(path_key.split(".")[-1], valid, n=1, cutoff=0.5)
+                hint = f"; did you mean {'.'.join(path_key.split('.')[:-1] + [close[0]])!r}?" if close else ""
+                raise ConfigError(f"{path}: {where}: not a key of the run spec (base){hint}")
+    searched = [k for k, a in spec.space.items() if not a.planned]
+    if spec.search.algorithm == "grid" and searched:
+        bad = searched[0]
+        raise ConfigError(f"{path}: space.{bad}: {spec.space[bad].kind} needs search.algorithm: optuna (grid search takes grid axes only)")
+    if spec.search.algorithm == "optuna" and spec.search.asha is None and not spec.space:
+        raise ConfigError(f"{path}: space: an optuna search needs at least one axis")
+
+
+def _validated(base: dict[str, Any], sets: dict[str, Any], path, model) -> RunSpecBase:
+    try:
+        return build_run(base, sets)
+    except ValidationError as exc:
+        inner = format_validation_error(exc, model, Document(data={}, origin=str(path)))
+        where = ", ".join(f"{k}={v!r}" for k, v in sets.items())
+        axis = next(iter(sets)) if sets else "base"
+        raise ConfigError(f"{path}: space.{axis}: the trial {where} is invalid: {str(inner).split(': ', 1)[1]}") from None
+
+
+def make_plan(loaded: LoadedSweep, workdir=None) -> SweepPlan:
+    from rsseg.device import check_sweep_resources
     from rsseg.methods import registry
     from rsseg.pretrain import store
 
     spec, path = loaded.spec, loaded.path
     model = run_spec_model()
-    for key in spec.space:
-        ok, valid = field_exists(model, key)
-        if not ok:
-            close = difflib.get_close_matches(key.split(".")[-1], valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {'.'.join(key.split('.')[:-1] + [close[0]])!r}?" if close else ""
-            raise ConfigError(f"{path}: space.{key}: not a key of the run spec (base){hint}")
-    grid_axes = [k for k, a in spec.space.items() if a.kind == "grid"]
-    search_axes = {k: a for k, a in spec.space.items() if a.kind != "grid"}
-    if spec.search.algorithm == "grid" and search_axes:
-        bad = next(iter(search_axes))
-        raise ConfigError(f"{path}: space.{bad}: {search_axes[bad].kind} needs search.algorithm: optuna (grid search takes grid axes only)")
-    if spec.search.algorithm == "optuna" and spec.search.asha is None and not search_axes and not grid_axes:
-        raise ConfigError(f"{path}: space: an optuna search needs at least one axis")
+    _check_space(spec, path, model)
+    grid_axes = [k for k, a in spec.space.items() if a.planned]
+    search_axes = {k: a for k, a in spec.space.items() if not a.planned}
+    try:
+        check_sweep_resources(loaded.base.runtime.device, spec.search.resources.gpu, None)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     base = loaded.base.model_dump(mode="json", by_alias=True)
     methods = registry()
-    cells, trials, skipped = [], [], []
+    trials, skipped = [], []
     seen_fps: dict[str, PlannedPretraining] = {}
-    for combo in itertools.product(*(spec.space[k].grid for k in grid_axes)) if grid_axes else [()]:
-        values = dict(zip(grid_axes, combo))
-        method = values.get("method", base.get("method"))
+    preflighted: set[str] = set()
+    networks: dict[str, tuple] = {}
+    for combo in itertools.product(*(spec.space[k].cells(k) for k in grid_axes)) if grid_axes else [()]:
+        values = {k: shown for k, (shown, _) in zip(grid_axes, combo)}
+        sets = {dotted: v for _, setting in combo for dotted, v in setting.items()}
+        method = sets.get("method", base.get("method"))
         if method not in methods:
             skipped.append((values, f"method {method!r} is not installed (no rsseg.methods entry point); its trials are skipped"))
             continue
-        try:
-            run = build_run(base, values)
-        except ValidationError as exc:
-            doc = Document(data={}, origin=str(path))
-            inner = format_validation_error(exc, model, doc)
-            where = ", ".join(f"{k}={v!r}" for k, v in values.items())
-            axis = next(iter(values)) if values else "base"
-            raise ConfigError(f"{path}: space.{axis}: the trial {where} is invalid: {str(inner).split(': ', 1)[1]}") from None
+        run = _validated(base, sets, path, model)
+        reason = run.plugin.unavailable_reason(run)
+        if reason:
+            skipped.append((values, reason))
+            continue
+        block = run.method_block.model_dump_json() if run.method_block is not None else ""
+        if run.method + block not in preflighted:  # slow checks (reading weights files) once per method setting
+            preflighted.add(run.method + block)
+            for key, message in run.plugin.preflight_problems(run)[:1]:
+                raise ConfigError(f"{path}: {key}: {message}")
         run_json = run.model_dump(mode="json", by_alias=True)
-        fp = None
-        m = methods[method]
-        if m.needs_pretraining(run):
-            fp = store.fingerprint(run)
-            if fp not in seen_fps:
-                it = run.pretrain.iterations.counts()
-                seen_fps[fp] = PlannedPretraining(fp, run_json, store.find(run) is not None,
-                                                  f"{method}, {sum(it)} iterations ({it[0]} archive + {it[1]} homogeneous), "
-                                                  f"{run.pretrain.runtime.workers} worker(s)")
-        cells.append(values)
-        trials.append(PlannedTrial(values, run_json, trial_key(run_json), fp))
-    if not cells:
+        net_key = fingerprint({k: run_json[k] for k in ("method", "data", "finetune", run.plugin.block or "method") if k in run_json})
+        if net_key not in networks:
+            networks[net_key] = network_summary(run)
+        fp = run.pretrain_fingerprint if run.needs_pretraining else None
+        if fp is not None and fp not in seen_fps:
+            it = run.pretrain.iterations.counts()
+            seen_fps[fp] = PlannedPretraining(fp, run, store.find(run, workdir) is not None,
+                                              f"{method}, {sum(it)} iterations ({it[0]} archive + {it[1]} homogeneous), "
+                                              f"{run.pretrain.runtime.workers} worker(s)")
+        trials.append(PlannedTrial(values, run_json, trial_key(run_json), fp, *networks[net_key]))
+    if not trials:
         raise ConfigError(f"{path}: every trial was skipped ({skipped[0][1] if skipped else 'empty grid'})")
-    return SweepPlan(loaded, grid_axes, search_axes, cells, trials, list(seen_fps.values()), skipped)
+    return SweepPlan(loaded, grid_axes, search_axes, trials, list(seen_fps.values()), skipped)
 
 
 def _fmt(v: Any) -> str:
     return "[" + ", ".join(_fmt(x) for x in v) + "]" if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f} M"
+
+
+def _params(t: PlannedTrial) -> str:
+    if t.params is None:
+        return "?"
+    return f"{_millions(t.params[0])} / {_millions(t.params[1])} ({_millions(t.trainable)})"
 
 
 def describe(plan: SweepPlan) -> str:
@@ -173,7 +240,7 @@ def describe(plan: SweepPlan) -> str:
         f"sweep {s.name}" + (f" (fills {s.table})" if s.table else "") + f" — {plan.loaded.path}"
         + (f", profile {plan.loaded.profile}" if plan.loaded.profile else ""),
         f"search: {search.algorithm}, {plan.n_trials} trials"
-        + (f" ({len(plan.cells)} grid cells x {search.num_samples} samples)" if search.algorithm == "optuna" else "")
+        + (f" ({len(plan.trials)} grid cells x {search.num_samples} samples)" if search.algorithm == "optuna" else "")
         + f", max {search.max_concurrent or 'unlimited'} concurrent, per trial {search.resources.cpu:g} CPU / {search.resources.gpu:g} GPU"
         + (f", ASHA (grace {search.asha.grace_period}, factor {search.asha.reduction_factor:g})" if search.asha else "")
         + f", metric {search.metric} ({search.mode})",
@@ -182,11 +249,18 @@ def describe(plan: SweepPlan) -> str:
         lines.append("searched (optuna): " + ", ".join(f"{k} {a.kind} {_fmt(getattr(a, a.kind if a.kind != 'int' else 'integer'))}" for k, a in plan.search_axes.items()))
     cols = plan.grid_axes or ["(base)"]
     widths = [max(len(c), *(len(_fmt(t.values.get(c, ""))) for t in plan.trials)) for c in cols]
+    device = f"{plan.loaded.base.runtime.device}" + (f" ({search.resources.gpu:g} GPU)" if search.resources.gpu else "")
+    nets = [t.network for t in plan.trials]
+    nw = max(len("network"), *(len(n) for n in nets))
+    params = [_params(t) for t in plan.trials]
+    pw = max(len("params enc / head (trainable)"), *(len(p) for p in params))
+    dw = max(len("device"), len(device))
     lines.append("")
-    lines.append("  #   " + "  ".join(c.ljust(w) for c, w in zip(cols, widths)) + "  trial key         pre-training")
-    for i, t in enumerate(plan.trials, 1):
+    lines.append("  #   " + "  ".join(c.ljust(w) for c, w in zip(cols, widths)) + f"  {'device'.ljust(dw)}  {'network'.ljust(nw)}  "
+                 f"{'params enc / head (trainable)'.ljust(pw)}  trial key         pre-training")
+    for i, (t, par) in enumerate(zip(plan.trials, params), 1):
         cells = "  ".join(_fmt(t.values.get(c, "")).ljust(w) for c, w in zip(cols, widths))
-        lines.append(f"  {i:<3d} {cells}  {t.key}  {t.pretrain_fingerprint or '-'}")
+        lines.append(f"  {i:<3d} {cells}  {device.ljust(dw)}  {t.network.ljust(nw)}  {par.ljust(pw)}  {t.key}  {t.pretrain_fingerprint or '-'}")
     lines.append("")
     lines.append(f"pre-trainings needed: {len(plan.pretrainings)}")
     for p in plan.pretrainings:

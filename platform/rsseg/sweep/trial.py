@@ -1,7 +1,9 @@
 """One sweep trial: a Tune function trainable around the same `runner.execute` as
 ``platform finetune``.
 
-- The trial's run spec = the sweep's base + its grid values + its searched values, validated.
+- The trial receives its planned run spec (the plan validated it); Optuna's sampled values are
+  overlaid on it and the result validated once, here.
+- Its pre-training is only found in the store: the driver trained it before any trial started.
 - Its MLflow child run is created under the sweep's parent run, or — when Tune restarts the
   trial (a retry, or a resumed sweep) — found again by the ``trial_id`` tag and continued, so no
   run is duplicated. It ends FINISHED or FAILED (with the error as a tag).
@@ -21,14 +23,13 @@ from typing import Any
 import torch
 
 CHECKPOINT_FILE = "finetune.pt"
-SCALAR_PREFIXES = ("val/", "mIoU", "pixel_accuracy", "IoU/", "iteration")
 
 
-def decode_values(config: dict[str, Any], search_axes: dict[str, dict]) -> dict[str, Any]:
-    """Grid values plus the searched ones (Optuna's ``s__a__b`` keys; a choice is an index)."""
+def sampled_values(config: dict[str, Any], search_axes: dict[str, dict]) -> dict[str, Any]:
+    """The values Optuna sampled for this trial (its ``s__a__b`` keys; a choice is an index)."""
     from rsseg.sweep.plan import search_key
 
-    values = dict(config.get("values", {}))
+    values = {}
     for path, axis in search_axes.items():
         key = search_key(path)
         if key not in config:
@@ -46,7 +47,8 @@ def decode_values(config: dict[str, Any], search_axes: dict[str, dict]) -> dict[
 def _child_run(ctx: dict[str, Any], run, trial_id: str, key: str, values: dict[str, Any]):
     import ray
 
-    from rsseg import runner, tracking
+    from rsseg import tracking
+    from rsseg.runtags import RunTags
 
     uri, experiment = ctx["uri"], ctx["experiment"]
     c = tracking.client(uri)
@@ -61,11 +63,9 @@ def _child_run(ctx: dict[str, Any], run, trial_id: str, key: str, values: dict[s
         attempt = int(r.data.tags.get("attempt", "1")) + 1
         tracker.set_tags({"attempt": attempt, **node, "error": ""})
         return tracker
-    tags = runner.run_tags(run, profile=ctx["profile"], extra={
-        "sweep": ctx["sweep"], "table": ctx["table"], "trial_id": trial_id, "trial_key": key,
-        "sweep_parent": ctx["parent_run_id"], "attempt": 1, **node,
-        **{f"space.{k}": v for k, v in values.items()},
-    })
+    tags = RunTags.for_run(run, kind="finetune", profile=ctx["profile"], sweep=ctx["sweep"], table=ctx["table"],
+                           trial_id=trial_id, trial_key=key, sweep_parent=ctx["parent_run_id"], attempt=1,
+                           space={k: str(v) for k, v in values.items()}).to_tags() | node
     name = f"{ctx['sweep']}-" + "-".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())[:200]
     return tracking.start_run(uri, experiment, name or trial_id, tags=tags, parent_run_id=ctx["parent_run_id"])
 
@@ -74,13 +74,15 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
     from ray import tune
 
     from rsseg import runner
-    from rsseg.sweep.plan import build_run, trial_key
+    from rsseg.runspec import parse_run
+    from rsseg.sweep.plan import overlay, trial_key
     from rsseg.workdir import Workdir
 
-    tctx = tune.get_context()
-    trial_id = tctx.get_trial_id()
-    values = decode_values(config, context["search_axes"])
-    run = build_run(context["base"], values)
+    trial_id = tune.get_context().get_trial_id()
+    cell = config["cell"]
+    sampled = sampled_values(config, context["search_axes"])
+    run = parse_run(overlay(cell["run"], sampled)) if sampled else parse_run(cell["run"])
+    values = {**cell["values"], **sampled}
     torch.set_num_threads(max(1, int(context["threads"])))
     workdir = Workdir.resolve(context["workdir"])
     os.environ["RSSEG_WORKDIR"] = str(workdir.root)
@@ -103,7 +105,9 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
             torch.save(state, Path(d) / CHECKPOINT_FILE)
             tune.report({**metrics, "iteration": iteration}, checkpoint=tune.Checkpoint.from_directory(d))
 
+    # The driver trained every planned pre-training before the first trial: fine-tuning only finds
+    # it in the store (`ensure_pretrained(..., allow_training=False)`), inside the tracked run.
     result, _ = runner.execute(run, workdir, tracker=tracker, on_eval=on_eval, resume_state=resume_state)
-    final = {**last_val, **{k: v for k, v in result.metrics().items()}, "iteration": run.finetune.iterations,
+    final = {**last_val, **result.metrics(), "iteration": run.finetune.iterations,
              "trainable_params": float(result.trainable_params), "done": 1.0}
     tune.report(final)

@@ -142,6 +142,8 @@ def footer(b: Built, runs, others, skipped: dict) -> list[str]:
     if absent and lay.style == "pairs":
         lines.append(f"{DASH} in column(s) {', '.join(absent)} of our rows: not measured by the runs shown "
                      f"(class not in dataset {b.group.get('dataset', '?')}'s class table, or not in the sweep's grid).")
+    if lay.footer_of_runs is not None and runs.height:
+        lines.extend(lay.footer_of_runs(list(runs.iter_rows(named=True))))
     lines.extend(lay.notes)
     lines.append(f"Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M')} UTC by rsseg {_version()} from MLflow.")
     return lines

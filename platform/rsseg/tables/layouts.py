@@ -16,10 +16,13 @@ PAPER12 = ["UB", "Ind.", "PU", "Mine", "AA", "AL", "PC", "Pas.", "For.", "HV", "
 GID15 = ["IDL", "UR", "RR", "TL", "PF", "IGL", "DC", "GP", "AW", "SL", "NG", "AG", "River", "Lake", "Pond"]
 FT = "ft_params_M"
 RATIOS = {"0.02": "S (2 %)", "0.4": "M (40 %)", "1": "L (100 %)"}
-METHOD_LABELS = {"convnext_random": "Random-init (ConvNeXt-B)", "convnext_imagenet": "IN-init (ConvNeXt-B)",
-                 "mae": "MAE", "scalemae": "ScaleMAE", "ma3e": "MA3E", "ddpm": "ours (DDPM)"}
+# Table 3's methods in the paper's order; their row labels come from the methods' own metadata
+# (`Method.label`), except for the published-only rows of methods that are not installed.
+PAPER_T3_METHODS = ("convnext_random", "convnext_imagenet", "mae", "scalemae", "ma3e", "ddpm")
+PUBLISHED_ONLY_LABELS = {"ma3e": "MA3E"}
 STRATEGIES = {"imagenet": "ImageNet (ConvNeXt-B, fine-tuned)", "archive_only": "archive only",
-              "two_step": "two-step (archive, then homogeneous)", "homogeneous_only": "homogeneous only"}
+              "two_step": "two-step (archive, then homogeneous)", "homogeneous_only": "homogeneous only",
+              "imported_two_step": "imported weights (DDPM-CD), then homogeneous"}
 
 Obs = tuple[str, str, float]
 
@@ -40,6 +43,14 @@ class Layout:
     figure: bool = False
     paper_only: tuple[str, ...] = ()  # rows that are the paper's published numbers only (cited SOTA)
     notes: list[str] = field(default_factory=list)
+    footer_of_runs: Callable[[list[dict[str, Any]]], list[str]] | None = None  # notes computed from the runs
+
+
+def method_label(name: str) -> str:
+    from rsseg.methods import registry
+
+    method = registry().get(name)
+    return method.label if method is not None else PUBLISHED_ONLY_LABELS.get(name, name)
 
 
 def _f(x: Any) -> float | None:
@@ -92,11 +103,31 @@ def strategy(share: str) -> str:
 
 
 def _fig9(run):
+    if run.get("pretrain_init"):
+        return [("imported_two_step", "mIoU", run["mIoU"])]
     return [(strategy(run["homogeneous_share"]), "mIoU", run["mIoU"])] if run["homogeneous_share"] else []
 
 
 def _fig10(run):
     return [(run["dataset"], run["homogeneous_share"], run["mIoU"])] if run["homogeneous_share"] else []
+
+
+# sqrt(abar_t) under the paper's network and schedule (DDPM-CD's SR3, 2 000 steps, 1e-6 -> 1e-2)
+PAPER_SQRT_ABAR = "50=0.9969, 100=0.9876, 150=0.9724, 200=0.9513"
+
+
+def _t2_noise(runs: list[dict[str, Any]]) -> list[str]:
+    """What the timesteps meant: sqrt(abar_t) of the runs' schedule beside the paper's."""
+    scales: dict[str, str] = {}
+    for r in runs:
+        for item in filter(None, (r.get("sqrt_abar") or "").split(",")):
+            t, _, v = item.partition("=")
+            scales.setdefault(t, v)
+    if not scales:
+        return []
+    ours = ", ".join(f"{t}={scales[t]}" for t in sorted(scales, key=int))
+    return [f"sqrt(ᾱ_t) per timestep (how much of the image survives): ours {ours}; the paper's schedule "
+            f"(DDPM-CD) {PAPER_SQRT_ABAR}. The same t means more noise under a schedule with smaller sqrt(ᾱ_t)."]
 
 
 def _t2_label(key: str) -> str:
@@ -105,14 +136,14 @@ def _t2_label(key: str) -> str:
 
 def _t3_label(key: str) -> str:
     method, _, setting = key.partition("/")
-    return f"{METHOD_LABELS.get(method, method)} · {'Frozen' if setting == 'frozen' else 'Fine-tuning'}"
+    return f"{method_label(method)} · {'Frozen' if setting == 'frozen' else 'Fine-tuning'}"
 
 
 def _t4_label(key: str) -> str:
     method, _, ratio = key.partition("/")
     if not ratio:
         return key
-    name = "ours" if method == "ddpm" else METHOD_LABELS.get(method, method)
+    name = method_label(method)
     size = {"0.02": "S", "0.4": "M", "1": "L"}.get(ratio)
     return f"{name} (MiniFrance-{size})" if size else f"{name} (label ratio {ratio})"
 
@@ -131,7 +162,7 @@ def _cls(names):
 
 TIMESTEP_ROWS = ["0", "50", "100", "100,50", "200,100,50", "150,100,50"]
 # (the paper has no frozen random-init row; ours shows one when the sweep runs it)
-T3_ROWS = [f"{m}/{s}" for m in METHOD_LABELS for s in ("frozen", "finetuned")]
+T3_ROWS = [f"{m}/{s}" for m in PAPER_T3_METHODS for s in ("frozen", "finetuned")]
 
 LAYOUTS: dict[str, Layout] = {
     "table1": Layout("table1", "Table 1. Feature selection: DDPM encoder vs decoder features at each resolution, MLP segmentor vs UPerNet (mIoU %, MiniFrance-S)",
@@ -140,7 +171,8 @@ LAYOUTS: dict[str, Layout] = {
                      extra_columns=False),
     "table2": Layout("table2", "Table 2. Effect of the noise level (timestep sets) on frozen DDPM decoder features: per-class IoU and mIoU (%, MiniFrance-S)",
                      "sweeps/noise_ablation.yaml", "pairs", _table2,
-                     [(k, _t2_label(k)) for k in TIMESTEP_ROWS], _cls(PAPER12), row_label=_t2_label, delta=True),
+                     [(k, _t2_label(k)) for k in TIMESTEP_ROWS], _cls(PAPER12), row_label=_t2_label, delta=True,
+                     footer_of_runs=_t2_noise),
     "table3": Layout("table3", "Table 3. mIoU (%) by pre-training method, label ratio (MiniFrance-S / M / L) and setting (frozen encoder or full fine-tuning)",
                      "sweeps/label_ratio.yaml", "beside", _table3,
                      [(k, _t3_label(k)) for k in T3_ROWS], [(k, v) for k, v in RATIOS.items()] + [(FT, "Ft Params (M)")],
@@ -161,7 +193,7 @@ LAYOUTS: dict[str, Layout] = {
     "table5": Layout("table5", "Table 5. Per-class IoU (%) on the GID validation set: ours beside the published state of the art",
                      "sweeps/sota_gid.yaml", "pairs", _table5,
                      [(k, k) for k in ("SETR-M", "SegFormer-B4", "PFNet", "MCS", "MA3E", "ConvNeXt-B", "LSKNet-T-FPN")] + [("ddpm", "ours")],
-                     _cls(GID15) + [(FT, "Ft Params (M)")], row_label=lambda k: "ours" if k == "ddpm" else METHOD_LABELS.get(k, k), delta=True,
+                     _cls(GID15) + [(FT, "Ft Params (M)")], row_label=method_label, delta=True,
                      paper_only=("SETR-M", "SegFormer-B4", "PFNet", "MCS", "MA3E", "ConvNeXt-B", "LSKNet-T-FPN"),
                      notes=["SOTA rows are the paper's published numbers (they are not re-run here)."]),
     "fig9": Layout("fig9", "Figure 9. Pre-training strategies: mIoU (%) at 2 % labels", "sweeps/pretrain_strategy.yaml", "beside",

@@ -18,9 +18,8 @@ from typing import Any
 
 from rsseg import tracking
 from rsseg.errors import RssegError
+from rsseg.runtags import RunTags
 
-TAG_COLUMNS = ("table", "method", "label_ratio", "frozen", "dataset", "seed", "profile", "git_commit", "sweep",
-               "trial_key", "timesteps", "side", "resolutions", "head", "homogeneous_share")
 
 
 class TablesError(RssegError):
@@ -41,7 +40,7 @@ class Store:
 def _empty_frame():
     import polars as pl
 
-    cols = {"run_id": pl.Utf8, "experiment": pl.Utf8, "end_time": pl.Int64, **{c: pl.Utf8 for c in TAG_COLUMNS},
+    cols = {"run_id": pl.Utf8, "experiment": pl.Utf8, "end_time": pl.Int64, **{c: pl.Utf8 for c in RunTags.columns()},
             "trainable_params": pl.Float64}
     return pl.DataFrame(schema=cols)
 
@@ -80,7 +79,7 @@ def read_runs(uri: str, experiments: list[str] | None = None) -> Store:
                 continue
             row: dict[str, Any] = {"run_id": r.info.run_id, "experiment": names[r.info.experiment_id],
                                    "end_time": int(r.info.end_time or r.info.start_time or 0)}
-            row.update({t: r.data.tags.get(t, "") for t in TAG_COLUMNS})
+            row.update({c: "" for c in RunTags.columns()} | RunTags.from_tags(r.data.tags).row())
             row["trainable_params"] = r.data.metrics.get("params/trainable")
             for k, v in r.data.metrics.items():
                 if k == "mIoU" or k.startswith("IoU/"):

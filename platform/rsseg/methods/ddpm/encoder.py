@@ -25,9 +25,10 @@ from typing import Any, Sequence
 
 import torch
 
-from rsseg.config.specs import DdpmFeaturesSpec, NoiseScheduleSpec
 from rsseg.encoders import FeatureInfo, freeze
 from rsseg.errors import ConfigError
+from rsseg.methods.ddpm.noise import ForwardProcess
+from rsseg.methods.ddpm.spec import DdpmFeaturesSpec, NoiseScheduleSpec
 from rsseg.provenance import fingerprint
 
 
@@ -71,10 +72,10 @@ def select_maps(unet, spec: DdpmFeaturesSpec) -> list[MapRef]:
                 f"(available: {', '.join('1/' + str(s) for s in strides)})"
             )
         if spec.maps is not None:
-            bad = [k for k in spec.maps if k >= len(at)]
+            bad = [k for k in spec.maps if not -len(at) <= k < len(at)]
             if bad:
                 raise ConfigError(f"ddpm.features.maps: map {bad[0]} does not exist at 1/{r} ({len(at)} maps there)")
-            at = [at[k] for k in spec.maps]
+            at = [at[k] for k in spec.maps]  # negative indices count from the last map of the level
         chosen.extend(at)
     # execution order, so that early exit stops after the last one
     order = {(m.block, m.layer): i for i, m in enumerate(maps)}
@@ -87,21 +88,21 @@ def _seed_of(*parts: Any) -> int:
 
 class DdpmEncoder(torch.nn.Module):
     def __init__(self, unet, schedule: NoiseScheduleSpec, features: DdpmFeaturesSpec, weights_id: str,
-                 fresh_seed: int = 0):
+                 fresh_seed: int = 0, conditioning: str = "timestep"):
         super().__init__()
-        from rsseg.pretrain.ddpm import build_scheduler, signal_scale
-
         self.unet = unet
         self.spec = features
-        self.scheduler = build_scheduler(schedule)
+        self.process = ForwardProcess(schedule, conditioning)
+        bad = [t for t in features.timesteps if t > self.process.max_timestep]
+        if bad:
+            raise ConfigError(f"ddpm.features.timesteps: {bad[0]} is outside the schedule's 0..{self.process.max_timestep}")
         self.timesteps = list(features.timesteps)
         self.maps = select_maps(unet, features)
-        self._last = self.maps[-1]
         self.feature_info = [
-            FeatureInfo(m.channels, m.stride, group=m.name, name=f"{m.name}@t{t}")
+            FeatureInfo(m.channels, m.stride, group=m.name, name=f"{m.name}@t{t}", part=f"t{t}")
             for t in self.timesteps for m in self.maps
         ]
-        self.signal_scales = {t: signal_scale(self.scheduler, t) for t in self.timesteps}
+        self.signal_scales = {t: self.process.signal(t) for t in self.timesteps}
         self.weights_id = weights_id
         self._fresh = torch.Generator().manual_seed(fresh_seed)
         self.frozen = False
@@ -130,26 +131,33 @@ class DdpmEncoder(torch.nn.Module):
             for k, v in zip(keys, variants)
         ])
 
-    def noised(self, x: torch.Tensor, keys=None, variants=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """All (t, image) pairs t-major: ((T * B, C, H, W) inputs, (T * B,) timesteps)."""
-        from rsseg.pretrain.ddpm import add_noise
-
-        xs, ts = [], []
-        for t in self.timesteps:
-            if t == 0:
+    def noised(self, x: torch.Tensor, keys=None, variants=None, timesteps: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All (t, image) pairs t-major: ((T * B, C, H, W) inputs, (T * B,) conditioning values:
+        the timesteps, or the noise levels sqrt(abar_t) of an SR3-conditioned UNet)."""
+        b = x.shape[0]
+        xs, cs = [], []
+        for t in timesteps if timesteps is not None else self.timesteps:
+            t_vec = torch.full((b,), t, dtype=torch.long, device=x.device)
+            if t == 0:  # the clean image; its conditioning is t = 0 or the noise level 1
                 xs.append(x.float())
+                cs.append(t_vec if self.process.conditioning == "timestep" else torch.ones(b, device=x.device))
             else:
                 eps = self.noise(x.shape, keys, variants, t).to(x.device)
-                xs.append(add_noise(self.scheduler, x, eps, torch.full((x.shape[0],), t, dtype=torch.long)))
-            ts.append(torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
-        return torch.cat(xs), torch.cat(ts)
+                xt, cond = self.process.noised(x, eps, t_vec)
+                xs.append(xt)
+                cs.append(cond)
+        return torch.cat(xs), torch.cat(cs)
 
-    def forward(self, x: torch.Tensor, keys: Sequence[str] | None = None, variants: Sequence[int] | None = None) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, keys: Sequence[str] | None = None, variants: Sequence[int] | None = None,
+                parts: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """The maps of every timestep (or of those ``parts`` = ``t<t>`` name), t-major as in
+        ``feature_info``: all timesteps of a batch in one forward ((T * B, ...) inputs)."""
         b = x.shape[0]
-        xt, tt = self.noised(x, keys, variants)
+        timesteps = self.timesteps if parts is None else [t for t in self.timesteps if f"t{t}" in set(parts)]
+        xt, tt = self.noised(x, keys, variants, timesteps)
         maps = self.extract(xt.to(self.unet.dtype), tt)
         out = []
-        for i in range(len(self.timesteps)):
+        for i in range(len(timesteps)):
             out.extend(m[i * b : (i + 1) * b] for m in maps)
         return out
 
@@ -202,46 +210,57 @@ class DdpmEncoder(torch.nn.Module):
         return [found[(m.block, m.layer)] for m in self.maps] + [sample]
 
 
-def load_unet_weights(unet, state: dict[str, torch.Tensor]) -> None:
-    """Strict load: a DDPM checkpoint of this UNet must have exactly its keys."""
-    result = unet.load_state_dict(state, strict=False)
-    missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
-    allowed_missing: set[str] = set()  # diffusers' UNet2DModel has no non-persistent buffers to skip
-    if missing - allowed_missing or unexpected:
+def check_schedule(run, state: dict, source: str) -> None:
+    """The schedule the weights were trained with must be the run's: timestep numbers (and the
+    noise the features see) only mean what they mean under it."""
+    from rsseg.methods.ddpm.noise import schedules_match
+    from rsseg.methods.ddpm.spec import NoiseScheduleSpec
+
+    stored = state["objective"]["schedule"]
+    if not schedules_match(stored, run.ddpm.schedule):
+        theirs, ours = NoiseScheduleSpec(**{k: v for k, v in stored.items() if k != "preset"}), run.ddpm.schedule
         raise ConfigError(
-            f"DDPM checkpoint does not fit the UNet: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
+            f"ddpm.schedule: {source} were trained with a {theirs.kind} schedule {theirs.beta_start:g} -> {theirs.beta_end:g} over "
+            f"{theirs.train_steps} steps, this run has {ours.kind} {ours.beta_start:g} -> {ours.beta_end:g} over {ours.train_steps}; "
+            "set ddpm.schedule to theirs (e.g. --set ddpm.schedule.preset=ddpm_cd)")
 
 
 def build_encoder(run, pretrained) -> DdpmEncoder:
-    """The DDPM encoder of a run: the pre-trained UNet (EMA or raw weights), or its random init."""
-    from rsseg.pretrain.ddpm import build_unet_from_config
-    from rsseg.pretrain.unet import min_input_multiple, unet_config
+    """The DDPM encoder of a run: its pre-trained UNet (EMA or raw weights), imported weights by
+    name, or the UNet's seeded random init."""
+    from rsseg.methods.ddpm.unet import build_unet, conditioning_of, min_input_multiple, unet_config
+    from rsseg.methods.ddpm.weights import unet_weights
 
     f = run.ddpm.features
     if f.weights == "random":
-        from rsseg.data import registry
+        from rsseg.data.registry import input_bands
 
-        scenes = registry.scenes(run.data)
-        from rsseg.data.scenes import raster_meta
-
-        channels = len(scenes.bands) if scenes.bands else raster_meta(scenes.labelled[0].image).count
-        cfg = unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides, in_channels=channels, sample_size=run.data.tile_size)
+        cfg = unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides, in_channels=input_bands(run.data),
+                          sample_size=run.data.tile_size)
         torch.manual_seed(run.pretrain.seed)
-        unet = build_unet_from_config(cfg)
+        unet = build_unet(cfg)
         weights_id = fingerprint({"random": cfg, "seed": run.pretrain.seed})
     else:
+        if f.imported:
+            from rsseg.weights import imported
+
+            pretrained = imported(f.imported)
         state = pretrained.load()
+        if f.imported:
+            check_schedule(run, state, f"the imported weights {f.imported!r}")
         cfg = state["objective"]["unet"]
-        unet = build_unet_from_config(cfg)
-        if f.weights == "ema":
-            if state.get("ema") is None:
-                raise ConfigError("ddpm.features.weights: ema requested but the pre-training kept no EMA (pretrain.ema.enabled: false)")
-            load_unet_weights(unet, {k: v.to(unet.dtype) for k, v in state["ema"]["shadow"].items()})
-        else:
-            load_unet_weights(unet, state["model"])
+        unet = build_unet(cfg)
+        unet_weights(unet, state, "raw" if f.imported else f.weights)
         weights_id = f"{pretrained.fingerprint}:{f.weights}"
     multiple = min_input_multiple(cfg)
     if run.data.tile_size % multiple:
         raise ConfigError(f"data.tile_size: {run.data.tile_size} is not divisible by {multiple}, which this UNet's {len(cfg['block_out_channels'])} levels need")
-    return DdpmEncoder(unet, run.ddpm.schedule, f, weights_id, fresh_seed=run.seed)
+    return DdpmEncoder(unet, run.ddpm.schedule, f, weights_id, fresh_seed=run.seed, conditioning=conditioning_of(cfg))
+
+
+def skeleton(run, in_channels: int) -> DdpmEncoder:
+    """The run's encoder with untrained weights (the caller builds it on the meta device)."""
+    from rsseg.methods.ddpm.unet import build_unet, conditioning_of, unet_config
+
+    cfg = unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides, in_channels=in_channels, sample_size=run.data.tile_size)
+    return DdpmEncoder(build_unet(cfg), run.ddpm.schedule, run.ddpm.features, "skeleton", conditioning=conditioning_of(cfg))

@@ -1,4 +1,4 @@
-"""Load run specs and sweep specs from YAML with profiles and ``--set`` overrides.
+"""YAML files + profiles + ``--set`` -> one raw `Document` (not yet validated).
 
 A profile is a YAML file with up to two blocks::
 
@@ -16,19 +16,20 @@ after the shared profile (e.g. the smoke run of a two-dataset sweep drops its da
     profiles:
       smoke:
         sweep: {space: {data: null}}   # null removes a space axis
+
+This module knows no method plugin: `rsseg.runspec` validates the documents against the run spec
+assembled from the installed methods.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rsseg.config.loader import Document, apply_layer, apply_overrides, load_document, read_yaml, validate
-from rsseg.config.specs import RunSpecBase, SweepSpec, run_spec_model
+from rsseg.config.loader import Document, apply_layer, apply_overrides, load_document, read_yaml
 from rsseg.errors import ConfigError
 
 
@@ -49,7 +50,7 @@ def find_profile(name: str, near: str | os.PathLike | None = None) -> Path:
     raise ConfigError(f"profile {name!r} not found (looked for {searched}){hint}")
 
 
-def _profile_layers(name: str, near: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+def profile_layers(name: str, near: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     path = find_profile(name, near)
     data = read_yaml(path)
     unknown = set(data) - {"run", "sweep", "description"}
@@ -65,35 +66,21 @@ def is_sweep_document(data: dict[str, Any]) -> bool:
     return "base" in data or "space" in data or "search" in data
 
 
-@dataclass(frozen=True)
-class LoadedRun:
-    spec: RunSpecBase
-    document: Document
-    profile: str | None
-
-
-@dataclass(frozen=True)
-class LoadedSweep:
-    spec: SweepSpec
-    base: RunSpecBase
-    document: Document
-    profile: str | None
-    path: Path
-
-
-def load_run(path: str | os.PathLike, profile: str | None = None, overrides: list[str] | None = None) -> LoadedRun:
+def run_document(path: str | os.PathLike, profile: str | None = None, overrides: list[str] | None = None) -> Document:
+    """A run spec file with its profile's ``run`` block and the overrides merged in."""
     doc = load_document(path)
     if is_sweep_document(doc.data):
         raise ConfigError(f"{path}: this is a sweep file (it has base/space/search); run it with `platform sweep`")
     if profile:
-        ppath, run_layer, _ = _profile_layers(profile, path)
+        ppath, run_layer, _ = profile_layers(profile, path)
         apply_layer(doc, run_layer, str(ppath))
     apply_overrides(doc, overrides or [])
-    spec = validate(run_spec_model(), doc)
-    return LoadedRun(spec=spec, document=doc, profile=profile)
+    return doc
 
 
-def load_sweep(path: str | os.PathLike, profile: str | None = None, overrides: list[str] | None = None) -> LoadedSweep:
+def sweep_document(path: str | os.PathLike, profile: str | None = None, overrides: list[str] | None = None) -> Document:
+    """A sweep file with the profile (shared, then the file's own ``profiles:`` overlay) and the
+    overrides merged in; ``space`` axes set to null are removed."""
     doc = load_document(path)
     if not is_sweep_document(doc.data):
         raise ConfigError(f"{path}: not a sweep file (expected name, base, space, search); run a single spec with `platform finetune`")
@@ -101,38 +88,22 @@ def load_sweep(path: str | os.PathLike, profile: str | None = None, overrides: l
     if not isinstance(local, dict):
         raise ConfigError(f"{path}: profiles: expected a mapping of profile name -> {{run, sweep}}")
     if profile:
-        ppath, run_layer, sweep_layer = _profile_layers(profile, path)
+        ppath, run_layer, sweep_layer = profile_layers(profile, path)
         apply_layer(doc, sweep_layer, str(ppath))
         apply_layer(doc, run_layer, str(ppath), at="base")
-        overlay = local.get(Path(profile).stem, {}) or {}
+        name = Path(profile).stem
+        overlay = local.get(name, {}) or {}
         unknown = set(overlay) - {"run", "sweep"}
         if unknown:
-            raise ConfigError(f"{path}: profiles.{Path(profile).stem}.{sorted(unknown)[0]}: unknown key; expected run or sweep")
-        apply_layer(doc, overlay.get("sweep", {}) or {}, f"{path} (profiles.{Path(profile).stem})")
-        apply_layer(doc, overlay.get("run", {}) or {}, f"{path} (profiles.{Path(profile).stem})", at="base")
+            raise ConfigError(f"{path}: profiles.{name}.{sorted(unknown)[0]}: unknown key; expected run or sweep")
+        apply_layer(doc, overlay.get("sweep", {}) or {}, f"{path} (profiles.{name})")
+        apply_layer(doc, overlay.get("run", {}) or {}, f"{path} (profiles.{name})", at="base")
     apply_overrides(doc, overrides or [])
     space = doc.data.get("space")
     if isinstance(space, dict):  # an overlay or --set may remove an axis with null
         doc.data["space"] = {k: v for k, v in space.items() if v is not None}
-    spec = validate(SweepSpec, doc)
-    base = validate(run_spec_model(), doc, data=spec.base, prefix=("base",))
-    return LoadedSweep(spec=spec, base=base, document=doc, profile=profile, path=Path(path).resolve())
+    return doc
 
 
 def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
-
-
-def resolved_run_dict(spec: RunSpecBase) -> dict[str, Any]:
-    return spec.model_dump(mode="json", by_alias=True)
-
-
-def show(path: str | os.PathLike, profile: str | None = None, overrides: list[str] | None = None) -> str:
-    """The fully resolved config (every default filled in) as YAML."""
-    raw = load_document(path)
-    if is_sweep_document(raw.data):
-        loaded = load_sweep(path, profile, overrides)
-        out = loaded.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-        out["base"] = resolved_run_dict(loaded.base)
-        return dump_yaml(out)
-    return dump_yaml(resolved_run_dict(load_run(path, profile, overrides).spec))

@@ -1,0 +1,86 @@
+"""The one device policy (``runtime.device: auto | cpu | cuda``) every stage uses.
+
+``auto`` means: the GPU Ray granted this process when it runs inside a Ray task (a sweep trial
+with ``search.resources.gpu`` > 0, a Train worker with ``use_gpu``), else the local CUDA device
+when torch sees one, else the CPU. ``cuda`` without a CUDA device — or a Ray grant of a GPU that
+torch cannot see — is a one-line error: a paper-scale run never falls back to the CPU silently.
+Precision follows the device: bf16 autocast on CUDA (``precision: auto | bf16``), fp32 otherwise;
+the noise maths stays float32 either way (methods/ddpm/noise.py).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from rsseg.errors import ConfigError
+
+
+def ray_granted_gpus() -> list | None:
+    """The GPU ids Ray granted this process, or None outside a Ray worker."""
+    try:
+        import ray
+    except ImportError:  # the compute core runs without Ray (a GPU box with torch only)
+        return None
+    if not ray.is_initialized():
+        return None
+    try:
+        ctx = ray.get_runtime_context()
+        if ctx.worker.mode != ray.WORKER_MODE:
+            return None
+        return list(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - not inside a task or actor
+        return None
+
+
+def resolve(setting: str = "auto") -> torch.device:
+    if setting == "cpu":
+        return torch.device("cpu")
+    has_cuda = torch.cuda.is_available()
+    granted = ray_granted_gpus()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    if granted and not has_cuda:
+        raise ConfigError(f"runtime.device: Ray granted this process GPU {granted} but torch {torch.__version__} sees no CUDA "
+                          f"device (CUDA_VISIBLE_DEVICES={visible}); install a CUDA build of torch (TORCH_SPEC) on the workers")
+    if setting == "cuda":
+        if not has_cuda:
+            raise ConfigError(f"runtime.device: cuda, but torch {torch.__version__} sees no CUDA device "
+                              f"(CUDA_VISIBLE_DEVICES={visible}); use runtime.device: auto or cpu, or a GPU machine")
+        if granted is not None and not granted:
+            raise ConfigError("runtime.device: cuda, but Ray granted this process no GPU (search.resources.gpu or "
+                              "pretrain.runtime.gpus_per_worker is 0)")
+        return torch.device("cuda")
+    if granted is not None:  # inside Ray: the grant decides
+        return torch.device("cuda") if granted else torch.device("cpu")
+    return torch.device("cuda") if has_cuda else torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str = "auto") -> AbstractContextManager:
+    """bf16 autocast on CUDA (``auto`` / ``bf16``), nothing on the CPU or with ``fp32``."""
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def describe(device: torch.device) -> str:
+    """``cpu`` or ``cuda:0 (NVIDIA H200)``: what runs log as their device."""
+    if device.type != "cuda":
+        return "cpu"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def check_sweep_resources(device_setting: str, gpus_per_trial: float, cluster_gpus: float | None) -> None:
+    """Before any trial starts: the device policy and the trial's GPU share must agree with
+    each other and (when known) with the cluster."""
+    if device_setting == "cpu" and gpus_per_trial > 0:
+        raise ConfigError(f"runtime.device: cpu, but each trial reserves {gpus_per_trial:g} GPU (search.resources.gpu); "
+                          "set search.resources.gpu: 0 or runtime.device: auto")
+    if device_setting == "cuda" and gpus_per_trial == 0:
+        raise ConfigError("runtime.device: cuda, but trials reserve no GPU (search.resources.gpu: 0); give each trial a share, "
+                          "e.g. --set search.resources.gpu=0.25")
+    if cluster_gpus is not None and gpus_per_trial > 0 and cluster_gpus == 0:
+        raise ConfigError(f"search.resources.gpu: each trial reserves {gpus_per_trial:g} GPU but the Ray cluster has none; "
+                          "run on a GPU cluster (--address) or set --set search.resources.gpu=0 --set base.runtime.device=cpu")

@@ -1,0 +1,127 @@
+"""The paper's method as a self-contained package: DDPM pre-training of a diffusers UNet, frozen
+multi-timestep decoder features, the MLP segmentor.
+
+    spec.py       the ``ddpm:`` block of a run spec (UNet, schedule, optimiser, features)
+    unet.py       UNet presets (tiny, ho256, sr3), torch-free
+    noise.py      the noise schedule and the forward process
+    objective.py  the pre-training objective for the shared trainer
+    encoder.py    the feature extractor (encoder contract)
+    weights.py    loading weights with an asserted key set
+
+It registers through the ``rsseg.methods`` entry point (pyproject.toml) like every baseline.
+"""
+
+from __future__ import annotations
+
+from rsseg.methods import Method
+from rsseg.methods.ddpm.spec import DdpmSpec
+
+
+def tags(run) -> dict[str, object]:
+    f = run.ddpm.features
+    return {
+        "timesteps": ",".join(str(t) for t in f.timesteps),
+        "side": f.side,
+        "resolutions": ",".join(str(r) for r in f.resolutions),
+        "unet": run.ddpm.unet.preset,
+        "noise": f.noise,
+        # what the timestep numbers mean under this run's schedule (Table 2's footer shows it)
+        "sqrt_abar": ",".join(f"{t}={s:.4f}" for t, s in signal_scales(run).items()),
+        "weights": f.weights,
+        "pretrain_init": run.pretrain.init or "",
+    }
+
+
+def signal_scales(run) -> dict[int, float]:
+    """sqrt(abar_t) of the run's feature timesteps under its schedule and conditioning."""
+    from rsseg.methods.ddpm.noise import ForwardProcess
+    from rsseg.methods.ddpm.unet import conditioning_of, unet_config
+
+    process = ForwardProcess(run.ddpm.schedule, conditioning_of(unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides)))
+    return {t: process.signal(t) for t in run.ddpm.features.timesteps}
+
+
+def checks(run) -> list[tuple[str, str]]:
+    problems = []
+    warmup, total = run.ddpm.optim.warmup_iterations, run.pretrain.iterations.n_total
+    if warmup > total:
+        problems.append(("ddpm.optim.warmup_iterations",
+                         f"warm-up of {warmup} iterations is longer than the whole pre-training ({total} iterations, pretrain.iterations)"))
+    f = run.ddpm.features
+    last = max_timestep(run)
+    if f.timesteps and max(f.timesteps) > last:
+        problems.append(("ddpm.features.timesteps", f"timestep {max(f.timesteps)} is outside the schedule's 0..{last}"))
+    return problems
+
+
+def max_timestep(run) -> int:
+    """The largest feature timestep: T - 1 for a timestep-conditioned UNet, T for an SR3 one
+    (DDPM-CD's t indexes sqrt_alphas_cumprod_prev, 0..T)."""
+    from rsseg.methods.ddpm.unet import conditioning_of, unet_config
+
+    cfg = unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides)
+    T = run.ddpm.schedule.train_steps
+    return T - 1 if conditioning_of(cfg) == "timestep" else T
+
+
+def preflight(run) -> list[tuple[str, str]]:
+    """Before a sweep starts: imported weights a run uses must be its network and schedule."""
+    from rsseg.methods.ddpm.noise import schedules_match
+    from rsseg.methods.ddpm.unet import jsonable, unet_config
+    from rsseg.pretrain.store import find_imported
+    from rsseg.workdir import Workdir
+
+    problems = []
+    for key, name in (("ddpm.features.weights", run.ddpm.features.imported), ("pretrain.init", run.pretrain.init)):
+        found = find_imported(Workdir.resolve(), name) if name else None
+        if found is None:
+            continue
+        theirs = found.load()["objective"]
+        if not schedules_match(theirs["schedule"], run.ddpm.schedule):
+            problems.append((key, f"the imported weights {name!r} come with another schedule ({theirs['schedule']}); set "
+                                  "ddpm.schedule to it (e.g. ddpm.schedule.preset: ddpm_cd)"))
+        if key == "pretrain.init":
+            ours = jsonable(unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides, in_channels=theirs["unet"]["in_channels"]))
+            diff = sorted(k for k in set(ours) | set(theirs["unet"]) if k != "sample_size" and ours.get(k) != theirs["unet"].get(k))
+            if diff:
+                problems.append((key, f"the imported weights {name!r} are another network than ddpm.unet ({', '.join(diff)} differ)"))
+    return problems
+
+
+def needs_pretraining(run) -> bool:
+    """ema / raw features come from this run's pre-training; random and imported weights need none."""
+    return run.ddpm.features.weights in ("ema", "raw")
+
+
+def unavailable(run) -> str | None:
+    """Imported weights named by the run but not in the store: its cells are skipped (with how to
+    import them) rather than failing the whole sweep."""
+    from rsseg.pretrain.store import imported_fingerprint
+    from rsseg.workdir import Workdir
+
+    for key, name in (("ddpm.features.weights", run.ddpm.features.imported), ("pretrain.init", run.pretrain.init)):
+        if name and imported_fingerprint(Workdir.resolve(), name) is None:
+            return (f"{key}: weights {name!r} are not imported (`platform weights import PATH --format ddpm-cd --name {name}`), "
+                    "so its cells are skipped")
+    return None
+
+
+METHOD = Method(
+    name="ddpm",
+    summary="DDPM pre-trained UNet (diffusers), multi-timestep decoder features (ours in the paper)",
+    label="ours (DDPM)",
+    block="ddpm",
+    spec=DdpmSpec,
+    objective="rsseg.methods.ddpm.objective:build_objective",
+    pretrain_keys=("unet", "schedule", "optim"),
+    encoder="rsseg.methods.ddpm.encoder:build_encoder",
+    skeleton="rsseg.methods.ddpm.encoder:skeleton",
+    importers=(("diffusers", "rsseg.methods.ddpm.weights:import_diffusers"), ("ddpm-cd", "rsseg.methods.ddpm.weights:import_ddpm_cd")),
+    heads=("mlp", "mlp"),
+    tags="rsseg.methods.ddpm:tags",
+    tag_keys=("timesteps", "side", "resolutions", "unet", "noise", "sqrt_abar", "weights", "pretrain_init"),
+    checks="rsseg.methods.ddpm:checks",
+    needs_pretraining_fn="rsseg.methods.ddpm:needs_pretraining",
+    unavailable="rsseg.methods.ddpm:unavailable",
+    preflight="rsseg.methods.ddpm:preflight",
+)

@@ -1,0 +1,163 @@
+"""The driver side of a pre-training: plan it, open its MLflow run, run the workers on Ray Train.
+
+``train(run)`` checks the imagery (tile indexes, phases), opens the MLflow run (or continues the
+unfinished one of the same fingerprint) and starts a ``TorchTrainer`` with N workers under a
+deterministic Train run name, so re-running the same spec resumes instead of restarting. What
+each worker does is `rsseg.pretrain.trainer.Trainer`; whether to train at all is decided by
+`rsseg.pretrain.ensure`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+from rsseg.errors import CheckpointError, ConfigError, DataError
+from rsseg.pretrain import store
+from rsseg.pretrain.trainer import Fault, TrainPlan
+from rsseg.workdir import Workdir
+
+
+def plan_checks(run, archive_ds, homogeneous_ds, workers: int) -> tuple[int, int]:
+    n_archive, n_homogeneous = run.pretrain.iterations.counts()
+    if n_homogeneous and len(homogeneous_ds) == 0:
+        raise DataError(
+            f"no unlabeled tiles for step-2 pre-training in {run.data.dataset} "
+            f"(pretrain.homogeneous = {list(run.pretrain.homogeneous)}); add unlabelled scenes or use the train split"
+        )
+    if n_archive and (archive_ds is None or len(archive_ds) == 0):
+        raise DataError(
+            f"pretrain.iterations asks for {n_archive} archive iterations but there is no archive imagery "
+            f"(pretrain.archive.source = {run.pretrain.archive.source}); set pretrain.archive.root or use homogeneous only"
+        )
+    if run.pretrain.batch_size % workers:
+        raise ConfigError(f"pretrain.batch_size: {run.pretrain.batch_size} is not divisible by {workers} workers")
+    return n_archive, n_homogeneous
+
+
+class _Progress(threading.Thread):
+    """Polls the store's progress file and prints iterations, loss, images/s and ETA."""
+
+    def __init__(self, path: Path, label: str):
+        super().__init__(daemon=True)
+        self.path, self.label = path, label
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        from rsseg.progress import line
+
+        last = None
+        while not self.stop_event.wait(1.0):
+            try:
+                p = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if p != last:
+                last = p
+                line(f"{self.label} step {p['step']}/{p['total']} ({p['phase']})  loss {p['loss']:.4f}  "
+                     f"lr {p['lr']:.2e}  {p['images_per_s']:.1f} img/s  ETA {p['eta_s'] / 60:.1f} min")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=2)
+
+
+def _open_run(run, workdir: Workdir, uri: str, profile: str | None, tags: dict[str, str] | None):
+    from rsseg import tracking
+    from rsseg.runtags import RunTags
+
+    fp = run.pretrain_fingerprint
+    tracking.init_store(uri)
+    run_tags = RunTags.for_run(run, kind="pretrain", profile=profile).to_tags() | (tags or {})
+    mlrun = tracking.start_run(uri, tracking.PRETRAIN_EXPERIMENT, f"pretrain-{run.method}-{fp[:8]}", tags=run_tags, workdir=workdir,
+                               reuse_tag=("pretrain_fingerprint", fp))
+    block = run.method_block.model_dump(mode="json") if run.method_block is not None else {}
+    mlrun.log_params(tracking.flatten({"pretrain": run.pretrain.model_dump(mode="json"), run.plugin.block or "method": block,
+                                       "data": run.data.model_dump(mode="json"), "fingerprint": fp}))
+    return mlrun
+
+
+def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None, resume_from: str | Path | None = None,
+          fault: Fault | None = None, tracking_uri: str | None = None, progress: bool = False,
+          threads_per_worker: int | None = None, profile: str | None = None, tags: dict[str, str] | None = None,
+          concurrent: int = 1) -> store.Pretrained | None:
+    """Train (or resume) the pre-training of ``run``. Returns the finished checkpoint, or None
+    when ``stop_after`` stopped it early. ``concurrent``: how many pre-trainings share the
+    cluster right now (the sweep driver runs several when they fit)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rsseg import raycluster, tracking
+    from rsseg.pretrain.data import pretrain_datasets
+
+    workdir = workdir or Workdir.resolve()
+    runtime = run.pretrain.runtime
+    workers = runtime.workers
+    fp = run.pretrain_fingerprint
+    sdir = store.StoreDir.for_run(run, workdir)
+    archive_ds, homogeneous_ds = pretrain_datasets(run, workdir)  # builds and caches the indexes once, here
+    counts = plan_checks(run, archive_ds, homogeneous_ds, workers)
+    if resume_from is not None:
+        store.load(Path(resume_from), fp)  # refuse a foreign checkpoint before starting anything
+    from rsseg.pretrain.identity import identity
+
+    store.write_spec(sdir, run, identity(run))
+    uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, workdir)
+    mlrun = _open_run(run, workdir, uri, profile, tags)
+
+    raycluster.init()
+    res = raycluster.worker_resources(runtime, run.runtime.device, concurrent)
+    mlrun.set_tags({"device": "cuda" if res.use_gpu else "cpu", "workers": str(workers),
+                    "resources_per_worker": ", ".join(f"{k} {v:g}" for k, v in res.as_dict().items())})
+    plan = TrainPlan(
+        fingerprint=fp, store_root=str(sdir.root), workdir=str(workdir.root), run=run.model_dump(mode="json"),
+        in_channels=int(homogeneous_ds[0]["image"].shape[0]), counts=counts, tracking_uri=uri, mlflow_run_id=mlrun.run_id,
+        threads=threads_per_worker or max(1, int(res.cpus)), stop_after=stop_after,
+        resume_from=str(resume_from) if resume_from else None, fault=fault,
+    )
+    from rsseg.pretrain.trainer import worker_loop
+
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"plan": asdict(plan)},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=res.use_gpu, resources_per_worker=res.as_dict(),
+                                     placement_strategy=runtime.placement),
+        run_config=RunConfig(
+            name=f"pretrain-{run.method}-{fp}",
+            storage_path=str(workdir.ray_storage),
+            failure_config=FailureConfig(max_failures=runtime.max_failures, controller_failure_limit=runtime.controller_failure_limit),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    watcher = _Progress(sdir.progress, f"pretrain {fp[:8]}") if progress else None
+    with tracking.tracked(mlrun) as outcome:
+        if watcher:
+            watcher.start()
+        try:
+            _fit(trainer, fp)
+        finally:
+            if watcher:
+                watcher.stop()
+        if stop_after is not None and stop_after < sum(counts):
+            outcome.status, outcome.tags = "KILLED", {"stopped_at": str(stop_after)}
+            return None
+        found = store.find(run, workdir)
+        if found is None:
+            raise CheckpointError(f"pre-training {fp} ended without a valid final checkpoint in {sdir.root}")
+        return found
+
+
+def _fit(trainer, fp: str) -> None:
+    """``trainer.fit()``, with Ray's wrapped errors turned into one line naming the root cause."""
+    import ray
+
+    try:
+        trainer.fit()
+    except Exception as exc:
+        if isinstance(exc, ray.exceptions.RayError) or type(exc).__module__.startswith("ray"):
+            from rsseg.tracking import error_reason
+
+            raise CheckpointError(f"pre-training {fp} failed: {error_reason(exc)}") from exc
+        raise

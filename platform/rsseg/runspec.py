@@ -1,0 +1,125 @@
+"""The run spec, assembled from the installed methods: `RunSpecBase` (config, plugin-free) plus
+one block per method spec (``ddpm:``, ``mae:``, ``convnext:`` ...), validated in one place.
+
+This module sits above both the config edge and the method registry, so imports run downward:
+``config`` knows no plugin, methods import only the config specs they extend. Loading a YAML file
+into a validated spec (`load_run`, `load_sweep`) happens here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import create_model, field_validator, model_validator
+
+from rsseg.config.loader import Document, load_document, validate
+from rsseg.config.profiles import dump_yaml, is_sweep_document, run_document, sweep_document
+from rsseg.config.specs import RunSpecBase, SweepSpec
+from rsseg.methods import Method, registry
+
+
+class _Checked(RunSpecBase):
+    """The method-aware checks and derived values every assembled RunSpec has."""
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        methods = registry()
+        if v not in methods:
+            raise ValueError(f"unknown method {v!r}; installed: {', '.join(sorted(methods))}")
+        return v
+
+    @model_validator(mode="after")
+    def _method_checks(self) -> "_Checked":
+        problems = self.plugin.check(self)
+        if problems:
+            key, message = problems[0]
+            # "@key: message" lets the loader name the dotted key in its one-line error.
+            raise ValueError(f"@{key}: {message}")
+        return self
+
+    @property
+    def plugin(self) -> Method:
+        """The registered method this run uses."""
+        return registry()[self.method]
+
+    @property
+    def method_block(self) -> Any:
+        """This run's method options (``run.ddpm`` for ddpm), or None for a block-less method."""
+        return getattr(self, self.plugin.block) if self.plugin.block else None
+
+    @property
+    def needs_pretraining(self) -> bool:
+        return self.plugin.needs_pretraining(self)
+
+    @functools.cached_property
+    def pretrain_fingerprint(self) -> str:
+        """The identity of this run's pre-training (computed once per spec)."""
+        from rsseg.pretrain.identity import fingerprint
+
+        return fingerprint(self)
+
+
+@functools.lru_cache(maxsize=1)
+def run_spec_model() -> type[RunSpecBase]:
+    """RunSpec with one block per installed method's spec."""
+    blocks: dict[str, Any] = {}
+    for method in registry().values():
+        if method.block and method.block not in blocks:
+            blocks[method.block] = (method.spec, method.spec())
+    return create_model("RunSpec", __base__=_Checked, **blocks)
+
+
+def RunSpec(**kwargs: Any) -> RunSpecBase:  # noqa: N802 - reads like the class it builds
+    return run_spec_model()(**kwargs)
+
+
+def parse_run(data: dict[str, Any]) -> RunSpecBase:
+    """A run spec from its JSON form (a plan's trial, a checkpoint's spec)."""
+    return run_spec_model().model_validate(data)
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    spec: RunSpecBase
+    document: Document
+    profile: str | None
+
+
+@dataclass(frozen=True)
+class LoadedSweep:
+    spec: SweepSpec
+    base: RunSpecBase
+    document: Document
+    profile: str | None
+    path: Path
+
+
+def load_run(path: str | os.PathLike, profile: str | None = None, overrides: list[str] | None = None) -> LoadedRun:
+    doc = run_document(path, profile, overrides)
+    return LoadedRun(spec=validate(run_spec_model(), doc), document=doc, profile=profile)
+
+
+def load_sweep(path: str | os.PathLike, profile: str | None = None, overrides: list[str] | None = None) -> LoadedSweep:
+    doc = sweep_document(path, profile, overrides)
+    spec = validate(SweepSpec, doc)
+    base = validate(run_spec_model(), doc, data=spec.base, prefix=("base",))
+    return LoadedSweep(spec=spec, base=base, document=doc, profile=profile, path=Path(path).resolve())
+
+
+def resolved_run_dict(spec: RunSpecBase) -> dict[str, Any]:
+    return spec.model_dump(mode="json", by_alias=True)
+
+
+def show(path: str | os.PathLike, profile: str | None = None, overrides: list[str] | None = None) -> str:
+    """The fully resolved config (every default filled in) as YAML."""
+    if is_sweep_document(load_document(path).data):
+        loaded = load_sweep(path, profile, overrides)
+        out = loaded.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+        out["base"] = resolved_run_dict(loaded.base)
+        return dump_yaml(out)
+    return dump_yaml(resolved_run_dict(load_run(path, profile, overrides).spec))

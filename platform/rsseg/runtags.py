@@ -1,0 +1,85 @@
+"""The one MLflow run-tag schema: written by every run (pre-training, fine-tuning, sweep trial,
+evaluation), read back by the tables. Tables are queries on these tags, so the names are the
+contract; a method adds its own setting tags (timesteps, backbone, ...) under the names it
+declares in `Method.tag_keys`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+@dataclass(frozen=True)
+class RunTags:
+    kind: str  # "pretrain" | "finetune" | "sweep" | "evaluate"
+    method: str = ""
+    dataset: str = ""
+    profile: str = ""
+    git_commit: str = ""
+    table: str = ""  # which paper table / figure the run fills (sweep trials)
+    sweep: str = ""
+    sweep_parent: str = ""
+    trial_id: str = ""
+    trial_key: str = ""  # fingerprint of the trial's resolved spec: re-runs count once
+    attempt: str = ""
+    label_ratio: str = ""
+    frozen: str = ""
+    seed: str = ""
+    head: str = ""
+    ft_params_M: str = ""
+    pretrain_fingerprint: str = ""
+    homogeneous_share: str = ""  # Fig. 9/10 key: the share of homogeneous pre-training iterations
+    method_tags: dict[str, str] = field(default_factory=dict)  # the method's own (Method.tag_keys)
+    space: dict[str, str] = field(default_factory=dict)  # the sweep axes' values (space.<key>)
+
+    @classmethod
+    def for_run(cls, run, *, kind: str, profile: str | None = None, **extra: Any) -> "RunTags":
+        """The tags of a run spec; ``extra`` sets the sweep fields (table, trial_id, ...)."""
+        from rsseg.provenance import git_commit
+
+        values: dict[str, Any] = dict(
+            kind=kind, method=run.method, dataset=run.data.dataset, profile=profile or "", git_commit=git_commit(),
+            label_ratio=f"{run.data.label_ratio:g}", frozen=str(run.finetune.frozen).lower(), seed=str(run.seed),
+            method_tags=run.plugin.run_tags(run),
+        )
+        if kind == "pretrain":
+            values.update(label_ratio="", frozen="", seed="")
+        if run.needs_pretraining:
+            values.update(pretrain_fingerprint=run.pretrain_fingerprint,
+                          homogeneous_share=f"{run.pretrain.iterations.homogeneous_share:g}")
+        values.update({k: (v if isinstance(v, dict) else str(v)) for k, v in extra.items() if v is not None})
+        return cls(**values)
+
+    def to_tags(self) -> dict[str, str]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("method_tags", "space")}
+        out = {k: v for k, v in out.items() if v != ""}
+        out.update(self.method_tags)
+        out.update({f"space.{k}": str(v) for k, v in self.space.items()})
+        return out
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> "RunTags":
+        from rsseg.methods import registry
+
+        own = {f.name for f in fields(cls)} - {"method_tags", "space"}
+        method = registry().get(tags.get("method", ""))
+        keys = method.tag_keys if method is not None else ()
+        return cls(
+            **{k: tags.get(k, "") for k in own if k != "kind"}, kind=tags.get("kind", ""),
+            method_tags={k: tags[k] for k in keys if k in tags},
+            space={k[len("space."):]: v for k, v in tags.items() if k.startswith("space.")},
+        )
+
+    def row(self) -> dict[str, str]:
+        """A flat row for the tables (the method's tags as columns of their own)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("method_tags", "space")}
+        return out | self.method_tags
+
+    @staticmethod
+    def columns() -> list[str]:
+        """Every column `row` can have: the schema's fields and every installed method's tags."""
+        from rsseg.methods import registry
+
+        own = [f.name for f in fields(RunTags) if f.name not in ("method_tags", "space")]
+        extra = sorted({k for m in registry().values() for k in m.tag_keys} - set(own))
+        return own + extra

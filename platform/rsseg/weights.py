@@ -1,0 +1,78 @@
+"""Released weights in (``platform weights import``) and out (``export``).
+
+A method declares the formats it can read (`Method.importers`: format -> converter); the
+converted weights go into the checkpoint store once, under a name, fingerprinted by the source's
+hash with its path and format recorded. Runs then refer to them by name (DDPM:
+``ddpm.features.weights: NAME`` for frozen features straight from the import, or
+``pretrain.init: NAME`` to start pre-training from them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from rsseg.errors import CheckpointError, ConfigError
+from rsseg.workdir import Workdir
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RESERVED = ("ema", "raw", "random")
+
+
+def formats() -> dict[str, tuple[str, str]]:
+    """format -> (method, "module:function") over the installed methods."""
+    from rsseg.methods import registry
+
+    return {fmt: (m.name, ref) for m in registry().values() for fmt, ref in m.importers}
+
+
+def source_hash(path: Path) -> str:
+    """SHA-256 of a weights file, or of a directory's files (names and contents, sorted)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def import_weights(path: Path, fmt: str, name: str, workdir: Workdir | None = None) -> tuple[object, bool]:
+    """Convert ``path`` once into the store as ``name``; returns (Pretrained, newly imported)."""
+    from rsseg.imports import load_object
+    from rsseg.pretrain import store
+
+    workdir = workdir or Workdir.resolve()
+    known = formats()
+    if fmt not in known:
+        raise ConfigError(f"--format {fmt!r}: unknown weights format; expected one of {', '.join(sorted(known))}")
+    if not NAME_RE.match(name) or name in RESERVED:
+        raise ConfigError(f"--name {name!r}: expected letters, digits, '.', '_' or '-' (and not {', '.join(RESERVED)})")
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise CheckpointError(f"{path}: weights not found")
+    sha = source_hash(path)
+    existing = store.imported_fingerprint(workdir, name)
+    if existing is not None:
+        if existing == "import-" + sha[:16]:
+            return store.find_imported(workdir, name), False
+        raise CheckpointError(f"--name {name!r}: other weights are already imported under this name ({existing}); "
+                              "choose another --name")
+    method, ref = known[fmt]
+    state = load_object(ref)(path)
+    return store.write_imported(workdir, name, method, state, {"source": str(path), "format": fmt, "sha256": sha}), True
+
+
+def imported(name: str, workdir: Workdir | None = None):
+    """The imported weights ``name`` (a one-line error saying how to import them when absent)."""
+    from rsseg.pretrain import store
+
+    workdir = workdir or Workdir.resolve()
+    found = store.find_imported(workdir, name)
+    if found is None:
+        have = ", ".join(d["name"] for d in store.list_imported(workdir)) or "none"
+        raise CheckpointError(f"weights {name!r} are not imported in {workdir.root} (imported: {have}); "
+                              f"run `platform weights import PATH --format ... --name {name}`")
+    return found
