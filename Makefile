@@ -1,7 +1,8 @@
 # rsseg — two commands on a fresh machine: `make demo` and `make test`. Each creates .venv and
 # installs torch (through TORCH_SPEC, a CPU wheel by default) and the project with its test extras.
 #
-#   make demo                     the noise-ablation sweep on the built-in synthetic data, then the tables
+#   make demo                     the noise-ablation sweep on the built-in synthetic data, the tables, and the best
+#                                 run's class map of one built-in scene (GeoTIFF + PNG in tables/prediction/)
 #   make test                     the whole test suite (real Ray, real MLflow; ~13 min on 2 cores)
 #   make test-fast                without the slow end-to-end tests
 #   make tables                   Tables 1-5 and Figs 9-10 from MLflow into tables/ (Markdown, LaTeX, CSV, PNG)
@@ -33,6 +34,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/platform sweep sweeps/noise_ablation.yaml --profile smoke
 	$(BIN)/platform tables --out tables
+	$(BIN)/platform predict best:noise_ablation dataset:0 --out tables/prediction --quicklook --overwrite
 
 tables: $(STAMP)
 	$(BIN)/platform tables --out tables
