@@ -70,12 +70,12 @@ def test_tracked_run_logs_metrics_per_class_iou_and_artifacts(workdir):
     r = c.get_run(tracker.run_id)
     assert r.info.status == "FINISHED"
     m = r.data.metrics
-    assert m["mIoU"] == pytest.approx(result.test.miou)
+    assert m["test/mIoU"] == pytest.approx(result.test.miou)
     abbrs = result.class_abbrs
-    assert {f"IoU/{a}" for a, v in zip(abbrs, result.test.iou) if v == v} <= set(m)
+    assert {f"test/IoU/{a}" for a, v in zip(abbrs, result.test.iou) if v == v} <= set(m)
     assert {"val/mIoU", "train/loss", "params/trainable", "time/total_s"} <= set(m)
     assert r.data.tags["method"] == "ddpm" and r.data.tags["frozen"] == "true" and r.data.tags["timesteps"] == "0,50"
-    arts = {a.path for a in c.list_artifacts(tracker.run_id)}
+    arts = set(tracking.list_artifacts(tracker.uri, tracker.run_id))
     assert {"confusion_matrix.png", "metrics.json", "config.yaml", "predictions.png"} <= arts
     assert r.data.params["finetune.iterations"] == "4"
 

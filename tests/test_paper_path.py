@@ -63,7 +63,7 @@ def test_noise_ablation_under_the_paper_profile_runs_end_to_end_on_minifrance_fo
     t = kid.data.tags
     assert kid.info.status == "FINISHED" and t["profile"] == "paper" and t["dataset"] == "minifrance" and t["device"] == "cpu"
     assert t["unet"] == "sr3" and t["sqrt_abar"] == "150=0.9724,100=0.9876,50=0.9969"
-    assert {"mIoU", "perf/iterations_per_s", "perf/extraction_tiles_per_s"} <= set(kid.data.metrics)
+    assert {"test/mIoU", "perf/iterations_per_s", "perf/extraction_tiles_per_s"} <= set(kid.data.metrics)
     assert (wd.root / "models" / kid.info.run_id / "model.json").exists()
     c = tracking.client(uri)
     (pre,) = c.search_runs([c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT).experiment_id])

@@ -39,7 +39,7 @@ def test_every_finetuning_run_saves_its_model_and_mlflow_has_it(trained):
     assert meta["encoder"] == {"kind": "none", "finetuned": False} and meta["run"]["ddpm"]["features"]["timesteps"] == [0]
     assert meta["git_commit"] and meta["test"]["mIoU"] == pytest.approx(result.test.miou)
     c = tracking.client(tracker.uri)
-    assert {a.path for a in c.list_artifacts(tracker.run_id, "model")} == {"model/model.json", "model/model.pt"}
+    assert set(tracking.list_artifacts(tracker.uri, tracker.run_id, "model")) == {"model/model.json", "model/model.pt"}
     out = CliRunner().invoke(app, ["--workdir", str(wd.root), "models", "list"])
     assert out.exit_code == 0 and f"runs:/{tracker.run_id}" in out.output and "test mIoU" in out.output
 

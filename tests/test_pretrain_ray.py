@@ -63,7 +63,7 @@ def test_two_workers_loss_goes_down_and_run_is_tracked(reference):
     assert mlrun.info.status == "FINISHED"
     assert mlrun.data.tags["pretrain_fingerprint"] == result.fingerprint
     assert {"loss", "lr", "images_per_s"} <= set(mlrun.data.metrics)
-    arts = {a.path for a in c.list_artifacts(result.mlflow_run_id, "samples")}
+    arts = set(tracking.list_artifacts(tracking.resolve_uri(None, wd), result.mlflow_run_id, "samples"))
     assert arts == {"samples/denoising.png", "samples/samples.png"}
     state = result.load()
     assert state["step"] == 24 and state["fingerprint"] == result.fingerprint and state["git_commit"]

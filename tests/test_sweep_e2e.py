@@ -72,7 +72,7 @@ def test_noise_ablation_smoke_end_to_end(noise_ablation):
     assert {k.data.tags["timesteps"] for k in kids} == {"0", "50", "100", "100,50", "200,100,50", "150,100,50"}
     for k in kids:
         m, t = k.data.metrics, k.data.tags
-        assert 0 <= m["mIoU"] <= 1 and any(key.startswith("IoU/") for key in m)
+        assert 0 <= m["test/mIoU"] <= 1 and any(key.startswith("test/IoU/") for key in m)
         assert t["sweep"] == "noise_ablation" and t["table"] == "table2" and t["method"] == "ddpm"
         assert t["label_ratio"] == "0.02" and t["frozen"] == "true" and t["profile"] == "smoke" and t["dataset"] == "synthetic"
         assert t["git_commit"] and t["mlflow.parentRunId"] == result.parent_run_id

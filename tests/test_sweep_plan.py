@@ -114,7 +114,7 @@ def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, workdir):
     uri = f"http://127.0.0.1:{port}"
     with pytest.raises(TrackingError, match=rf"MLflow tracking server {uri} is unreachable"):
         run_sweep(load_sweep(p), workdir, tracking_uri=uri)
-    assert not (workdir.root / "sweeps" / "t").exists()  # no state, no trial
+    assert not (workdir.root / "sweeps" / "t" / "state.json").exists()  # no state, no trial
 
 
 def test_profile_overlay_in_a_sweep_file_removes_an_axis():

@@ -34,23 +34,23 @@ def store(tmp_path_factory):
     c = MlflowClient(tracking_uri=uri)
     t2 = dict(table="table2", timesteps="150,100,50")
     # Table 2, t = [150, 100, 50]: seeds 0 and 1 (seed 1 re-run: the older run must not count)
-    _run(c, "noise_ablation", **t2, seed="0", trial_key="k0", end=1, metrics={"mIoU": 0.70, "IoU/UB": 0.80, "IoU/Water": 0.60})
-    _run(c, "noise_ablation", **t2, seed="1", trial_key="k1", end=2, metrics={"mIoU": 0.10, "IoU/UB": 0.10, "IoU/Water": 0.10})
-    _run(c, "noise_ablation_again", **t2, seed="1", trial_key="k1", end=5, metrics={"mIoU": 0.74, "IoU/UB": 0.90, "IoU/Water": 0.58})
+    _run(c, "noise_ablation", **t2, seed="0", trial_key="k0", end=1, metrics={"test/mIoU": 0.70, "test/IoU/UB": 0.80, "test/IoU/Water": 0.60})
+    _run(c, "noise_ablation", **t2, seed="1", trial_key="k1", end=2, metrics={"test/mIoU": 0.10, "test/IoU/UB": 0.10, "test/IoU/Water": 0.10})
+    _run(c, "noise_ablation_again", **t2, seed="1", trial_key="k1", end=5, metrics={"test/mIoU": 0.74, "test/IoU/UB": 0.90, "test/IoU/Water": 0.58})
     # a FAILED run of the same cell, with a value that would show if it counted
-    _run(c, "noise_ablation", **t2, seed="2", trial_key="k2", end=3, status="FAILED", metrics={"mIoU": 0.05})
+    _run(c, "noise_ablation", **t2, seed="2", trial_key="k2", end=3, status="FAILED", metrics={"test/mIoU": 0.05})
     # t = [0], one seed
-    _run(c, "noise_ablation", table="table2", timesteps="0", trial_key="k3", end=4, metrics={"mIoU": 0.66, "IoU/UB": 0.7})
+    _run(c, "noise_ablation", table="table2", timesteps="0", trial_key="k3", end=4, metrics={"test/mIoU": 0.66, "test/IoU/UB": 0.7})
     # a run of the same table on another profile: never mixed in
-    _run(c, "noise_ablation", **t2, profile="paper", dataset="minifrance", trial_key="k4", end=0, metrics={"mIoU": 0.99})
+    _run(c, "noise_ablation", **t2, profile="paper", dataset="minifrance", trial_key="k4", end=0, metrics={"test/mIoU": 0.99})
     # another table: Table 3, ours frozen at 2 %
-    _run(c, "label_ratio", table="table3", trial_key="k5", end=6, metrics={"mIoU": 0.5, "params/trainable": 16_300_000})
+    _run(c, "label_ratio", table="table3", trial_key="k5", end=6, metrics={"test/mIoU": 0.5, "params/trainable": 16_300_000})
     # figures: pre-training strategies and homogeneous share
     for i, (share, v) in enumerate([("0", 0.40), ("0.1", 0.45), ("1", 0.43)]):
-        _run(c, "pretrain_strategy", table="fig9", homogeneous_share=share, trial_key=f"f9{i}", end=10 + i, metrics={"mIoU": v})
+        _run(c, "pretrain_strategy", table="fig9", homogeneous_share=share, trial_key=f"f9{i}", end=10 + i, metrics={"test/mIoU": v})
     for i, (share, v) in enumerate([("0", 0.50), ("0.5", 0.60), ("0.5", 0.64), ("1", 0.55)]):
         _run(c, "homogeneous_ratio", table="fig10", homogeneous_share=share, seed=str(i), trial_key=f"f10{i}", end=20 + i,
-             metrics={"mIoU": v})
+             metrics={"test/mIoU": v})
     return uri
 
 

@@ -68,8 +68,9 @@ def _main(
 ) -> None:
     from rsseg.workdir import Workdir
 
-    # Exported so that Ray workers and subprocesses resolve the same absolute directory.
-    Workdir.resolve(workdir).export()
+    # Checked here (one line, exit 2) and exported so that Ray workers and subprocesses resolve
+    # the same absolute directory.
+    Workdir.resolve(workdir).check().export()
 
 
 def _workdir():
@@ -209,6 +210,13 @@ def _check_runnable(run, spec: Path) -> None:
     problems = run.plugin.preflight_problems(run)
     if problems:
         raise ConfigError(f"{spec}: {problems[0][0]}: {problems[0][1]}")
+    if run.needs_pretraining:
+        from rsseg.pretrain import store
+        from rsseg.pretrain.data import data_problems
+
+        found = data_problems(run) if store.find(run, _workdir()) is None else []
+        if found:
+            raise ConfigError(f"{spec}: {found[0]}")
 
 
 def _pretrained(run, wd, address: Optional[str], announce: str = "first (not in the store yet)", **train_kwargs):
@@ -502,18 +510,40 @@ def tables_cmd(
 @app.command("ui")
 def ui_cmd(
     port: int = typer.Option(5000, "--port", help="Port for the MLflow UI."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (127.0.0.1: this machine only; the UI has no login)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server worker processes."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="Show this store or server instead of the workdir's."),
 ) -> None:
-    """The MLflow UI on the work directory's store at 127.0.0.1 (or the URL of a shared server)."""
+    """The MLflow UI on the work directory's store (or the URL of a shared server)."""
     from rsseg import ui
 
-    ui.serve(_workdir(), port=port, tracking_uri=tracking_uri)
+    status = ui.serve(_workdir(), port=port, tracking_uri=tracking_uri, host=host, workers=workers)
+    if status:
+        raise typer.Exit(code=status if 0 < status < 256 else 1)
 
 
 # ----------------------------------------------------------------------------------------------
 
 
+def _terminated(signum, _frame):
+    raise KeyboardInterrupt  # SIGTERM ends a command like Ctrl-C: runs marked KILLED, the local cluster stopped
+
+
+def _stop_local_ray() -> None:
+    """The local Ray cluster this process started does not outlive it (its dashboard and runtime-env
+    agents would keep running, re-parented to init)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - on the way out, nothing more to do
+            pass
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except RssegError as exc:  # raised outside a command (argument callbacks)
@@ -522,6 +552,8 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    finally:
+        _stop_local_ray()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,6 +37,7 @@ from rsseg.pretrain import schedule
 from rsseg.workdir import Workdir
 
 log = logging.getLogger(__name__)
+TEST = "test/"  # MLflow prefix of the test split's metrics (validation: "val/")
 
 
 @dataclass
@@ -52,7 +53,12 @@ class FinetuneResult:
     perf: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
+        """The test split's mIoU, pixel accuracy and per-class IoU (fractions of 1)."""
         return self.test.as_dict(self.class_abbrs)
+
+    def test_metrics(self) -> dict[str, float]:
+        """The same, as MLflow shows them: under ``test/`` (``test/mIoU``, ``test/IoU/<class>``)."""
+        return self.test.as_dict(self.class_abbrs, prefix=TEST)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -243,7 +249,7 @@ class Finetuner:
             from rsseg.device import describe
 
             self.tracker.set_tags({"head": self.p.head_name, "ft_params_M": f"{self.n_trainable / 1e6:.1f}",
-                                   "device": describe(self.p.device)})
+                                   "device": describe(self.p.device), "classes": ",".join(self.p.table.abbrs)})
 
     def batches(self):
         """The training batches from ``start`` on: iteration i draws ``schedule.batch_keys`` (a pure
@@ -300,7 +306,7 @@ class Finetuner:
 
 def run(run, workdir: Workdir | None = None, *, tracker=None, pretrained=None,
         on_eval: Callable[[int, dict[str, float], dict[str, Any]], None] | None = None,
-        resume_state: dict[str, Any] | None = None) -> FinetuneResult:
+        resume_state: dict[str, Any] | None = None, on_test: Callable[[], None] | None = None) -> FinetuneResult:
     workdir = workdir or Workdir.resolve()
     if run.finetune.threads:
         torch.set_num_threads(run.finetune.threads)
@@ -320,6 +326,8 @@ def run(run, workdir: Workdir | None = None, *, tracker=None, pretrained=None,
             metrics = loop.validate(it + 1)
             if on_eval is not None:
                 on_eval(it + 1, metrics, loop.snapshot(it + 1))
+    if on_test is not None:
+        on_test()
     test, kept = loop.test()
     seconds = {"total_s": time.perf_counter() - t_start, **loop.seconds}
     cache = p.cached.cache.stats.as_metrics() if p.cached is not None else {}
@@ -339,7 +347,7 @@ def _log_final(tracker, run, result: FinetuneResult, kept, p: Prepared, workdir:
     from rsseg.provenance import stamp
     from rsseg.viz import save_confusion, save_overlays
 
-    tracker.log_metrics({**result.metrics(), **{f"time/{k}": v for k, v in result.seconds.items()}, **result.cache, **result.perf},
+    tracker.log_metrics({**result.test_metrics(), **{f"time/{k}": v for k, v in result.seconds.items()}, **result.cache, **result.perf},
                         step=run.finetune.iterations)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)

@@ -48,6 +48,7 @@ def encoder_reference(run, pretrained) -> dict[str, Any]:
 
 def save_model(out: Path, run, prepared, result, pretrained) -> Path:
     """Write the trained model of a fine-tuning run into ``out`` (atomically)."""
+    from rsseg.atomic import current_umask
     from rsseg.provenance import stamp
 
     table = prepared.table
@@ -79,7 +80,7 @@ def save_model(out: Path, run, prepared, result, pretrained) -> Path:
     try:
         torch.save(weights, tmp / "model.pt")
         (tmp / "model.json").write_text(json.dumps(meta, indent=2))
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -87,12 +88,6 @@ def save_model(out: Path, run, prepared, result, pretrained) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @dataclass
@@ -151,7 +146,7 @@ def resolve_model_dir(ref: str, workdir: Workdir, tracking_uri: str | None = Non
             raise CheckpointError(f"{ref}: no run {run_id!r} in {uri}") from None
         dst = Path(tempfile.mkdtemp(prefix=f"rsseg-model-{run_id}-"))
         try:
-            path = Path(c.download_artifacts(run_id, "model", str(dst)))
+            path = tracking.download_artifacts(uri, run_id, "model", dst)
         except Exception:  # noqa: BLE001
             raise CheckpointError(f"{ref}: run {run_id} has no saved model (no 'model' artifact; was it a fine-tuning run?)") from None
         return path
@@ -170,8 +165,8 @@ def best_run(experiment: str, workdir: Workdir, tracking_uri: str | None = None)
     if exp is None:
         raise CheckpointError(f"best:{experiment}: no MLflow experiment {experiment!r} in {uri}")
     runs = c.search_runs([exp.experiment_id], filter_string="tags.kind = 'finetune' and attributes.status = 'FINISHED'",
-                         order_by=["metrics.mIoU DESC"], max_results=1)
-    if not runs or "mIoU" not in runs[0].data.metrics:
+                         order_by=["metrics.`test/mIoU` DESC"], max_results=1)
+    if not runs or "test/mIoU" not in runs[0].data.metrics:
         raise CheckpointError(f"best:{experiment}: no finished fine-tuning run with a test mIoU in {experiment!r}")
     return runs[0].info.run_id
 

@@ -2,6 +2,11 @@
 
 ``ray.init(address="local")`` is explicit: a stale cluster file from an earlier session would
 otherwise make ``ray.init(num_cpus=...)`` try to connect to a dead cluster.
+
+A local cluster listens on the loopback interface only (Ray binds its GCS, raylet and agents to
+the node's address, by default the machine's external one and 0.0.0.0; its single-machine switch
+``ENABLE_RAY_CLUSTER`` makes that 127.0.0.1), and keeps its session files under the work
+directory (``<workdir>/ray/tmp``) when the path leaves room for Ray's Unix sockets.
 """
 
 from __future__ import annotations
@@ -28,9 +33,37 @@ def init(address: str | None = None, num_cpus: int | None = None) -> None:
     if address == "local":
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
+        loopback_only()
+        temp = local_temp_dir()
+        if temp is not None:
+            kwargs["_temp_dir"] = str(temp)
     elif env:
         kwargs["runtime_env"] = {"env_vars": env}
     ray.init(address=address, **kwargs)
+
+
+def loopback_only() -> None:
+    """Keep a local cluster on 127.0.0.1 (this process and the Ray processes it starts)."""
+    import ray._private.ray_constants as constants
+
+    constants.ENABLE_RAY_CLUSTER = False
+    os.environ[constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+
+
+# Ray's Unix sockets live under <temp>/session_<date>_<pid>/sockets/<name>: with the ~60 characters
+# Ray adds, a temp dir longer than this would exceed the 107-byte socket path limit.
+MAX_TEMP_DIR = 40
+
+
+def local_temp_dir() -> "os.PathLike | None":
+    """``<workdir>/ray/tmp`` (created 0700), or None (Ray's /tmp/ray) when that path is too long."""
+    from rsseg.workdir import Workdir
+
+    temp = Workdir.resolve().ray_storage / "tmp"
+    if len(str(temp)) > MAX_TEMP_DIR:
+        return None
+    temp.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return temp
 
 
 def total_cpus() -> float:

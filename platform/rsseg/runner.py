@@ -16,7 +16,8 @@ from rsseg.workdir import Workdir
 
 def execute(run, workdir: Workdir | None = None, *, uri: str | None = None, experiment: str | None = None,
             run_name: str | None = None, profile: str | None = None, tracker: tracking.Run | None = None,
-            on_eval: Callable | None = None, resume_state: dict | None = None, pretrained=None):
+            on_eval: Callable | None = None, resume_state: dict | None = None, pretrained=None,
+            on_test: Callable[[], None] | None = None):
     """Fine-tune ``run`` inside an MLflow run; returns (FinetuneResult, tracking.Run)."""
     from rsseg import finetune
     from rsseg.provenance import fingerprint
@@ -30,5 +31,6 @@ def execute(run, workdir: Workdir | None = None, *, uri: str | None = None, expe
     # Idempotent: a resumed run already has its parameters and keeps them.
     tracker.log_params(tracking.flatten(run.model_dump(mode="json")) | {"run_fingerprint": fingerprint(run.model_dump(mode="json"))})
     with tracking.tracked(tracker):
-        result = finetune.run(run, workdir, tracker=tracker, pretrained=pretrained, on_eval=on_eval, resume_state=resume_state)
+        result = finetune.run(run, workdir, tracker=tracker, pretrained=pretrained, on_eval=on_eval, resume_state=resume_state,
+                              on_test=on_test)
     return result, tracker

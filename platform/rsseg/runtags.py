@@ -27,6 +27,7 @@ class RunTags:
     seed: str = ""
     head: str = ""
     ft_params_M: str = ""
+    classes: str = ""  # the dataset's class abbreviations in its table's order (tables follow them)
     pretrain_fingerprint: str = ""
     homogeneous_share: str = ""  # Fig. 9/10 key: the share of homogeneous pre-training iterations
     method_tags: dict[str, str] = field(default_factory=dict)  # the method's own (Method.tag_keys)

@@ -83,8 +83,14 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+_INITIALISED: set[str] = set()
+
+
 def init_store(uri: str) -> None:
-    """Create (and migrate) the store once, from one process, before any concurrent writer."""
+    """Create (and migrate) the store once, from one process, before any concurrent writer
+    (once per process and URI: later calls return at once)."""
+    if uri in _INITIALISED:
+        return
     check_reachable(uri)
     if is_sqlite(uri):
         from filelock import FileLock
@@ -92,21 +98,75 @@ def init_store(uri: str) -> None:
         path = _sqlite_path(uri)
         with FileLock(str(path) + ".lock"):
             client(uri).search_experiments(max_results=1)
+            _relative_default_experiment(path)
+        _INITIALISED.add(uri)
     else:
         try:
             client(uri).search_experiments(max_results=1)
         except Exception as exc:  # noqa: BLE001 - any backend failure is the same for the user
             raise TrackingError(f"MLflow tracking store {uri} cannot be used: {str(exc).splitlines()[0]}") from None
+        _INITIALISED.add(uri)
+
+
+# Artifacts of a local store: ``mlflow-artifacts:/<experiment>/<run id>/artifacts/...`` URIs, kept in
+# ``<store dir>/artifacts/`` — relative to the work directory, so a copied or moved work directory
+# keeps serving its own artifacts: `platform ui` runs the MLflow server with that directory as its
+# artifacts destination, and rsseg reads and writes it directly (no server needed).
+PROXIED = "mlflow-artifacts:"
+
+
+def artifacts_root(uri: str) -> Path:
+    return _sqlite_path(uri).parent / "artifacts"
+
+
+def _relative_default_experiment(db: Path) -> None:
+    """MLflow creates its Default experiment at ./mlruns (relative to whatever the cwd is): point it
+    at the store's artifacts like every other experiment of a local store."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0 AND artifact_location NOT LIKE ?",
+                    (f"{PROXIED}/0", f"{PROXIED}%"))
 
 
 def artifact_location(uri: str, workdir: Workdir, experiment: str) -> str | None:
-    """Artifacts of a local store live in the workdir; a server decides its own."""
+    """Artifacts of a local store live in the workdir (proxied URIs); a server decides its own."""
     if is_sqlite(uri):
-        return (workdir.artifacts / experiment).as_uri()
+        return f"{PROXIED}/{experiment}"
     return None
 
 
-def experiment_id(uri: str, name: str, workdir: Workdir | None = None) -> str:
+def local_artifact_dir(uri: str, artifact_uri: str) -> Path | None:
+    """Where a run's artifacts are on disk when the store is local (None: ask the server)."""
+    if is_sqlite(uri) and artifact_uri.startswith(PROXIED):
+        return artifacts_root(uri) / artifact_uri[len(PROXIED):].lstrip("/")
+    return None
+
+
+def download_artifacts(uri: str, run_id: str, path: str, dst: Path) -> Path:
+    """A run's artifact (file or directory) as a local path: the store's own copy for a local
+    store, else downloaded from the server into ``dst``."""
+    artifact_uri = client(uri).get_run(run_id).info.artifact_uri
+    local = local_artifact_dir(uri, artifact_uri)
+    if local is not None:
+        found = local / path
+        if not found.exists():
+            raise FileNotFoundError(f"run {run_id} has no artifact {path!r}")
+        return found
+    return Path(client(uri).download_artifacts(run_id, path, str(dst)))
+
+
+def list_artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
+    """Artifact paths of a run (one level, like MLflow's list_artifacts)."""
+    artifact_uri = client(uri).get_run(run_id).info.artifact_uri
+    local = local_artifact_dir(uri, artifact_uri)
+    if local is None:
+        return [a.path for a in client(uri).list_artifacts(run_id, path)]
+    base = local / path if path else local
+    return sorted(str(p.relative_to(local)) for p in base.iterdir()) if base.is_dir() else []
+
+
+def experiment_id(uri: str, name: str, workdir: Workdir | None = None, description: str = "") -> str:
     from mlflow.exceptions import MlflowException
 
     c = client(uri)
@@ -115,8 +175,11 @@ def experiment_id(uri: str, name: str, workdir: Workdir | None = None) -> str:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
+    tags = {"mlflow.experimentKind": "custom_model_development"}  # the UI's model-training view, not GenAI
+    if description:
+        tags["mlflow.note.content"] = description
     try:
-        return c.create_experiment(name, artifact_location=artifact_location(uri, workdir or Workdir.resolve(), name))
+        return c.create_experiment(name, artifact_location=artifact_location(uri, workdir or Workdir.resolve(), name), tags=tags)
     except MlflowException:  # created concurrently
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -170,11 +233,28 @@ class Run:
         if items:
             self._client.log_batch(self.run_id, tags=items)
 
+    def _local_dir(self) -> Path | None:
+        return local_artifact_dir(self.uri, self._client.get_run(self.run_id).info.artifact_uri)
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), artifact_path)
+        local = self._local_dir()
+        if local is None:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+            return
+        import shutil
+
+        target = local / (artifact_path or "")
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / Path(path).name)
 
     def log_artifacts(self, directory: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._client.log_artifacts(self.run_id, str(directory), artifact_path)
+        local = self._local_dir()
+        if local is None:
+            self._client.log_artifacts(self.run_id, str(directory), artifact_path)
+            return
+        import shutil
+
+        shutil.copytree(directory, local / (artifact_path or ""), dirs_exist_ok=True)
 
     def last_step(self, key: str) -> int | None:
         hist = self._client.get_metric_history(self.run_id, key)
@@ -207,14 +287,18 @@ def start_run(uri: str, experiment: str, name: str, tags: dict[str, Any], parent
 
 
 def error_reason(exc: BaseException) -> str:
-    """One line for an error tag: the root cause's type and first line, not a traceback or a
+    """One line for an error tag: the root cause's type and message, not a traceback or a
     wrapper's "Training failed due to worker errors"."""
     seen = exc
     while seen.__cause__ is not None:
         seen = seen.__cause__
-    text = [line.strip() for line in str(seen).strip().splitlines() if line.strip()]
-    text = [line for line in text if not line.startswith("Traceback (most recent call last)")]
-    return f"{type(seen).__name__}: {text[0] if text else type(seen).__name__}"[:500]
+    lines = [line.strip() for line in str(seen).strip().splitlines() if line.strip()]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        # a remote error's text carries the worker's traceback: its last line is the real error
+        return lines[-1][:500]
+    wrappers = ("Training failed due to worker errors", "The following worker group", "Worker group")
+    lines = [line for line in lines if not line.startswith(wrappers)] or lines
+    return f"{type(seen).__name__}: {lines[0] if lines else type(seen).__name__}"[:500]
 
 
 @dataclass
@@ -234,8 +318,13 @@ def tracked(run: Run) -> Iterator[Outcome]:
     try:
         yield outcome
     except BaseException as exc:
-        run.set_tags({"error": error_reason(exc)})
-        run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        try:
+            run.set_tags({"error": error_reason(exc)})
+            run.end("KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        except Exception as store_error:  # noqa: BLE001 - the store itself failed (a full disk): report, keep the cause
+            import sys
+
+            print(f"warning: could not end MLflow run {run.run_id} ({error_reason(store_error)})", file=sys.stderr)
         raise
     if outcome.tags:
         run.set_tags(outcome.tags)

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from rsseg.errors import ConfigError
+
 ENV_VAR = "RSSEG_WORKDIR"
 DEFAULT_NAME = "rsseg-work"
 
@@ -30,10 +32,19 @@ class Workdir:
         self.root.mkdir(parents=True, exist_ok=True)
         return self
 
+    def check(self) -> "Workdir":
+        """A usable work directory: a directory (or creatable), writable. One-line errors."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"--workdir {self.root}: is a file; expected a directory (or a path to create one)")
+        existing = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"--workdir {self.root}: {existing} is not writable")
+        return self
+
     def sub(self, *parts: str) -> Path:
-        path = self.root.joinpath(*parts)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        """A location in the work directory (not created: a dry run writes nothing; writers
+        create what they write into)."""
+        return self.root.joinpath(*parts)
 
     # Named locations, so that every module agrees on the layout.
     @property
@@ -66,7 +77,6 @@ class Workdir:
 
     @property
     def mlflow_db(self) -> Path:
-        self.ensure()
         return self.root / "mlflow.db"
 
     def export(self) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from rsseg.config.loader import Document, apply_layer, apply_overrides, load_document, read_yaml
+from rsseg.config.loader import Document, apply_layer, apply_overrides, load_document, parse_override, read_yaml
 from rsseg.errors import ConfigError
 
 
@@ -50,16 +50,30 @@ def find_profile(name: str, near: str | os.PathLike | None = None) -> Path:
     raise ConfigError(f"profile {name!r} not found (looked for {searched}){hint}")
 
 
-def profile_layers(name: str, near: str | os.PathLike) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    path = find_profile(name, near)
-    data = read_yaml(path)
-    unknown = set(data) - {"run", "sweep", "description"}
-    if unknown:
-        raise ConfigError(f"{path}: {sorted(unknown)[0]}: unknown key; a profile has 'run' and 'sweep' blocks")
-    for key in ("run", "sweep"):
-        if not isinstance(data.get(key, {}), dict):
-            raise ConfigError(f"{path}: {key}: expected a mapping")
-    return path, data.get("run", {}) or {}, data.get("sweep", {}) or {}
+def profile_layers(name: str, near: str | os.PathLike) -> list[tuple[Path, str, dict[str, Any], dict[str, Any]]]:
+    """[(file, name, run layer, sweep layer)] of a profile and the profiles it ``extends``, the
+    most basic first (``smoke`` extends ``small``: small's layers, then smoke's)."""
+    chain: list[tuple[Path, str, dict[str, Any], dict[str, Any]]] = []
+    seen: set[Path] = set()
+    while name:
+        path = find_profile(name, near)
+        if path in seen:
+            raise ConfigError(f"{path}: extends: profiles extend each other in a loop")
+        seen.add(path)
+        data = read_yaml(path)
+        unknown = set(data) - {"run", "sweep", "description", "extends"}
+        if unknown:
+            raise ConfigError(f"{path}: {sorted(unknown)[0]}: unknown key; a profile has 'run', 'sweep', 'description' and 'extends'")
+        for key in ("run", "sweep"):
+            if not isinstance(data.get(key, {}), dict):
+                raise ConfigError(f"{path}: {key}: expected a mapping")
+        chain.append((path, path.stem, data.get("run", {}) or {}, data.get("sweep", {}) or {}))
+        name, near = data.get("extends"), path
+    return chain[::-1]
+
+
+def profile_description(name: str, near: str | os.PathLike | None = None) -> str:
+    return str(read_yaml(find_profile(name, near)).get("description", ""))
 
 
 def is_sweep_document(data: dict[str, Any]) -> bool:
@@ -71,8 +85,7 @@ def run_document(path: str | os.PathLike, profile: str | None = None, overrides:
     doc = load_document(path)
     if is_sweep_document(doc.data):
         raise ConfigError(f"{path}: this is a sweep file (it has base/space/search); run it with `platform sweep`")
-    if profile:
-        ppath, run_layer, _ = profile_layers(profile, path)
+    for ppath, _, run_layer, _ in profile_layers(profile, path) if profile else []:
         apply_layer(doc, run_layer, str(ppath))
     apply_overrides(doc, overrides or [])
     return doc
@@ -87,22 +100,44 @@ def sweep_document(path: str | os.PathLike, profile: str | None = None, override
     local = doc.data.pop("profiles", None) or {}
     if not isinstance(local, dict):
         raise ConfigError(f"{path}: profiles: expected a mapping of profile name -> {{run, sweep}}")
-    if profile:
-        ppath, run_layer, sweep_layer = profile_layers(profile, path)
+    for ppath, name, run_layer, sweep_layer in profile_layers(profile, path) if profile else []:
         apply_layer(doc, sweep_layer, str(ppath))
         apply_layer(doc, run_layer, str(ppath), at="base")
-        name = Path(profile).stem
-        overlay = local.get(name, {}) or {}
+        overlay = local.get(name, {}) or {}  # the file's own adaptation to this profile (and to those it extends)
         unknown = set(overlay) - {"run", "sweep"}
         if unknown:
             raise ConfigError(f"{path}: profiles.{name}.{sorted(unknown)[0]}: unknown key; expected run or sweep")
         apply_layer(doc, overlay.get("sweep", {}) or {}, f"{path} (profiles.{name})")
         apply_layer(doc, overlay.get("run", {}) or {}, f"{path} (profiles.{name})", at="base")
-    apply_overrides(doc, overrides or [])
+    plain, axes = place_sweep_overrides(overrides or [])
+    apply_overrides(doc, plain)
+    for text in axes:  # space.<dotted run key>=...: the axis key keeps its dots
+        key, value = parse_override(text)
+        doc.data.setdefault("space", {})[key[len("space."):]] = value
+        doc.sources[key] = f"--set {key}"
     space = doc.data.get("space")
     if isinstance(space, dict):  # an overlay or --set may remove an axis with null
         doc.data["space"] = {k: v for k, v in space.items() if v is not None}
     return doc
+
+
+SWEEP_KEYS = ("name", "table", "description", "base", "space", "search", "profiles")
+
+
+def place_sweep_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``--set`` of a sweep: keys of the sweep file as they are, run keys (``finetune.iterations``)
+    under ``base.``, and ``space.<axis>`` (whose axis name is a dotted run key) apart."""
+    plain, axes = [], []
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        head = key.split(".")[0]
+        if head == "space" and "." in key:
+            axes.append(text)
+        elif head in SWEEP_KEYS or "=" not in text:
+            plain.append(text)
+        else:
+            plain.append(f"base.{text}")
+    return plain, axes
 
 
 def dump_yaml(data: Any) -> str:

@@ -53,6 +53,9 @@ class DataSpec(Strict):
     min_valid_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="skip windows with this share of valid pixels or less")
     split_seed: int = 0
     split: tuple[float, float, float] = Field((0.4, 0.1, 0.5), description="train/val/test shares of tiles")
+    split_by: Literal["tile", "scene"] = Field(
+        "tile", description="tile: tiles shuffled across all scenes (the paper's random split); scene: every image wholly in one "
+                            "split, so neighbouring tiles never sit in train and test (what a map of new places needs)")
     label_ratio: float = Field(0.02, gt=0.0, le=1.0, description="share of training tiles with labels (S=0.02, M=0.4, L=1.0)")
     synthetic: SyntheticSpec = SyntheticSpec()
     gid: GidSpec = GidSpec()
@@ -73,7 +76,7 @@ class DataSpec(Strict):
 
     def identity(self) -> dict[str, Any]:
         """What determines the imagery and tiles (not the label ratio): for fingerprints."""
-        d = self.model_dump(mode="json", exclude={"label_ratio"})
+        d = self.model_dump(mode="json", exclude={"label_ratio"} | ({"split_by"} if self.split_by == "tile" else set()))
         if self.dataset != "synthetic":
             d.pop("synthetic")
         if self.dataset != "gid":

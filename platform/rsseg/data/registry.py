@@ -15,6 +15,12 @@ DEFAULT_TABLES = {"synthetic": "synthetic7", "minifrance": "minifrance14"}
 
 
 def class_table(spec: DataSpec) -> ClassTable:
+    if spec.class_table and spec.dataset == "folder" and spec.root is not None:
+        own = folder.default_table_path(spec.root)
+        named = Path(spec.class_table)
+        if own.is_file() and (named.name != own.name or (named.is_absolute() and named != own)):
+            raise DataError(f"data.class_table: {spec.class_table!r} is given, but {own} defines this dataset's classes; "
+                            f"drop data.class_table (or name that file: --set data.class_table={own.name})")
     if spec.class_table:
         return resolve_table(spec.class_table, base_dir=spec.root)
     if spec.dataset == "gid":

@@ -58,10 +58,20 @@ class TilingParams:
     min_valid_fraction: float
     split: tuple[float, float, float]
     split_seed: int
+    split_by: str = "tile"
 
     @classmethod
     def from_spec(cls, spec: DataSpec) -> "TilingParams":
-        return cls(spec.tile_size, spec.stride or spec.tile_size, spec.min_valid_fraction, tuple(spec.split), spec.split_seed)
+        return cls(spec.tile_size, spec.stride or spec.tile_size, spec.min_valid_fraction, tuple(spec.split), spec.split_seed,
+                   spec.split_by)
+
+    def key(self) -> dict:
+        """What the index depends on (``split_by`` only when it is not the default, so tile-split
+        indexes keep their keys)."""
+        d = dict(self.__dict__)
+        if d["split_by"] == "tile":
+            d.pop("split_by")
+        return d
 
 
 def windows(width: int, height: int, tile: int, stride: int) -> list[tuple[int, int]]:
@@ -140,18 +150,36 @@ def _assign_splits(frame: "pl.DataFrame", params: TilingParams) -> "pl.DataFrame
     split = np.array(["unlabeled"] * n, dtype=object)
     rank = np.full(n, -1, dtype=np.int64)
     if len(idx):
-        perm = np.random.default_rng([params.split_seed, 1]).permutation(len(idx))
-        n_train = int(round(params.split[0] * len(idx)))
-        n_val = int(round(params.split[1] * len(idx)))
-        order = idx[perm]
-        split[order[:n_train]] = "train"
-        split[order[n_train : n_train + n_val]] = "val"
-        split[order[n_train + n_val :]] = "test"
-        train = np.sort(order[:n_train])
+        if params.split_by == "scene":
+            _split_scenes(frame, idx, params, split)
+        else:
+            perm = np.random.default_rng([params.split_seed, 1]).permutation(len(idx))
+            n_train = int(round(params.split[0] * len(idx)))
+            n_val = int(round(params.split[1] * len(idx)))
+            order = idx[perm]
+            split[order[:n_train]] = "train"
+            split[order[n_train : n_train + n_val]] = "val"
+            split[order[n_train + n_val :]] = "test"
+        train = np.sort(idx[split[idx] == "train"])
         eligible = train[frame["labelled_pixels"].to_numpy()[train] > 0]
         sub_perm = np.random.default_rng([params.split_seed, 2]).permutation(len(eligible))
         rank[eligible[sub_perm]] = np.arange(len(eligible))
     return frame.with_columns(pl.Series("split", split.tolist(), dtype=pl.Utf8), pl.Series("subset_rank", rank))
+
+
+def _split_scenes(frame: "pl.DataFrame", idx: np.ndarray, params: TilingParams, split: np.ndarray) -> None:
+    """Whole scenes to splits: scenes in a seeded order, each to the split whose share of the tiles
+    its middle tile falls in (so the shares hold as well as scene sizes allow)."""
+    scene = frame["scene_idx"].to_numpy()[idx]
+    scenes = np.unique(scene)
+    order = scenes[np.random.default_rng([params.split_seed, 1]).permutation(len(scenes))]
+    bounds = np.cumsum(params.split)
+    done, total = 0, len(idx)
+    for s in order:
+        members = idx[scene == s]
+        middle = (done + len(members) / 2) / total
+        split[members] = SPLITS[min(int(np.searchsorted(bounds, middle, side="right")), 2)]
+        done += len(members)
 
 
 @dataclass(frozen=True)
@@ -202,7 +230,7 @@ def index_key(scenes: SceneSet, params: TilingParams) -> str:
     listing = [[s.id, stat(s.image), stat(s.label)] for s in scenes.scenes]
     return fingerprint(
         {
-            "v": INDEX_VERSION, "dataset": scenes.dataset, "scenes": listing, "params": params.__dict__,
+            "v": INDEX_VERSION, "dataset": scenes.dataset, "scenes": listing, "params": params.key(),
             "table": [scenes.table.name, sorted(scenes.table.mapping.items())], "bands": scenes.bands,
         }
     )
@@ -237,6 +265,7 @@ def build(spec: DataSpec, workdir: Workdir | None = None, scenes: SceneSet | Non
     params = TilingParams.from_spec(spec)
     key = index_key(scenes, params)
     path = workdir.indexes / f"{scenes.dataset}-{key}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if path.exists() and not rebuild:
             frame = pl.read_parquet(path)

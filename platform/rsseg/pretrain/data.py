@@ -27,3 +27,31 @@ def pretrain_datasets(run, workdir: Workdir):
         archive = TileDataset(TileReader.of(arc_scenes), arc_index.frame, augment=PRETRAIN_AUGMENT,
                               seed=run.pretrain.seed, with_labels=False)
     return archive, homogeneous
+
+
+def data_problems(run) -> list[str]:
+    """What would make this run's pre-training fail on its data, found without reading a raster:
+    a missing dataset root, archive iterations without archive imagery (with the override that
+    drops them), an archive folder that is not there."""
+    from pathlib import Path
+
+    problems = []
+    if run.data.dataset != "synthetic" and run.data.root is not None and not Path(run.data.root).is_dir():
+        problems.append(f"data.root: {run.data.root} is not a directory (the {run.data.dataset} dataset; set RSSEG_DATA or --set data.root=DIR)")
+    n_archive, n_homogeneous = run.pretrain.iterations.counts()
+    a = run.pretrain.archive
+    source = a.source if a.source != "auto" else ("synthetic" if run.data.dataset == "synthetic" else ("folder" if a.root else "none"))
+    if not n_archive or source == "synthetic":
+        return problems
+    if run.pretrain.iterations.homogeneous_ratio is not None:
+        fix = "--set pretrain.iterations.homogeneous_ratio=1.0"
+    else:
+        fix = f"--set pretrain.iterations.archive=0 --set pretrain.iterations.homogeneous={n_archive + n_homogeneous}"
+    if source == "none":
+        problems.append(f"pretrain.iterations: {n_archive} archive iterations but there is no archive imagery (pretrain.archive.source "
+                        f"{a.source}, no pretrain.archive.root); point pretrain.archive.root at a folder of GeoTIFFs, or pre-train on "
+                        f"the dataset's own imagery only: {fix}")
+    elif a.root is None or not Path(a.root).is_dir():
+        problems.append(f"pretrain.archive.root: {a.root} is not a directory of archive GeoTIFFs (set RSSEG_ARCHIVE or "
+                        f"pretrain.archive.root, or pre-train on the dataset's own imagery only: {fix})")
+    return problems

@@ -19,6 +19,7 @@ checkpoints and find their MLflow child by its ``trial_id`` tag.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from rsseg import tracking
-from rsseg.errors import SweepError
+from rsseg.errors import ConfigError, SweepError
 from rsseg.sweep.plan import SweepPlan, make_plan, search_key
 from rsseg.workdir import Workdir
 
@@ -128,6 +129,10 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
     res = search.resources
     trainable = tune.with_resources(tune.with_parameters(trial_fn, context=context), {"cpu": res.cpu, "gpu": res.gpu})
     storage = workdir.ray_storage / "sweeps"
+    # Tune's state is unpickled on --resume: the storage is this user's alone
+    storage.mkdir(parents=True, exist_ok=True)
+    for p in (workdir.ray_storage, storage):
+        os.chmod(p, 0o700)
     n_evals = -(-plan.loaded.base.finetune.iterations // plan.loaded.base.finetune.eval_every) + 1
     for i, name in enumerate(tune_names):
         path = storage / name
@@ -168,24 +173,33 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
 
 def run_sweep(loaded, workdir: Workdir | None = None, *, address: str | None = None, tracking_uri: str | None = None,
               resume: bool = False, progress: bool = True) -> SweepResult:
+    workdir = workdir or Workdir.resolve()
+    workdir.export()  # the planner, the store and the trials resolve this work directory
+    with sweep_lock(workdir, loaded.spec.name):
+        return _run_sweep(loaded, workdir, address=address, tracking_uri=tracking_uri, resume=resume, progress=progress)
+
+
+def _run_sweep(loaded, workdir: Workdir, *, address: str | None, tracking_uri: str | None, resume: bool,
+               progress: bool) -> SweepResult:
     from rsseg import raycluster
     from rsseg.device import check_sweep_resources
     from rsseg.provenance import git_commit
 
-    workdir = workdir or Workdir.resolve()
-    workdir.export()  # the planner, the store and the trials resolve this work directory
     spec = loaded.spec
     previous = _read_state(workdir, spec.name)
     if resume and previous is None:
         raise SweepError(f"no sweep named {spec.name!r} to resume: {state_path(workdir, spec.name)} does not exist "
                          f"(start it without --resume, or check --workdir)")
     plan = make_plan(loaded, workdir)
+    if plan.problems:
+        raise ConfigError(f"{loaded.path}: {plan.problems[0]}")
     uri = tracking.resolve_uri(tracking_uri or (previous or {}).get("uri") if resume else tracking_uri or loaded.base.tracking.uri, workdir)
     tracking.init_store(uri)  # fails here, before any trial, when the store is unreachable
-    exp_id = tracking.experiment_id(uri, spec.name, workdir)
+    exp_id = tracking.experiment_id(uri, spec.name, workdir, description=spec.description)
     client = tracking.client(uri)
 
     if resume:
+        _check_owner(workdir, spec.name, previous["tune_names"])
         if previous["plan"] != plan.identity():
             raise SweepError(f"cannot resume sweep {spec.name!r}: its file or profile changed since it started "
                              f"(plan {previous['plan']} != {plan.identity()}); resume with the same file and profile")
@@ -193,7 +207,7 @@ def run_sweep(loaded, workdir: Workdir | None = None, *, address: str | None = N
         client.update_run(parent_id, status="RUNNING")
         tune_names = previous["tune_names"]
     else:
-        if previous is not None and client.get_run(previous["parent_run_id"]).info.status == "RUNNING":
+        if previous is not None:
             _close_interrupted(client, previous, spec.name)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         parent = tracking.start_run(uri, spec.name, f"{spec.name}-{stamp}", workdir=workdir, tags={
@@ -219,6 +233,7 @@ def run_sweep(loaded, workdir: Workdir | None = None, *, address: str | None = N
             "sweep": spec.name, "table": spec.table or "",
             "workdir": str(workdir.root), "uri": uri, "experiment": spec.name, "parent_run_id": parent_id,
             "profile": loaded.profile or "", "threads": max(1, int(spec.search.resources.cpu)),
+            "metric": spec.search.metric, "mode": spec.search.mode, "driver_pid": os.getpid(),
             "search_axes": {k: v.model_dump(mode="json", by_alias=True) for k, v in plan.search_axes.items()},
         }
         grids = [tuner.fit() for tuner in _tuners(plan, context, workdir, tune_names, resume, progress)]
@@ -234,15 +249,72 @@ def run_sweep(loaded, workdir: Workdir | None = None, *, address: str | None = N
     return result
 
 
+@contextlib.contextmanager
+def sweep_lock(workdir: Workdir, name: str):
+    """One driver per sweep name and work directory: a second one says who holds the sweep and
+    stops (two drivers would run every trial twice and leave neither resumable). A lock whose
+    process is gone (this host) is stale and taken over."""
+    import socket
+
+    path = workdir.sweeps / name / "lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+                log.warning("sweep %s: taking over a stale lock of pid %s (no longer running)", name, holder.get("pid"))
+                path.unlink(missing_ok=True)
+                continue
+            raise SweepError(f"sweep {name!r} is already running in {workdir.root} (pid {holder.get('pid', '?')} on "
+                             f"{holder.get('host', '?')}, since {holder.get('started', '?')}); wait for it or stop it "
+                             f"(a lock left by a crash on another host: delete {path})") from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": dt.datetime.now().isoformat(timespec="seconds")}))
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_owner(workdir: Workdir, name: str, tune_names: list[str]) -> None:
+    """--resume unpickles Tune's experiment state (tuner.pkl): only from storage this user owns."""
+    for tune_name in tune_names:
+        path = workdir.ray_storage / "sweeps" / tune_name
+        if path.exists() and path.stat().st_uid != os.getuid():
+            raise SweepError(f"cannot resume sweep {name!r}: {path} belongs to another user (uid {path.stat().st_uid}); resuming "
+                             "would run code from their files (docs/sweeps.md, trust boundary)")
+
+
 def _close_interrupted(client, previous: dict[str, Any], name: str) -> None:
-    """A new invocation after an interrupted one: the old runs are marked KILLED, not left RUNNING."""
+    """A new invocation after an earlier one: runs it left RUNNING (its driver died) are marked
+    KILLED, whatever the parent's status, and a RUNNING parent too."""
     exp = previous["experiment_id"]
-    for r in client.search_runs([exp], filter_string=f"tags.sweep_parent = '{previous['parent_run_id']}' and attributes.status = 'RUNNING'"):
+    left = client.search_runs([exp], filter_string=f"tags.sweep_parent = '{previous['parent_run_id']}' and attributes.status = 'RUNNING'")
+    for r in left:
         client.set_tag(r.info.run_id, "error", "sweep interrupted; a new invocation started instead of --resume")
         client.set_terminated(r.info.run_id, status="KILLED")
-    client.set_tag(previous["parent_run_id"], "error", "interrupted; superseded by a new invocation")
-    client.set_terminated(previous["parent_run_id"], status="KILLED")
-    log.warning("sweep %s: the previous invocation was interrupted; its runs are marked KILLED (use --resume to continue one)", name)
+    parent = client.get_run(previous["parent_run_id"])
+    if parent.info.status == "RUNNING":
+        client.set_tag(previous["parent_run_id"], "error", "interrupted; superseded by a new invocation")
+        client.set_terminated(previous["parent_run_id"], status="KILLED")
+    if left or parent.info.status == "RUNNING":
+        log.warning("sweep %s: the previous invocation was interrupted; its runs are marked KILLED (use --resume to continue one)", name)
 
 
 def _reconcile(client, uri: str, name: str, exp_id: str, parent_id: str, grids) -> SweepResult:
@@ -271,7 +343,7 @@ def _reconcile(client, uri: str, name: str, exp_id: str, parent_id: str, grids) 
                 status = "KILLED"
             client.set_terminated(run.info.run_id, status=status)
         values = {k[len("space."):]: v for k, v in tags.items() if k.startswith("space.")}
-        result.trials.append({"trial_id": tid, "status": status, "mIoU": run.data.metrics.get("mIoU"),
+        result.trials.append({"trial_id": tid, "status": status, "mIoU": run.data.metrics.get("test/mIoU"),
                               "val/mIoU": run.data.metrics.get("val/mIoU"), "run_id": run.info.run_id,
                               "values": values, "error": tags.get("error") or None, "node_id": tags.get("node_id")})
     return result

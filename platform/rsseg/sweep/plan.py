@@ -57,6 +57,7 @@ class SweepPlan:
     trials: list[PlannedTrial]  # one per grid cell (optuna: searched axes at the base values, overlaid per trial)
     pretrainings: list[PlannedPretraining]
     skipped: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # data that is not there: shown by a dry run, fatal when the sweep starts
 
     @property
     def spec(self):
@@ -216,7 +217,10 @@ def make_plan(loaded: LoadedSweep, workdir=None) -> SweepPlan:
         trials.append(PlannedTrial(values, run_json, trial_key(run_json), fp, *networks[net_key]))
     if not trials:
         raise ConfigError(f"{path}: every trial was skipped ({skipped[0][1] if skipped else 'empty grid'})")
-    return SweepPlan(loaded, grid_axes, search_axes, trials, list(seen_fps.values()), skipped)
+    from rsseg.pretrain.data import data_problems
+
+    problems = list(dict.fromkeys(p for pre in seen_fps.values() for p in data_problems(pre.spec)))
+    return SweepPlan(loaded, grid_axes, search_axes, trials, list(seen_fps.values()), skipped, problems)
 
 
 def _fmt(v: Any) -> str:
@@ -265,6 +269,9 @@ def describe(plan: SweepPlan) -> str:
     lines.append(f"pre-trainings needed: {len(plan.pretrainings)}")
     for p in plan.pretrainings:
         lines.append(f"  {p.fingerprint}  {'cached' if p.cached else 'to train'}  {p.summary}")
+    if plan.problems:
+        lines.append(f"problems (the sweep stops on them before it starts anything): {len(plan.problems)}")
+        lines += [f"  {p}" for p in plan.problems]
     if plan.skipped:
         by_reason: dict[str, int] = {}
         for _, reason in plan.skipped:

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from rsseg.errors import RssegError
+
 CHECKPOINT_FILE = "finetune.pt"
 
 
@@ -58,8 +60,10 @@ def _child_run(ctx: dict[str, Any], run, trial_id: str, key: str, values: dict[s
     node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
     if found:
         r = found[0]
-        c.update_run(r.info.run_id, status="RUNNING")
         tracker = tracking.Run(uri, r.info.run_id, exp_id)
+        if r.info.status == "FINISHED":
+            return tracker  # finished before the driver died: reported again, never re-run
+        c.update_run(r.info.run_id, status="RUNNING")
         attempt = int(r.data.tags.get("attempt", "1")) + 1
         tracker.set_tags({"attempt": attempt, **node, "error": ""})
         return tracker
@@ -68,6 +72,30 @@ def _child_run(ctx: dict[str, Any], run, trial_id: str, key: str, values: dict[s
                            space={k: str(v) for k, v in values.items()}).to_tags() | node
     name = f"{ctx['sweep']}-" + "-".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())[:200]
     return tracking.start_run(uri, experiment, name or trial_id, tags=tags, parent_run_id=ctx["parent_run_id"])
+
+
+def fault(stage: str, run, context: dict[str, Any]) -> None:
+    """Test hook (``RSSEG_FAULT_KILL_DRIVER=<seed>:<stage>,...``): SIGKILL the sweep driver, once,
+    when the trial of that seed reaches the stage — the crash a resume must survive."""
+    spec = os.environ.get("RSSEG_FAULT_KILL_DRIVER")
+    if not spec or f"{run.seed}:{stage}" not in spec.split(","):
+        return
+    marker = Path(context["workdir"]) / f".fault-{run.seed}-{stage}"
+    if marker.exists():
+        return
+    marker.write_text(stage)
+    import signal
+
+    os.kill(int(context["driver_pid"]), signal.SIGKILL)
+    os._exit(1)
+
+
+def _report_finished(tune, c, tracker, run, metric: str) -> None:
+    """A child run that ended FINISHED before a resume: its final metrics, from MLflow."""
+    m = c.get_run(tracker.run_id).data.metrics
+    tune.report({**{k: v for k, v in m.items() if k.startswith(("val/", "test/"))},
+                 metric: m.get(metric, float("nan")), "iteration": run.finetune.iterations,
+                 "trainable_params": m.get("params/trainable", 0.0), "done": 1.0})
 
 
 def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
@@ -88,6 +116,12 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
     os.environ["RSSEG_WORKDIR"] = str(workdir.root)
     key = trial_key(run.model_dump(mode="json", by_alias=True))
     tracker = _child_run(context, run, trial_id, key, values)
+    from rsseg import tracking
+
+    c = tracking.client(context["uri"])
+    if c.get_run(tracker.run_id).info.status == "FINISHED":
+        _report_finished(tune, c, tracker, run, context["metric"])
+        return
 
     resume_state = None
     ckpt = tune.get_checkpoint()
@@ -96,18 +130,32 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
             resume_state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         tracker.set_tags({"resumed_from_iteration": resume_state["iteration"]})
 
-    last_val: dict[str, float] = {}
+    # the last validation's metrics: the final report carries them even when a restored trial
+    # has no iteration left to validate (Tune requires the search metric in every result)
+    history = (resume_state or {}).get("val_history") or [{}]
+    last_val: dict[str, float] = {k: v for k, v in history[-1].items() if k.startswith("val/")}
 
     def on_eval(iteration: int, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        fault("mid-training", run, context)
         last_val.clear()
         last_val.update({k: v for k, v in metrics.items() if k.startswith("val/")})
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / CHECKPOINT_FILE)
             tune.report({**metrics, "iteration": iteration}, checkpoint=tune.Checkpoint.from_directory(d))
+        if iteration == run.finetune.iterations:
+            fault("after-last-validation", run, context)
 
     # The driver trained every planned pre-training before the first trial: fine-tuning only finds
     # it in the store (`ensure_pretrained(..., allow_training=False)`), inside the tracked run.
-    result, _ = runner.execute(run, workdir, tracker=tracker, on_eval=on_eval, resume_state=resume_state)
+    try:
+        result, _ = runner.execute(run, workdir, tracker=tracker, on_eval=on_eval, resume_state=resume_state,
+                                   on_test=lambda: fault("mid-test-evaluation", run, context))
+    except RssegError:
+        # a deterministic input error (the run is FAILED with it): retrying cannot help, so the
+        # trial ends here with the worst value instead of raising into Tune's retries
+        tune.report({context["metric"]: float("-inf") if context["mode"] == "max" else float("inf"), "done": 1.0, "failed": 1.0})
+        return
+    fault("after-run-ended", run, context)
     final = {**last_val, **result.metrics(), "iteration": run.finetune.iterations,
              "trainable_params": float(result.trainable_params), "done": 1.0}
     tune.report(final)

@@ -44,6 +44,18 @@ class Layout:
     paper_only: tuple[str, ...] = ()  # rows that are the paper's published numbers only (cited SOTA)
     notes: list[str] = field(default_factory=list)
     footer_of_runs: Callable[[list[dict[str, Any]]], list[str]] | None = None  # notes computed from the runs
+    paper_dataset: str = "minifrance"  # the paper's numbers stand beside runs of this dataset (or the synthetic stand-in)
+    class_columns: bool = False  # columns are the dataset's classes (then they follow the runs' dataset)
+
+    def shows_paper(self, dataset: str | None) -> bool:
+        return dataset in (None, "", self.paper_dataset, "synthetic")
+
+    def title_for(self, dataset: str | None) -> str:
+        if self.shows_paper(dataset):
+            return self.title
+        import re
+
+        return re.sub(r"MiniFrance(-[SML])?|the GID validation set|GID-15", f"dataset {dataset}", self.title)
 
 
 def method_label(name: str) -> str:
@@ -172,7 +184,7 @@ LAYOUTS: dict[str, Layout] = {
     "table2": Layout("table2", "Table 2. Effect of the noise level (timestep sets) on frozen DDPM decoder features: per-class IoU and mIoU (%, MiniFrance-S)",
                      "sweeps/noise_ablation.yaml", "pairs", _table2,
                      [(k, _t2_label(k)) for k in TIMESTEP_ROWS], _cls(PAPER12), row_label=_t2_label, delta=True,
-                     footer_of_runs=_t2_noise),
+                     footer_of_runs=_t2_noise, class_columns=True),
     "table3": Layout("table3", "Table 3. mIoU (%) by pre-training method, label ratio (MiniFrance-S / M / L) and setting (frozen encoder or full fine-tuning)",
                      "sweeps/label_ratio.yaml", "beside", _table3,
                      [(k, _t3_label(k)) for k in T3_ROWS], [(k, v) for k, v in RATIOS.items()] + [(FT, "Ft Params (M)")],
@@ -187,13 +199,14 @@ LAYOUTS: dict[str, Layout] = {
                      "sweeps/sota_minifrance.yaml", "pairs", _table4,
                      [(k, k) for k in ("SETR", "SegFormer-B4", "PFNet", "MCS", "ConvNeXt-B", "LSKNet-T-FPN")]
                      + [("ddpm/0.02", "ours (MiniFrance-S)"), ("ddpm/1", "ours (MiniFrance-L)")],
-                     _cls(PAPER12) + [(FT, "Ft Params (M)")], row_label=_t4_label, delta=True,
+                     _cls(PAPER12) + [(FT, "Ft Params (M)")], row_label=_t4_label, delta=True, class_columns=True,
                      paper_only=("SETR", "SegFormer-B4", "PFNet", "MCS", "ConvNeXt-B", "LSKNet-T-FPN"),
                      notes=["SOTA rows are the paper's published numbers (they are not re-run here)."]),
     "table5": Layout("table5", "Table 5. Per-class IoU (%) on the GID validation set: ours beside the published state of the art",
                      "sweeps/sota_gid.yaml", "pairs", _table5,
                      [(k, k) for k in ("SETR-M", "SegFormer-B4", "PFNet", "MCS", "MA3E", "ConvNeXt-B", "LSKNet-T-FPN")] + [("ddpm", "ours")],
-                     _cls(GID15) + [(FT, "Ft Params (M)")], row_label=method_label, delta=True,
+                     _cls(GID15) + [(FT, "Ft Params (M)")], row_label=method_label, delta=True, class_columns=True,
+                     paper_dataset="gid",
                      paper_only=("SETR-M", "SegFormer-B4", "PFNet", "MCS", "MA3E", "ConvNeXt-B", "LSKNet-T-FPN"),
                      notes=["SOTA rows are the paper's published numbers (they are not re-run here)."]),
     "fig9": Layout("fig9", "Figure 9. Pre-training strategies: mIoU (%) at 2 % labels", "sweeps/pretrain_strategy.yaml", "beside",

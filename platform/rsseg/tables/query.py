@@ -22,6 +22,9 @@ from rsseg.runtags import RunTags
 
 
 
+TEST_MIOU = "test/mIoU"
+
+
 class TablesError(RssegError):
     pass
 
@@ -72,7 +75,7 @@ def read_runs(uri: str, experiments: list[str] | None = None) -> Store:
     if exps:
         runs = c.search_runs([e.experiment_id for e in exps], filter_string="tags.table != '' and tags.kind = 'finetune'", max_results=50000)
         for r in runs:
-            why = r.info.status.lower() if r.info.status != "FINISHED" else ("incomplete (no mIoU)" if "mIoU" not in r.data.metrics else None)
+            why = r.info.status.lower() if r.info.status != "FINISHED" else ("incomplete (no test/mIoU)" if TEST_MIOU not in r.data.metrics else None)
             if why:
                 k = (r.data.tags.get("table", ""), why)
                 skipped[k] = skipped.get(k, 0) + 1
@@ -82,8 +85,8 @@ def read_runs(uri: str, experiments: list[str] | None = None) -> Store:
             row.update({c: "" for c in RunTags.columns()} | RunTags.from_tags(r.data.tags).row())
             row["trainable_params"] = r.data.metrics.get("params/trainable")
             for k, v in r.data.metrics.items():
-                if k == "mIoU" or k.startswith("IoU/"):
-                    row[k] = 100.0 * float(v)
+                if k == TEST_MIOU or k.startswith("test/IoU/"):
+                    row[k[len("test/"):]] = 100.0 * float(v)
             rows.append(row)
     if not rows:
         frame = _empty_frame()
