@@ -97,3 +97,45 @@ def smoke_pretrained(tmp_path_factory):
     if not ray.is_initialized():
         raycluster.init(num_cpus=2)
     return wd, run, ensure_pretrained(run, wd)
+
+
+@pytest.fixture
+def full_disk(tmp_path, monkeypatch):
+    """A directory on a full file system: a real 1 MB tmpfs filled up where this machine lets us
+    mount one (root), else the same ENOSPC injected into file writes under it."""
+    import errno
+    import builtins
+    import subprocess
+
+    d = tmp_path / "full"
+    d.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)],
+                                                   capture_output=True).returncode == 0
+    if mounted:
+        with open(d / "filler", "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+    else:
+        real_open = builtins.open
+
+        def full_open(file, mode="r", *a, **k):
+            if any(c in mode for c in "wax+") and str(file).startswith(str(d)):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+            return real_open(file, mode, *a, **k)
+
+        real_os_open = os.open
+
+        def full_os_open(path, flags, *a, **k):
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and str(path).startswith(str(d)):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return real_os_open(path, flags, *a, **k)
+
+        monkeypatch.setattr(builtins, "open", full_open)
+        monkeypatch.setattr(os, "open", full_os_open)
+    yield d
+    if mounted:
+        subprocess.run(["umount", str(d)], capture_output=True)

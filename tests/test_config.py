@@ -117,3 +117,16 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
     f = write(tmp_path / "bad.yaml", "finetune:\n  iterations: [1, 2\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: line \d+: invalid YAML"):
         load_run(f)
+
+
+def test_active_config_keeps_only_the_blocks_the_run_uses():
+    from rsseg.runspec import RunSpec
+
+    ddpm = RunSpec(method="ddpm").active_config()
+    assert "ddpm" in ddpm and "mae" not in ddpm and "gid" not in ddpm["data"] and "synthetic" in ddpm["data"]
+    assert "mlp" in ddpm["finetune"] and "upernet" not in ddpm["finetune"] and "runtime" not in ddpm["pretrain"]
+    tuned = RunSpec(method="mae", finetune={"frozen": False}, data={"dataset": "gid", "root": "/x"}).active_config()
+    assert "ddpm" not in tuned and "mae" in tuned and "gid" in tuned["data"] and "synthetic" not in tuned["data"]
+    assert "upernet" in tuned["finetune"] and "mlp" not in tuned["finetune"]
+    random = RunSpec(method="convnext_random").active_config()
+    assert "pretrain" not in random

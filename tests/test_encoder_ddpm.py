@@ -232,3 +232,17 @@ def test_noise_differs_by_augmentation_variant_in_the_cache_key(tmp_path):
     cached(x, ["s:0:0"], [5])
     assert cache.stats.misses == 2
     assert cache.path(enc.cache_id, "t50", "s:0:0", 5).exists()
+
+
+def test_a_full_disk_turns_the_cache_off_and_features_are_computed_online(full_disk, tmp_path):
+    enc = encoder(timesteps=[0, 50])
+    x = torch.randn(2, 3, 64, 64)
+    keys, variants = ["s:0:0", "s:0:64"], [0, 0]
+    cached = CachedEncoder(enc, FeatureCache.open(full_disk / "cache", budget_gb=1))
+    out = cached(x, keys, variants)
+    assert cached.cache.writable is False and cached.cache.stats.writes == 0 and cached.cache.stats.computed == 4
+    working = CachedEncoder(enc, FeatureCache.open(tmp_path / "ok", budget_gb=1))(x, keys, variants)
+    assert all(torch.equal(a, d) for a, d in zip(out, working))  # the features a working cache gives
+    assert not [p for p in (full_disk / "cache").rglob("*") if p.is_file()]  # nothing half-written left
+    again = cached(x, keys, variants)  # later batches: no more write attempts, same features
+    assert all(torch.equal(a, b) for a, b in zip(again, out))

@@ -78,6 +78,11 @@ def test_tracked_run_logs_metrics_per_class_iou_and_artifacts(workdir):
     arts = set(tracking.list_artifacts(tracker.uri, tracker.run_id))
     assert {"confusion_matrix.png", "metrics.json", "config.yaml", "predictions.png"} <= arts
     assert r.data.params["finetune.iterations"] == "4"
+    # Only the active blocks: this DDPM run on synthetic data with the MLP head.
+    params = set(r.data.params)
+    assert len(params) <= 90, len(params)
+    assert not {p for p in params if p.startswith(("convnext", "mae.", "scalemae", "data.gid.", "finetune.upernet.", "pretrain.runtime."))}
+    assert {"ddpm.features.timesteps", "data.synthetic.scenes", "finetune.mlp.grouping"} <= params
 
 
 def test_non_finite_loss_fails_the_run_with_the_reason(workdir):

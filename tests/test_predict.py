@@ -72,6 +72,9 @@ def test_prediction_of_a_real_landsat_scene_is_georeferenced_with_nodata_and_col
         cmap = out.colormap(1)
         assert cmap[0][:3] == tuple(model.meta["classes"]["colors"][0]) and cmap[6][:3] == tuple(model.meta["classes"]["colors"][6])
         assert out.tags(1)["class_0"] == model.meta["classes"]["names"][0]
+        tags = out.tags()
+        assert tags["rsseg_model"] == model.source and tags["rsseg_source"].endswith(".tif") and tags["rsseg_git_commit"]
+        assert tags["rsseg_model_git_commit"] == model.meta["git_commit"] and tags["rsseg_version"]
         assert out.profile["tiled"] and out.compression.name == "deflate" and out.overviews(1)  # COG layout
     with rasterio.open(r.probabilities) as p:
         assert p.count == 7 and p.crs == src.crs

@@ -31,3 +31,56 @@ def test_resume_from_a_checkpoint_of_another_spec_is_refused(workdir, tmp_path):
     other = store.save(tmp_path / "step_00000004.pt", {"model": {}, "step": 4}, "0123456789abcdef", 4)
     with pytest.raises(CheckpointError, match=rf"fingerprint 0123456789abcdef, but this spec's fingerprint is {run.pretrain_fingerprint}; refusing to resume"):
         launch.train(run, workdir, resume_from=other)
+
+
+def test_too_little_free_space_fails_before_anything_starts(workdir, monkeypatch):
+    from rsseg import diskspace, tracking
+    from rsseg.errors import DiskFullError
+
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 3 * diskspace.MB)
+    with pytest.raises(DiskFullError, match=r"^no space left on .*/checkpoints/pretrain/ddpm-[0-9a-f]+: pre-training [0-9a-f]{8} "
+                                            r"\(3 checkpoints \+ final\) needs ~\d+ MB, 3 MB free; free space there"):
+        launch.train(tiny_run(), workdir)
+    c = tracking.client(tracking.resolve_uri(None, workdir))
+    exp = c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT)
+    assert exp is None or not c.search_runs([exp.experiment_id])  # no MLflow run opened
+
+
+def test_errors_no_retry_can_fix_are_recognised_through_wrappers():
+    import errno
+
+    from rsseg.errors import DataError, disk_full_path, is_fatal
+
+    enospc = OSError(errno.ENOSPC, "No space left on device", "/w/checkpoints/x/ckpt/step_00000006.pt")
+    try:
+        try:
+            raise enospc
+        except OSError as e:
+            raise RuntimeError("Training failed due to worker errors") from e
+    except RuntimeError as wrapped:
+        assert disk_full_path(wrapped) == "/w/checkpoints/x/ckpt/step_00000006.pt" and is_fatal(wrapped)
+    remote = RuntimeError("Traceback (most recent call last):\n  ...\nOSError: [Errno 28] No space left on device: '/w/mlflow.db'")
+    assert disk_full_path(remote) == "/w/mlflow.db"
+    assert is_fatal(DataError("x.tif: truncated")) and not is_fatal(RuntimeError("CUDA error: an illegal memory access"))
+
+
+def test_error_tags_hold_the_root_cause_not_a_traceback_or_a_wrapper():
+    import errno
+
+    from rsseg.errors import DiskFullError
+    from rsseg.tracking import error_reason
+
+    def chained(outer, inner):
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise outer from e
+        except BaseException as wrapped:
+            return wrapped
+
+    assert error_reason(chained(RuntimeError("Training failed due to worker errors:"), ValueError("bad tile"))) == "ValueError: bad tile"
+    remote = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\nFloatingPointError: pre-training loss is nan at step 7")
+    assert error_reason(remote) == "FloatingPointError: pre-training loss is nan at step 7"
+    ours = chained(DiskFullError("no space left on /w/ckpt (pre-training ab12cd34)"), OSError(errno.ENOSPC, "No space left on device"))
+    assert error_reason(ours) == "DiskFullError: no space left on /w/ckpt (pre-training ab12cd34)"

@@ -85,34 +85,62 @@ def test_noise_ablation_smoke_end_to_end(noise_ablation):
     assert [r.data.tags["pretrain_fingerprint"] for r in pre] == list(fps)
 
 
-def test_mlflow_ui_shows_the_runs(noise_ablation):
+def _get(url: str, body: dict | None = None):
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read()
+
+
+def test_mlflow_ui_shows_the_runs_of_a_copied_workdir(noise_ablation, tmp_path):
+    """The UI, started on a *copy* of the work directory (the original moved away), shows the
+    sweep as a model-training experiment with its description, each child run with test/mIoU
+    and only its active config blocks as params, and serves the copy's own artifacts."""
+    import shutil
+
     wd, loaded, result = noise_ablation
+    copy = tmp_path / "copied-workdir"
+    shutil.copytree(wd.root, copy, ignore=shutil.ignore_patterns("ray"))
+    hidden = wd.root.with_name(wd.root.name + "-moved")
+    wd.root.rename(hidden)  # nothing may be read from the original any more
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "platform"), "--workdir", str(wd.root), "ui", "--port", str(port)],
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "platform"), "--workdir", str(copy), "ui", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
+        deadline = time.time() + 120
         while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    assert r.status == 200 and r.read().strip() == b"OK"
-                    break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise AssertionError(f"MLflow UI did not come up: {proc.stdout.read().decode()[-2000:] if proc.poll() is not None else 'timeout'}")
-                time.sleep(1)
-        exp_id = tracking.client(tracking.resolve_uri(None, wd)).get_experiment_by_name("noise_ablation").experiment_id
-        body = json.dumps({"experiment_ids": [exp_id], "filter": f"tags.sweep_parent = '{result.parent_run_id}'", "max_results": 100}).encode()
-        req = urllib.request.Request(base + "/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            runs = json.loads(r.read())["runs"]
+            line = proc.stdout.readline().decode()
+            if "MLflow UI:" in line or proc.poll() is not None or time.time() > deadline:
+                break
+        assert "MLflow UI:" in line and f"127.0.0.1:{port}" in line, line + (proc.stdout.read().decode()[-2000:] if proc.poll() is not None else "")
+        # the URL is printed only once the server answers
+        assert _get(base + "/health").strip() == b"OK"
+        exp = json.loads(_get(base + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=noise_ablation"))["experiment"]
+        tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        assert tags["mlflow.note.content"] == loaded.spec.description and loaded.spec.description
+        runs = json.loads(_get(base + "/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [exp["experiment_id"]], "filter": f"tags.sweep_parent = '{result.parent_run_id}'", "max_results": 100}))["runs"]
         assert len(runs) == 6 and all(run["info"]["status"] == "FINISHED" for run in runs)
+        child = runs[0]
+        metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
+        params = {p["key"] for p in child["data"]["params"]}
+        assert 0 <= metrics["test/mIoU"] <= 1 and any(k.startswith("test/IoU/") for k in metrics)
+        assert "mIoU" not in metrics  # test metrics live under test/ only
+        assert len(params) <= 90 and not any(p.startswith(("convnext", "mae.", "data.gid.")) for p in params), len(params)
+        run_id = child["info"]["run_id"]
+        listed = json.loads(_get(base + f"/api/2.0/mlflow/artifacts/list?run_id={run_id}"))
+        assert {"metrics.json", "config.yaml", "predictions.png"} <= {f["path"] for f in listed["files"]}
+        served = json.loads(_get(base + f"/get-artifact?path=metrics.json&run_uuid={run_id}"))
+        assert served["mIoU"] == pytest.approx(metrics["test/mIoU"])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+        hidden.rename(wd.root)
+    assert proc.returncode is not None
 
 
 def _sweep_file(tmp_path: Path, name: str, space: str, search: str, base: str = TINY_BASE) -> Path:
@@ -153,54 +181,70 @@ def test_optuna_with_max_concurrent_2_never_runs_more_than_2(tmp_path, ray_clust
     assert peak <= 2  # CPU would allow 4 (0.5 CPU each on 2 CPUs)
 
 
-def test_kill_driver_then_resume(tmp_path):
-    """SIGKILL the driver mid-sweep; --resume finishes it: no duplicate, none RUNNING, the
-    finished trials are not re-run and the interrupted one continues from its checkpoint."""
+KILL_POINTS = ("mid-training", "after-last-validation", "after-run-ended", "mid-test-evaluation")
+
+
+def _leftover_processes(sessions: set[str]) -> list[int]:
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and any(f.path.startswith(tuple(sessions)) for f in proc.open_files()):
+                out.append(proc.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_kill_driver_at_each_point_of_a_trial_then_resume(tmp_path):
+    """SIGKILL the driver at each point of a trial's life (trial seed i is killed at point i:
+    mid-training, after its last validation, after its run ended FINISHED, mid-test-evaluation);
+    --resume after each kill finishes the sweep: no duplicate, none RUNNING, the trial whose run
+    had ended is not re-run, and nothing of the killed drivers' local clusters is left running."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()  # the driver subprocesses start their own local clusters
     wd = tmp_path / "w"
-    f = _sweep_file(tmp_path, "killme", "  ddpm.features.timesteps: {grid: [[0], [50], [100]]}",
-                    "{algorithm: grid, max_concurrent: 1, resources: {cpu: 1}}",
-                    base=TINY_BASE.replace("iterations: 6, eval_every: 3", "iterations: 60, eval_every: 10"))
+    f = _sweep_file(tmp_path, "killme", "  seed: {grid: [0, 1, 2, 3]}", "{algorithm: grid, max_concurrent: 1, resources: {cpu: 1}}")
     cli = [str(Path(sys.executable).parent / "platform"), "--workdir", str(wd), "sweep", str(f)]
-    env = dict(os.environ, RSSEG_RAY_LOGS="0")
-    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    env = dict(os.environ, RSSEG_RAY_LOGS="0", RSSEG_FAULT_KILL_DRIVER=",".join(f"{i}:{p}" for i, p in enumerate(KILL_POINTS)))
     uri = tracking.resolve_uri(None, Workdir.resolve(wd))
-    deadline = time.time() + 240
-    finished = []
-    try:
-        while time.time() < deadline:
-            time.sleep(1)
-            # touch MLflow only once the driver has initialised the store (state.json comes after)
-            kids = children(uri, "killme") if (wd / "sweeps" / "killme" / "state.json").exists() else []
-            finished = [k for k in kids if k.info.status == "FINISHED"]
-            running = [k for k in kids if k.info.status == "RUNNING" and "val/mIoU" in k.data.metrics]
-            if finished and running:
-                break
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-        else:
-            raise AssertionError("sweep never reached one finished + one checkpointed running trial")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    before = {k.info.run_id: k for k in children(uri, "killme")}
-    done_before = {k.info.run_id: k.info.end_time for k in before.values() if k.info.status == "FINISHED"}
-    assert any(k.info.status == "RUNNING" for k in before.values())
-    time.sleep(3)
-    out = subprocess.run(cli + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sessions: set[str] = set()
+    ended_before_kill = {}
+    codes = []
+    for attempt in range(len(KILL_POINTS) + 1):
+        out = subprocess.run(cli + (["--resume"] if attempt else []), capture_output=True, text=True, env=env, timeout=600)
+        codes.append(out.returncode)
+        for record in (wd / "ray").glob("local-*.json"):
+            sessions.add(json.loads(record.read_text())["session_dir"].rstrip("/") + "/")
+        if out.returncode == 0:
+            break
+        assert out.returncode == -signal.SIGKILL, out.stdout[-3000:] + out.stderr[-3000:]
+        kids = children(uri, "killme")
+        assert len({k.data.tags["trial_id"] for k in kids}) == len(kids)  # never a duplicate child
+        for k in kids:
+            if k.info.status == "FINISHED":
+                ended_before_kill.setdefault(k.info.run_id, k.info.end_time)
+    assert codes == [-signal.SIGKILL] * len(KILL_POINTS) + [0], codes
+    assert {p.name.split("-", 2)[2] for p in wd.glob(".fault-*")} == set(KILL_POINTS)  # every point was hit
     after = children(uri, "killme")
-    assert len(after) == 3 and len({k.data.tags["trial_id"] for k in after}) == 3  # no duplicate
-    assert all(k.info.status == "FINISHED" for k in after)  # none left RUNNING
-    for run_id, end in done_before.items():  # finished trials were not re-run
-        run = next(k for k in after if k.info.run_id == run_id)
-        assert run.info.end_time == end and run.data.tags["attempt"] == "1"
-    continued = [k for k in after if k.info.run_id in before and before[k.info.run_id].info.status == "RUNNING"]
-    assert continued and int(continued[0].data.tags["resumed_from_iteration"]) >= 10
+    assert len(after) == 4 and len({k.data.tags["trial_id"] for k in after}) == 4
+    assert all(k.info.status == "FINISHED" and 0 <= k.data.metrics["test/mIoU"] <= 1 for k in after)
+    by_seed = {k.data.params["seed"]: k for k in after}
+    # seed 2 was killed after its run ended: it was reported from MLflow, not trained again
+    ended = by_seed["2"]
+    assert ended.info.run_id in ended_before_kill and ended.info.end_time == ended_before_kill[ended.info.run_id]
+    assert ended.data.tags["attempt"] == "1"
+    # seeds 1 and 3 were killed after their last checkpoint: they continued from a checkpoint (the
+    # last one Tune had recorded when the driver died), in the same MLflow run
+    for seed in ("1", "3"):
+        assert int(by_seed[seed].data.tags["resumed_from_iteration"]) in (3, 6), seed
     ps = parents(uri, "killme")
-    assert len(ps) == 1 and ps[0].info.status == "FINISHED"
+    assert [p.info.status for p in ps] == ["FINISHED"]
+    assert sessions and _leftover_processes(sessions) == []
+    assert not list((wd / "ray").glob("local-*.json"))
 
 
 def test_multi_node_trials_land_on_both_nodes(tmp_path):

@@ -63,6 +63,12 @@ BASE = "name: t\nbase: {method: ddpm, data: {tile_size: 32}, ddpm: {unet: {prese
     (BASE + "space: {finetune.lr: {loguniform: [1.0e-4, 1.0e-2]}}\n", r"s.yaml: space.finetune.lr: loguniform needs search.algorithm: optuna"),
     (BASE + "space: {finetune.iterations: {grid: [10, -1]}}\n", r"s.yaml: space.finetune.iterations: the trial finetune.iterations=-1 is invalid: .*greater than or equal to 1"),
     (BASE + "space: {seed: {grid: [0], choice: [1]}}\n", r"s.yaml: space.seed: expected exactly one of grid, cases, choice, uniform, loguniform, int"),
+    # what the network can take: found at plan time, before any pre-training
+    (BASE + "space: {data.tile_size: {grid: [32, 40]}}\n",
+     r"s.yaml: space.data.tile_size: the trial data.tile_size=40 is invalid: .*40 is not a multiple of 16: the tiny UNet halves its "
+     r"input 4 times .*\(use 32 or 48\)"),
+    (BASE + "space: {ddpm.features.resolutions: {grid: [[16, 8], [32]]}}\n",
+     r"s.yaml: space.ddpm.features.resolutions: the trial .* is invalid: .*1/32 is not a decoder resolution of the tiny UNet \(available: 1/1, 1/2"),
 ])
 def test_bad_sweeps_name_file_and_key(tmp_path, text, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -131,3 +137,63 @@ def test_label_ratio_with_a_missing_imagenet_weights_file_fails_before_anything_
     result = CliRunner().invoke(app, ["--workdir", str(workdir.root), "sweep", str(f), "--profile", "paper", "--dry-run"])
     assert result.exit_code == 2 and "convnext.weights: /nonexistent/convnext.pt does not exist" in result.output
     assert "space.method: the trial method='convnext_imagenet'" in result.output
+
+
+def _hold_lock(workdir, name: str, pid: int) -> Path:
+    import json
+    import socket
+
+    lock = workdir.sweeps / name / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2026-12-02T00:00:00"}))
+    return lock
+
+
+def test_a_second_driver_of_the_same_sweep_says_who_holds_it_and_exits_2(tmp_path, workdir):
+    import os
+
+    p = write(tmp_path, BASE + "space: {seed: {grid: [0]}}\n")
+    lock = _hold_lock(workdir, "t", os.getpid())  # a live holder: this very process
+    out = CliRunner().invoke(app, ["--workdir", str(workdir.root), "sweep", str(p)])
+    assert out.exit_code == 2, out.output
+    assert f"error: sweep 't' is already running in {workdir.root} (pid {os.getpid()} on" in out.output
+    assert lock.exists()  # the holder's lock is left alone
+
+
+def test_a_lock_left_by_a_killed_driver_is_stale_and_taken_over(tmp_path, workdir, caplog):
+    import subprocess
+    import sys
+
+    from rsseg.sweep.driver import run_sweep
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = _hold_lock(workdir, "t", dead.pid)
+    p = write(tmp_path, BASE + "space: {seed: {grid: [0]}}\n")
+    # past the lock (taken over), to the next check: there is nothing to resume
+    with pytest.raises(SweepError, match=r"no sweep named 't' to resume"):
+        run_sweep(load_sweep(p), workdir, resume=True)
+    assert f"taking over a stale lock of pid {dead.pid}" in caplog.text
+    assert not lock.exists()  # released on the way out
+
+
+def test_resume_refuses_ray_storage_owned_by_another_user(workdir, monkeypatch):
+    import os
+
+    from rsseg.sweep import driver
+
+    storage = workdir.ray_storage / "sweeps" / "t-20261202"
+    storage.mkdir(parents=True)
+    driver._check_owner(workdir, "t", ["t-20261202"])  # ours: fine
+    monkeypatch.setattr(driver.os, "getuid", lambda: os.stat(storage).st_uid + 1)
+    with pytest.raises(SweepError, match=r"cannot resume sweep 't': .*t-20261202 belongs to another user .*trust boundary"):
+        driver._check_owner(workdir, "t", ["t-20261202"])
+
+
+def test_a_tile_size_the_network_cannot_take_fails_config_show_and_dry_run(tmp_path, workdir):
+    p = write(tmp_path, BASE.replace("tile_size: 32", "tile_size: 40") + "space: {seed: {grid: [0]}}\n")
+    for args in (["config", "show", str(p)], ["sweep", str(p), "--dry-run"]):
+        out = CliRunner().invoke(app, ["--workdir", str(workdir.root), *args])
+        assert out.exit_code == 2, out.output
+        assert "data.tile_size" in out.output and "40 is not a multiple of 16" in out.output and len(out.output.strip().splitlines()) == 1
+    assert not (workdir.root / "checkpoints").exists()

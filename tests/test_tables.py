@@ -181,3 +181,11 @@ def test_cell_format():
     assert build.fmt(build.Cell(72.0, 2.8284, 2)) == "72.0 ± 2.8"
     assert build.fmt(build.Cell(66.0, None, 1)) == "66.0"
     assert build.fmt(build.Cell()) == "—"
+
+
+def test_cli_tables_on_a_full_disk_is_one_line_naming_the_path(store, full_disk):
+    res = CliRunner().invoke(app, ["tables", "--tracking-uri", store, "--out", str(full_disk / "t")])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: no space left on {full_disk}/t"), lines
+    assert not [p for p in full_disk.rglob("*") if p.is_file() and p.name != "filler"]  # no half-written table

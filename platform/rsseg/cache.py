@@ -178,14 +178,28 @@ class FeatureCache:
                 c.unlink(missing_ok=True)
                 return self.claim(cache_id, part, tile, variant)
             return False
-        except OSError:
+        except OSError as exc:
+            self._unwritable(exc)
             return False  # cannot even create the claim: compute online, write nothing
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        except OSError as exc:  # a full disk: the empty claim goes, and so does the cache
+            c.unlink(missing_ok=True)
+            self._unwritable(exc)
+            return False
         return True
+
+    def _unwritable(self, exc: OSError) -> None:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            self.writable = False  # a full or read-only disk: compute online from now on
 
     def release(self, cache_id: str, part: str, tile: str, variant: int) -> None:
         self._claim_path(cache_id, part, tile, variant).unlink(missing_ok=True)
+
+    def release_all(self, cache_id: str, keys: Sequence[tuple[str, str, int]]) -> None:
+        for part, tile, variant in keys:
+            self.release(cache_id, part, tile, variant)
 
     def claimed(self, cache_id: str, part: str, tile: str, variant: int) -> bool:
         c = self._claim_path(cache_id, part, tile, variant)
@@ -237,10 +251,15 @@ class CachedEncoder:
         missing = [(i, part) for i in range(b) for part in self.parts if (i, part) not in have]
         self.cache.stats.hits += len(have)
         self.cache.stats.misses += len(missing)
-        self._compute([key for key in missing if self._claim(key, keys, variants)], images, keys, variants, have)
+        claimed = [key for key in missing if self._claim(key, keys, variants)]
+        if not self.cache.writable:  # a full or read-only disk: the whole batch online, one forward
+            self.cache.release_all(self.cache_id, [(p, keys[i], int(variants[i])) for i, p in claimed])
+            self._compute(missing, images, keys, variants, have, store=False)
+            return self._assemble(have, b, images.device)
+        self._compute(claimed, images, keys, variants, have)
         waiting = [key for key in missing if key not in have]
         while waiting:  # keys other processes are computing
-            still = []
+            still, online = [], []
             for key in waiting:
                 i, part = key
                 maps = self.cache.get(self.cache_id, part, keys[i], int(variants[i]))
@@ -251,9 +270,10 @@ class CachedEncoder:
                     # the claimant gave up without writing (over budget, full disk, died): ours now
                     self._compute([key] if self._claim(key, keys, variants) else [], images, keys, variants, have)
                     if key not in have:  # cannot even claim it: compute online, write nothing
-                        self._compute([key], images, keys, variants, have, store=False)
+                        online.append(key)
                 else:
                     still.append(key)
+            self._compute(online, images, keys, variants, have, store=False)
             waiting = still
             if waiting:
                 time.sleep(WAIT_POLL_S)

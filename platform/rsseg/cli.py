@@ -28,6 +28,15 @@ class _Group(TyperGroup):
         except RssegError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
+        except OSError as exc:
+            from rsseg.diskspace import no_space_message
+            from rsseg.errors import disk_full_path
+
+            path = disk_full_path(exc)
+            if path is None:
+                raise
+            typer.echo(f"error: {no_space_message(path, ctx.invoked_subcommand or ctx.info_name)}", err=True)
+            raise typer.Exit(code=2) from None
 
 
 app = typer.Typer(
@@ -49,7 +58,7 @@ app.add_typer(weights_app, name="weights")
 app.add_typer(models_app, name="models")
 
 SetOpt = typer.Option(None, "--set", help="Override a key: --set finetune.iterations=100 (repeatable).")
-ProfileOpt = typer.Option(None, "--profile", "-p", help="Profile from sweeps/profiles/ merged over the file (smoke, paper).")
+ProfileOpt = typer.Option(None, "--profile", "-p", help="Profile from sweeps/profiles/ merged over the file: small (tiny networks and iterations, keeps your data), smoke (small + the built-in synthetic data in place of the file's), paper (full scale on GPUs).")
 
 
 def _version(value: bool) -> None:
@@ -536,6 +545,9 @@ def _stop_local_ray() -> None:
     if ray is not None and ray.is_initialized():
         try:
             ray.shutdown()
+            from rsseg.raycluster import forget_session
+
+            forget_session()
         except Exception:  # noqa: BLE001 - on the way out, nothing more to do
             pass
 

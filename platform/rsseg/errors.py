@@ -32,3 +32,49 @@ class TrackingError(RssegError):
 
 class SweepError(RssegError):
     """A sweep cannot be planned, run or resumed."""
+
+
+class DiskFullError(RssegError):
+    """A write failed for lack of space (or quota): nothing a retry can fix."""
+
+
+_NO_SPACE = (28, 122)  # errno ENOSPC, EDQUOT (Linux)
+
+
+def disk_full_path(exc: BaseException) -> str | None:
+    """The path of a "no space left" failure anywhere in ``exc``'s chain (causes, Ray's wrapped
+    worker errors, or their text when only that crossed the process boundary), else None."""
+    import re
+
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DiskFullError):
+            return str(e).removeprefix("no space left on ").split(" ")[0]
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return str(e.filename or "?")
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+        m = re.search(r"\[Errno (28|122)\] [^:'\n]*(?::\s*'([^']*)')?", str(e))
+        if m:
+            return m.group(2) or "?"
+    return None
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """An error no retry can fix: bad input (an RssegError) or a full disk."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RssegError):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+    return disk_full_path(exc) is not None

@@ -365,7 +365,8 @@ def _log_final(tracker, run, result: FinetuneResult, kept, p: Prepared, workdir:
             tracker.log_artifact(d / name)
         if kept:
             images, truths, preds = zip(*kept)
-            save_overlays(torch.stack(images), torch.stack(truths), torch.stack(preds), p.table.palette(), d / "predictions.png")
+            save_overlays(torch.stack(images), torch.stack(truths), torch.stack(preds), p.table.palette(), d / "predictions.png",
+                          names=p.table.names)
             tracker.log_artifact(d / "predictions.png")
     # the trained model, for `platform predict runs:/<run id>` (work directory copy + MLflow artifact)
     model_dir = save_model(workdir.root / "models" / tracker.run_id, run, p, result, p.pretrained)

@@ -7,6 +7,11 @@ A local cluster listens on the loopback interface only (Ray binds its GCS, rayle
 the node's address, by default the machine's external one and 0.0.0.0; its single-machine switch
 ``ENABLE_RAY_CLUSTER`` makes that 127.0.0.1), and keeps its session files under the work
 directory (``<workdir>/ray/tmp``) when the path leaves room for Ray's Unix sockets.
+
+A driver killed with SIGKILL cannot stop its cluster, and Ray's dashboard and runtime-env agents
+then outlive it (re-parented to init). Each local cluster is therefore recorded under the work
+directory (``<workdir>/ray/local-<pid>.json``: driver pid, start time, session dir), and the next
+local start from that work directory stops what is left of the sessions whose driver is gone.
 """
 
 from __future__ import annotations
@@ -37,9 +42,80 @@ def init(address: str | None = None, num_cpus: int | None = None) -> None:
         temp = local_temp_dir()
         if temp is not None:
             kwargs["_temp_dir"] = str(temp)
+        reap_leftovers()
     elif env:
         kwargs["runtime_env"] = {"env_vars": env}
     ray.init(address=address, **kwargs)
+    if address == "local":
+        _record_session()
+
+
+def _session_files() -> list:
+    from rsseg.workdir import Workdir
+
+    root = Workdir.resolve().ray_storage
+    return sorted(root.glob("local-*.json")) if root.is_dir() else []
+
+
+def _record_session() -> None:
+    import json
+
+    import psutil
+    import ray
+
+    from rsseg.atomic import atomic_write_text
+    from rsseg.workdir import Workdir
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    root = Workdir.resolve().ray_storage
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write_text(root / f"local-{os.getpid()}.json", json.dumps(
+        {"driver_pid": os.getpid(), "driver_started": psutil.Process().create_time(), "session_dir": session}))
+
+
+def _alive(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0  # same pid, same process (no reuse)
+    except psutil.Error:
+        return False
+
+
+def reap_leftovers() -> int:
+    """Stop the processes of local clusters whose driver died without stopping them (this work
+    directory's, this user's); returns how many were stopped."""
+    import json
+
+    import psutil
+
+    stopped = 0
+    for record in _session_files():
+        try:
+            info = json.loads(record.read_text())
+            pid, started, session = int(info["driver_pid"]), float(info["driver_started"]), str(info["session_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            record.unlink(missing_ok=True)
+            continue
+        if _alive(pid, started):
+            continue  # another driver on this work directory is running: its cluster is live
+        prefix = session.rstrip("/") + "/"
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != os.getpid() and any(f.path.startswith(prefix) for f in proc.open_files()):
+                    proc.kill()
+                    stopped += 1
+            except psutil.Error:
+                continue
+        record.unlink(missing_ok=True)
+    return stopped
+
+
+def forget_session() -> None:
+    """This driver stopped its local cluster itself: nothing to reap later."""
+    from rsseg.workdir import Workdir
+
+    (Workdir.resolve().ray_storage / f"local-{os.getpid()}.json").unlink(missing_ok=True)
 
 
 def loopback_only() -> None:

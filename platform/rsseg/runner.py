@@ -29,7 +29,7 @@ def execute(run, workdir: Workdir | None = None, *, uri: str | None = None, expe
                                      run_name or f"{run.name}-{run.method}",
                                      tags=RunTags.for_run(run, kind="finetune", profile=profile).to_tags(), workdir=workdir)
     # Idempotent: a resumed run already has its parameters and keeps them.
-    tracker.log_params(tracking.flatten(run.model_dump(mode="json")) | {"run_fingerprint": fingerprint(run.model_dump(mode="json"))})
+    tracker.log_params(tracking.flatten(run.active_config()) | {"run_fingerprint": fingerprint(run.model_dump(mode="json"))})
     with tracking.tracked(tracker):
         result = finetune.run(run, workdir, tracker=tracker, pretrained=pretrained, on_eval=on_eval, resume_state=resume_state,
                               on_test=on_test)

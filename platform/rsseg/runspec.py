@@ -63,6 +63,27 @@ class _Checked(RunSpecBase):
 
         return fingerprint(self)
 
+    def active_config(self) -> dict[str, Any]:
+        """The config that shapes this run, as MLflow params show it: the run's own method block
+        only (not every installed method's defaults), the data block of its dataset only, the
+        pre-training block only when the method pre-trains, and the one head that is used."""
+        full = self.model_dump(mode="json")
+        out = {k: full[k] for k in ("name", "seed", "method", "data", "finetune", "runtime")}
+        data = out["data"] = dict(out["data"])
+        for sub in ("synthetic", "gid"):
+            if data["dataset"] != sub:
+                data.pop(sub, None)
+        ft = out["finetune"] = dict(out["finetune"])
+        head = ft["head"] if ft["head"] != "auto" else self.plugin.default_head(self.finetune.frozen)
+        for name in ("mlp", "upernet"):
+            if name != head:
+                ft.pop(name, None)
+        if self.needs_pretraining:  # what the weights are; how the pre-training ran is on its own run
+            out["pretrain"] = {k: v for k, v in full["pretrain"].items() if k != "runtime"}
+        if self.plugin.block:
+            out[self.plugin.block] = full[self.plugin.block]
+        return out
+
 
 @functools.lru_cache(maxsize=1)
 def run_spec_model() -> type[RunSpecBase]:

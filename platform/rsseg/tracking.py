@@ -265,10 +265,21 @@ class Run:
 
 
 def start_run(uri: str, experiment: str, name: str, tags: dict[str, Any], parent_run_id: str | None = None,
-              workdir: Workdir | None = None, reuse_tag: tuple[str, str] | None = None) -> Run:
-    """Create a run, or reuse the unfinished one whose tag ``reuse_tag`` matches (resumes)."""
+              workdir: Workdir | None = None, reuse_tag: tuple[str, str] | None = None, reopen: str | None = None) -> Run:
+    """Create a run, or reuse the unfinished one whose tag ``reuse_tag`` matches (resumes), or
+    reopen the run ``reopen`` whatever its status (an artifact of it is being rebuilt)."""
     exp_id = experiment_id(uri, experiment, workdir)
     c = client(uri)
+    if reopen is not None:
+        try:
+            old = c.get_run(reopen)
+        except Exception:  # noqa: BLE001 - gone (another store, deleted): a new run then
+            old = None
+        if old is not None and old.info.experiment_id == exp_id:
+            c.update_run(reopen, status="RUNNING")
+            run = Run(uri, reopen, exp_id)
+            run.set_tags({"rebuilt": "true"})
+            return run
     if reuse_tag is not None:
         key, value = reuse_tag
         found = c.search_runs([exp_id], filter_string=f"tags.`{key}` = '{value}'", max_results=50,
@@ -289,8 +300,10 @@ def start_run(uri: str, experiment: str, name: str, tags: dict[str, Any], parent
 def error_reason(exc: BaseException) -> str:
     """One line for an error tag: the root cause's type and message, not a traceback or a
     wrapper's "Training failed due to worker errors"."""
+    from rsseg.errors import RssegError
+
     seen = exc
-    while seen.__cause__ is not None:
+    while seen.__cause__ is not None and not isinstance(seen, RssegError):  # our one-line message is the reason
         seen = seen.__cause__
     lines = [line.strip() for line in str(seen).strip().splitlines() if line.strip()]
     if any(line.startswith("Traceback (most recent call last)") for line in lines):

@@ -22,9 +22,20 @@ def save_grid(rows: Sequence[torch.Tensor], path: Path, columns: Sequence[str] |
               min_size: int = 96) -> Path:
     """Each row a (N, C, H, W) tensor; optional column captions. Small tiles are enlarged
     (nearest) to ``min_size`` so that a grid of 32 px tiles is still readable."""
-    from PIL import Image, ImageDraw
+    return _save_png(_grid(rows, columns, pad, min_size), path)
 
+
+def _save_png(canvas, path: Path) -> Path:
     from rsseg.atomic import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".png") as tmp:
+        canvas.save(tmp, format="PNG")
+    return path
+
+
+def _grid(rows: Sequence[torch.Tensor], columns: Sequence[str] | None, pad: int, min_size: int):
+    from PIL import Image, ImageDraw
 
     h, w = rows[0].shape[-2:]
     scale = max(1, -(-min_size // max(h, w)))
@@ -42,10 +53,33 @@ def save_grid(rows: Sequence[torch.Tensor], path: Path, columns: Sequence[str] |
             if scale > 1:
                 tile = tile.resize((w, h), Image.NEAREST)
             canvas.paste(tile, (pad + j * (w + pad), caption + pad + i * (h + pad)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        canvas.save(tmp, format="PNG")
-    return path
+    return canvas
+
+
+def with_legend(canvas, entries: Sequence[tuple[str, Sequence[int]]], swatch: int = 10, pad: int = 4):
+    """``canvas`` with a class-colour legend below it: one swatch and name per entry, wrapped
+    to the canvas width (~6 px per glyph of PIL's default font)."""
+    from PIL import Image, ImageDraw
+
+    width = max(canvas.width, 160)
+    cells = [swatch + 4 + 6 * len(name) + 10 for name, _ in entries]
+    lines, x = 1, pad
+    for c in cells:
+        if x + c > width and x > pad:
+            lines, x = lines + 1, pad
+        x += c
+    line_h = swatch + 4
+    out = Image.new("RGB", (width, canvas.height + pad + lines * line_h + pad), (255, 255, 255))
+    out.paste(canvas, (0, 0))
+    draw = ImageDraw.Draw(out)
+    x, y = pad, canvas.height + pad
+    for (name, colour), c in zip(entries, cells):
+        if x + c > width and x > pad:
+            x, y = pad, y + line_h
+        draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(int(v) for v in colour[:3]), outline=(0, 0, 0))
+        draw.text((x + swatch + 4, y - 1), name, fill=(0, 0, 0))
+        x += c
+    return out
 
 
 def colourise(labels: torch.Tensor, palette: np.ndarray, ignore: int = 255) -> np.ndarray:
@@ -57,14 +91,23 @@ def colourise(labels: torch.Tensor, palette: np.ndarray, ignore: int = 255) -> n
     return out
 
 
-def save_overlays(images: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, palette: np.ndarray, path: Path) -> Path:
-    """Rows of (image | truth | prediction) for a few tiles."""
+def save_overlays(images: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, palette: np.ndarray, path: Path,
+                  names: Sequence[str] | None = None, ignore: int = 255) -> Path:
+    """Rows of (image | truth | prediction) for a few tiles, with a legend of the classes that
+    appear in them (``names``: one per palette row; ignored pixels are black)."""
     rows = []
     for img, t, p in zip(images, truth, pred):
-        t_rgb = torch.from_numpy(colourise(t, palette)).permute(2, 0, 1).float() / 127.5 - 1
-        p_rgb = torch.from_numpy(colourise(p, palette)).permute(2, 0, 1).float() / 127.5 - 1
+        t_rgb = torch.from_numpy(colourise(t, palette, ignore)).permute(2, 0, 1).float() / 127.5 - 1
+        p_rgb = torch.from_numpy(colourise(p, palette, ignore)).permute(2, 0, 1).float() / 127.5 - 1
         rows.append(torch.stack([img[:3].float().cpu(), t_rgb, p_rgb]))
-    return save_grid(rows, path, ["image", "truth", "prediction"])
+    canvas = _grid(rows, ["image", "truth", "prediction"], 2, 96)
+    if names is not None:
+        shown = torch.unique(torch.cat([truth.flatten(), pred.flatten()]).cpu()).tolist()
+        entries = [(names[i], palette[i]) for i in shown if 0 <= i < min(len(names), len(palette))]
+        if (truth == ignore).any():
+            entries.append(("ignored", (0, 0, 0)))
+        canvas = with_legend(canvas, entries)
+    return _save_png(canvas, path)
 
 
 def save_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str = "") -> Path:

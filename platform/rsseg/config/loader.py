@@ -108,13 +108,20 @@ def _interpolate(value: Any, path: str, file: str, refs: list[tuple[str, str | N
     return rec(value, path)
 
 
+_WARNED_EMPTY: set[str] = set()  # once per file and process (a file is read at several layers)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read one YAML mapping with env interpolation; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        text, refs = _protect(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); save the file as UTF-8") from None
+    try:
+        text, refs = _protect(text)
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -122,6 +129,14 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
     if raw is None:
+        import logging
+
+        # an empty file is valid, but every key then takes its default: the paper-scale run
+        if str(path.resolve()) not in _WARNED_EMPTY:
+            _WARNED_EMPTY.add(str(path.resolve()))
+            logging.getLogger("rsseg.config").warning(
+                "warning: %s is empty: every setting takes its default (paper scale: 200 000 pre-training iterations); "
+                "did you mean another file or --profile small/smoke?", path)
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")

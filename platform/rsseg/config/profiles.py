@@ -33,6 +33,9 @@ from rsseg.config.loader import Document, apply_layer, apply_overrides, load_doc
 from rsseg.errors import ConfigError
 
 
+SHIPPED = Path(__file__).resolve().parents[3] / "sweeps" / "profiles"
+
+
 def find_profile(name: str, near: str | os.PathLike | None = None) -> Path:
     candidates = []
     as_path = Path(name)
@@ -40,7 +43,9 @@ def find_profile(name: str, near: str | os.PathLike | None = None) -> Path:
         candidates.append(as_path)
     if near is not None:
         candidates.append(Path(near).resolve().parent / "profiles" / f"{name}.yaml")
+        candidates.append(Path(near).resolve().parent / f"{name}.yaml")  # a profile extending its sibling
     candidates.append(Path.cwd() / "sweeps" / "profiles" / f"{name}.yaml")
+    candidates.append(SHIPPED / f"{name}.yaml")  # the checkout's own, from any directory
     for c in candidates:
         if c.is_file():
             return c.resolve()

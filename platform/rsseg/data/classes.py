@@ -76,6 +76,13 @@ def pack_rgb(rgb: np.ndarray) -> np.ndarray:
 def decode_codes(raw: np.ndarray, table: ClassTable, source: str | Path) -> np.ndarray:
     """Raw codes (H, W) -> class indices (H, W) uint8 with IGNORE_INDEX; unknown codes raise."""
     lut = table.lut()
+    if raw.dtype.kind == "f":  # a float label raster: its values must still be whole class codes
+        whole = np.isfinite(raw) & (raw == np.round(raw))
+        if not whole.all():
+            bad, counts = np.unique(raw[~whole], return_counts=True)
+            listed = ", ".join(f"{v:g} ({n} pixels)" for v, n in zip(bad[:3], counts[:3]))
+            raise DataError(f"{source}: label value {listed} is not a whole class code (float label raster); "
+                            "labels must hold integer codes")
     raw = raw.astype(np.int64, copy=False)
     if raw.size and (raw.min() < 0 or raw.max() >= lut.size):
         bad = int(raw.max() if raw.max() >= lut.size else raw.min())
@@ -246,6 +253,61 @@ def named_table(name: str) -> ClassTable:
         ) from None
 
 
+def _node_at(node, keys: tuple):
+    """The YAML node at ``keys`` (mapping keys / sequence indexes) of a composed document, or the
+    deepest one that exists (so that an error names the nearest line)."""
+    import yaml
+
+    for k in keys:
+        if isinstance(node, yaml.MappingNode):
+            found = next((v for kn, v in node.value if kn.value == k), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(k, int) and k < len(node.value):
+            found = node.value[k]
+        else:
+            found = None
+        if found is None:
+            break
+        node = found
+    return node
+
+
+class _TableDoc:
+    """A class-table file, for errors that name the file, line and key."""
+
+    def __init__(self, path: Path):
+        import yaml
+
+        self.path = path
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); save the class table as UTF-8") from None
+        try:
+            self.root = yaml.compose(text)
+            self.doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise DataError(f"{path}{where}: invalid YAML in class table: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}") from None
+
+    def error(self, keys: tuple, message: str) -> DataError:
+        node = _node_at(self.root, keys) if self.root is not None else None
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        dotted = "".join(f"[{k}]" if isinstance(k, int) else (f".{k}" if i else str(k)) for i, k in enumerate(keys))
+        return DataError(f"{self.path}{line}: {dotted + ': ' if dotted else ''}{message}")
+
+    def integer(self, value, keys: tuple, what: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(keys, f"expected an integer {what}, got {value!r}")
+        return value
+
+    def colour(self, value, keys: tuple) -> tuple[int, int, int]:
+        if (not isinstance(value, (list, tuple)) or len(value) != 3
+                or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 255 for c in value)):
+            raise self.error(keys, f"expected [r, g, b] with integers 0-255, got {value!r}")
+        return tuple(value)
+
+
 def load_table_yaml(path: str | Path) -> ClassTable:
     """A user's class table (folder datasets): see docs/own-data.md for the format.
 
@@ -256,45 +318,52 @@ def load_table_yaml(path: str | Path) -> ClassTable:
       - {code: 1, name: building, abbr: Bld, color: [255, 0, 0]}
     ```
     """
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: class table file not found")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: invalid YAML in class table: {str(exc).splitlines()[0]}") from None
+    t = _TableDoc(path)
+    doc = t.doc
+    if doc is None:
+        raise DataError(f"{path}: the class table is empty; expected name, ignore and classes (docs/own-data.md)")
+    if not isinstance(doc, dict):
+        raise t.error((), f"expected a mapping with name, kind, ignore, classes; got {type(doc).__name__} {doc!r}")
     unknown = set(doc) - {"name", "ignore", "classes", "kind"}
     if unknown:
-        raise DataError(f"{path}: unknown key {sorted(unknown)[0]!r} in class table; expected name, kind, ignore, classes")
+        raise t.error((sorted(unknown)[0],), "unknown key in class table; expected name, kind, ignore, classes")
     classes = doc.get("classes")
     if not isinstance(classes, list) or not classes:
-        raise DataError(f"{path}: classes: expected a non-empty list of {{code, name, abbr, color}}")
+        raise t.error(("classes",), "expected a non-empty list of {code, name, abbr, color}")
     kind = doc.get("kind", "codes")
     if kind not in ("codes", "colours"):
-        raise DataError(f"{path}: kind: expected 'codes' or 'colours', got {kind!r}")
-    defs, mapping = [], {}
+        raise t.error(("kind",), f"expected 'codes' or 'colours', got {kind!r}")
+    defs, mapping, first = [], {}, {}
     for i, entry in enumerate(classes):
         if not isinstance(entry, dict) or "name" not in entry:
-            raise DataError(f"{path}: classes[{i}]: expected a mapping with at least 'name' and 'code' (or 'color')")
-        color = tuple(int(c) for c in entry.get("color", (128, 128, 128)))
-        if len(color) != 3:
-            raise DataError(f"{path}: classes[{i}].color: expected [r, g, b]")
-        defs.append(ClassDef(str(entry["name"]), str(entry.get("abbr", entry["name"][:4])), color))
+            raise t.error(("classes", i), "expected a mapping with at least 'name' and 'code' (or 'color')")
+        color = t.colour(entry.get("color", [128, 128, 128]), ("classes", i, "color"))
+        defs.append(ClassDef(str(entry["name"]), str(entry.get("abbr", str(entry["name"])[:4])), color))
         if kind == "codes":
             if "code" not in entry:
-                raise DataError(f"{path}: classes[{i}].code: required for a code table")
-            mapping[int(entry["code"])] = i
+                raise t.error(("classes", i), "code: required for a code table")
+            key, keys = t.integer(entry["code"], ("classes", i, "code"), "label code"), ("classes", i, "code")
         else:
-            r, g, b = color
-            mapping[(r << 16) | (g << 8) | b] = i
-    for value in doc.get("ignore", []) or []:
+            key, keys = (color[0] << 16) | (color[1] << 8) | color[2], ("classes", i, "color")
+        if key in mapping:
+            raise t.error(keys, f"{'code' if kind == 'codes' else 'colour'} {entry.get('code', list(color))!r} is already "
+                                f"class {defs[mapping[key]].name!r} (classes[{first[key]}]); each must be unique")
+        mapping[key], first[key] = i, i
+    ignore = doc.get("ignore", []) or []
+    if not isinstance(ignore, list):
+        raise t.error(("ignore",), f"expected a list of {'codes' if kind == 'codes' else '[r, g, b] colours'}, got {ignore!r}")
+    for j, value in enumerate(ignore):
         if kind == "codes":
-            mapping[int(value)] = IGNORE_INDEX
+            code = t.integer(value, ("ignore", j), "label code")
         else:
-            r, g, b = (int(c) for c in value)
-            mapping[(r << 16) | (g << 8) | b] = IGNORE_INDEX
+            r, g, b = t.colour(value, ("ignore", j))
+            code = (r << 16) | (g << 8) | b
+        if code in mapping and mapping[code] != IGNORE_INDEX:
+            raise t.error(("ignore", j), f"{value!r} is also class {defs[mapping[code]].name!r}; a value is a class or ignored")
+        mapping[code] = IGNORE_INDEX
     return ClassTable(name=str(doc.get("name", path.stem)), classes=tuple(defs), kind=kind, mapping=mapping)
 
 

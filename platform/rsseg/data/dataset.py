@@ -31,14 +31,8 @@ from rsseg.config.specs import AugmentSpec
 from rsseg.data.classes import ClassTable
 from rsseg.labels import IGNORE_INDEX
 from rsseg.data.scenes import Scene, open_raster
+from rsseg.data.pixels import default_value_range, read_error  # noqa: F401 - re-exported
 from rsseg.data.tiles import decode_label, read_valid
-
-_DTYPE_RANGES = {"uint8": (0.0, 255.0), "int8": (-128.0, 127.0), "uint16": (0.0, 65535.0), "int16": (-32768.0, 32767.0)}
-
-
-def default_value_range(dtype: str) -> tuple[float, float]:
-    return _DTYPE_RANGES.get(dtype, (0.0, 1.0))
-
 
 class TileReader:
     """Windowed reads with one open handle per scene per process."""
@@ -89,15 +83,21 @@ class TileReader:
 
         src = self._open(scene_idx, "image")
         win = Window(col, row, size, size)
-        data = src.read(self.bands, window=win) if self.bands else src.read(window=win)
-        valid = read_valid(src, win)
+        try:
+            data = src.read(self.bands, window=win) if self.bands else src.read(window=win)
+            valid = read_valid(src, win)
+        except Exception as exc:  # noqa: BLE001 - rasterio/GDAL raise several types for a broken body
+            raise read_error(self.scenes[scene_idx].image, row, col, exc) from None
         return data.astype(np.float32, copy=False), valid
 
     def read_label(self, scene_idx: int, row: int, col: int, size: int) -> np.ndarray:
         from rasterio.windows import Window
 
         src = self._open(scene_idx, "label")
-        raw = src.read(window=Window(col, row, size, size))
+        try:
+            raw = src.read(window=Window(col, row, size, size))
+        except Exception as exc:  # noqa: BLE001
+            raise read_error(self.scenes[scene_idx].label, row, col, exc) from None
         return decode_label(raw, self.table, self.scenes[scene_idx].label)
 
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rsseg.config.specs import DataSpec
+from rsseg.data.pixels import check_image, read_error, sample_windows
 from rsseg.data.classes import IGNORE_INDEX, ClassTable, decode_codes, decode_colours
 from rsseg.data.scenes import SceneSet, check_bands, check_pair, check_tile_fits, open_raster, raster_meta
 from rsseg.errors import DataError
@@ -115,14 +116,21 @@ def _scene_rows(scene_idx: int, scene, role: str, scenes: SceneSet, params: Tili
                     valid = None
                     fraction = 1.0
                 else:
-                    valid = read_valid(src, win)
+                    try:
+                        valid = read_valid(src, win)
+                    except Exception as exc:  # noqa: BLE001
+                        raise read_error(scene.image, r, c, exc) from None
                     fraction = float(valid.mean())
                 if fraction <= params.min_valid_fraction:
                     continue
                 counts = [0] * nc
                 labelled = 0
                 if label_src is not None:
-                    labels = decode_label(label_src.read(window=win), scenes.table, scene.label)
+                    try:
+                        raw_label = label_src.read(window=win)
+                    except Exception as exc:  # noqa: BLE001 - a broken body: name the file
+                        raise read_error(scene.label, r, c, exc) from None
+                    labels = decode_label(raw_label, scenes.table, scene.label)
                     if valid is not None:
                         labels = np.where(valid, labels, IGNORE_INDEX)
                     hist = np.bincount(labels.ravel(), minlength=256)
@@ -252,6 +260,24 @@ def build_frame(scenes: SceneSet, params: TilingParams) -> "pl.DataFrame":
     return _assign_splits(frame, params)
 
 
+def check_pixels(scenes: SceneSet, params: TilingParams, stem: Path, force: bool = False) -> None:
+    """The pixel checks of every image (`rsseg.data.pixels`) for this value range and bands, once:
+    a marker beside the index records that they passed."""
+    from rsseg.atomic import atomic_write_text
+
+    marker = Path(f"{stem}.pixels-{fingerprint({'value_range': scenes.value_range, 'bands': scenes.bands})[:12]}.ok")
+    if marker.exists() and not force:
+        return
+    bands = list(scenes.bands) if scenes.bands else None
+    for scene in scenes.scenes:
+        meta = raster_meta(scene.image)
+        check_tile_fits(meta, params.tile_size)
+        with open_raster(scene.image) as src:
+            check_image(scene.image, src, sample_windows(windows(meta.width, meta.height, params.tile_size, params.stride)),
+                        params.tile_size, bands, scenes.value_range, meta.dtype)
+    atomic_write_text(marker, "pixel checks passed\n")
+
+
 def build(spec: DataSpec, workdir: Workdir | None = None, scenes: SceneSet | None = None, rebuild: bool = False) -> TileIndex:
     """The tile index of a dataset, from the parquet cache when it is current."""
     import polars as pl
@@ -270,7 +296,9 @@ def build(spec: DataSpec, workdir: Workdir | None = None, scenes: SceneSet | Non
         if path.exists() and not rebuild:
             frame = pl.read_parquet(path)
         else:
+            check_pixels(scenes, params, path.with_suffix(""), force=True)
             frame = build_frame(scenes, params)
             with atomic_path(path, suffix=".parquet") as tmp:
                 frame.write_parquet(tmp)
+        check_pixels(scenes, params, path.with_suffix(""))  # a cached index with another value range or bands
     return TileIndex(frame=frame, scenes=scenes, params=params, key=key, path=path)

@@ -71,8 +71,10 @@ def _open_run(run, workdir: Workdir, uri: str, profile: str | None, tags: dict[s
     fp = run.pretrain_fingerprint
     tracking.init_store(uri)
     run_tags = RunTags.for_run(run, kind="pretrain", profile=profile).to_tags() | (tags or {})
+    # a finished pre-training whose final.pt turned out unusable is rebuilt in its own run
+    rebuilt = store.done_run_id(store.StoreDir.for_run(run, workdir))
     mlrun = tracking.start_run(uri, tracking.PRETRAIN_EXPERIMENT, f"pretrain-{run.method}-{fp[:8]}", tags=run_tags, workdir=workdir,
-                               reuse_tag=("pretrain_fingerprint", fp))
+                               reuse_tag=("pretrain_fingerprint", fp), reopen=rebuilt)
     block = run.method_block.model_dump(mode="json") if run.method_block is not None else {}
     mlrun.log_params(tracking.flatten({"pretrain": run.pretrain.model_dump(mode="json"), run.plugin.block or "method": block,
                                        "data": run.data.model_dump(mode="json"), "fingerprint": fp}))
@@ -101,9 +103,11 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
     counts = plan_checks(run, archive_ds, homogeneous_ds, workers)
     if resume_from is not None:
         store.load(Path(resume_from), fp)  # refuse a foreign checkpoint before starting anything
+    _say_resume_point(sdir, fp, resume_from)
     from rsseg.pretrain.identity import identity
 
     store.write_spec(sdir, run, identity(run))
+    _check_space(run, sdir, int(homogeneous_ds[0]["image"].shape[0]))
     uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, workdir)
     mlrun = _open_run(run, workdir, uri, profile, tags)
 
@@ -119,6 +123,7 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
     )
     from rsseg.pretrain.trainer import worker_loop
 
+    _no_retry_of_fatal_errors()
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"plan": asdict(plan)},
@@ -149,13 +154,66 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
         return found
 
 
+def _say_resume_point(sdir, fp: str, resume_from) -> None:
+    """On the terminal (the workers' own log lines stay in Ray's session logs): the checkpoints
+    that are skipped as truncated or foreign, and the step training resumes from."""
+    import sys
+
+    skipped: list[str] = []
+    found = store.latest_valid(sdir, fp, skipped)
+    for why in skipped:
+        print(f"pretrain {fp[:8]}: {why}", file=sys.stderr, flush=True)
+    if found is not None:
+        print(f"pretrain {fp[:8]}: resuming from step {found[0]} ({found[1].name})", file=sys.stderr, flush=True)
+    elif resume_from is not None:
+        print(f"pretrain {fp[:8]}: resuming from {resume_from}", file=sys.stderr, flush=True)
+
+
+def _check_space(run, sdir, in_channels: int) -> None:
+    """Room for the checkpoints the run keeps (weights, EMA weights and two Adam moments, float32,
+    ``keep_checkpoints`` of them plus final.pt) before anything starts."""
+    from rsseg.diskspace import MB, require
+
+    counts = run.plugin.parameter_counts(run, in_channels, 1)
+    if counts is None:
+        return
+    need = 16 * counts[0] * (run.pretrain.runtime.keep_checkpoints + 1) + 32 * MB
+    require(sdir.root, need, f"pre-training {run.pretrain_fingerprint[:8]} ({run.pretrain.runtime.keep_checkpoints} checkpoints + final)")
+
+
+def _no_retry_of_fatal_errors() -> None:
+    """Ray Train retries every worker-group error up to ``max_failures``; a full disk or an input
+    error fails the same way each time, so those are raised at once. Ray has no public hook for
+    this: the policy factory its trainer calls is wrapped (tests/test_pretrain_ray.py checks it)."""
+    from ray.train.v2.api import data_parallel_trainer as dpt
+
+    if getattr(dpt.create_failure_policy, "_rsseg", False):
+        return
+    dpt.create_failure_policy = _failure_policy
+    _failure_policy._rsseg = True
+
+
+def _failure_policy(failure_config):
+    from rsseg.pretrain.retry import FatalErrorsRaise
+
+    return FatalErrorsRaise(failure_config)
+
+
 def _fit(trainer, fp: str) -> None:
     """``trainer.fit()``, with Ray's wrapped errors turned into one line naming the root cause."""
     import ray
 
+    from rsseg.diskspace import no_space_message
+    from rsseg.errors import DiskFullError, RssegError, disk_full_path
+
     try:
         trainer.fit()
+    except RssegError:
+        raise
     except Exception as exc:
+        path = disk_full_path(exc)
+        if path is not None:
+            raise DiskFullError(no_space_message(path, f"pre-training {fp[:8]}", resumable=True)) from exc
         if isinstance(exc, ray.exceptions.RayError) or type(exc).__module__.startswith("ray"):
             from rsseg.tracking import error_reason
 

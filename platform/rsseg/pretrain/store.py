@@ -124,18 +124,21 @@ def checkpoints(store: StoreDir) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def latest_valid(store: StoreDir, expected_fp: str) -> tuple[int, Path] | None:
-    """The newest checkpoint that validates; invalid ones are reported and skipped."""
+def latest_valid(store: StoreDir, expected_fp: str, skipped: list[str] | None = None) -> tuple[int, Path] | None:
+    """The newest checkpoint that validates; invalid ones are reported (logged, and appended to
+    ``skipped`` for the caller to show) and skipped."""
     for step, path in reversed(checkpoints(store)):
         try:
             manifest = validate(path)
         except CheckpointError as exc:
-            log.warning("skipping checkpoint: %s", exc)
-            continue
-        if manifest["fingerprint"] != expected_fp:
-            log.warning("skipping %s: fingerprint %s != %s", path, manifest["fingerprint"], expected_fp)
-            continue
-        return step, path
+            why = f"skipping checkpoint: {exc}"
+        else:
+            if manifest["fingerprint"] == expected_fp:
+                return step, path
+            why = f"skipping {path}: fingerprint {manifest['fingerprint']} != {expected_fp}"
+        log.warning("%s", why)
+        if skipped is not None:
+            skipped.append(why)
     return None
 
 
@@ -173,6 +176,15 @@ def find(run, workdir: Workdir | None = None) -> Pretrained | None:
         log.warning("pre-training %s is marked done but unusable (%s); it will be retrained", store.root, exc)
         return None
     return Pretrained(store.final, store.fingerprint, run.method, done.get("mlflow_run_id"))
+
+
+def done_run_id(store: StoreDir) -> str | None:
+    """The MLflow run named by a DONE.json (a pre-training that finished; asked when its final.pt
+    is being rebuilt), or None."""
+    try:
+        return json.loads(store.done.read_text()).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def finalize(store: StoreDir, state: dict[str, Any], mlflow_run_id: str | None) -> Pretrained:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import errno
 import os
 import random
 import tempfile
@@ -44,11 +45,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Fault:
-    """Test hook: kill one worker once, at a step (a marker file makes it happen once)."""
+    """Test hook at a step of one worker: ``kill`` it once (a marker file makes it happen once),
+    or ``disk_full``: a write fails with ENOSPC (every time: a full disk stays full; the marker
+    file counts the attempts)."""
 
     step: int
     rank: int
     marker: str
+    kind: str = "kill"
 
 
 @dataclass(frozen=True)
@@ -326,9 +330,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.net)
         fault = self.plan.fault
-        if fault is not None and step == fault.step and self.rank == fault.rank and not os.path.exists(fault.marker):
-            Path(fault.marker).write_text(f"worker {self.rank} killed at step {step}\n")
-            os._exit(1)
+        if fault is not None and step == fault.step and self.rank == fault.rank:
+            self._inject(fault, step)
         mean = loss.detach().float().reshape(1).cpu()
         if self.world > 1:
             dist.all_reduce(mean)
@@ -336,6 +339,16 @@ class Trainer:
         if not torch.isfinite(mean).all():
             raise FloatingPointError(f"pre-training loss is {mean.item()} at step {step + 1}")
         return mean, lr, logs
+
+    def _inject(self, fault: Fault, step: int) -> None:
+        if fault.kind == "disk_full":
+            with open(fault.marker, "a") as fh:
+                fh.write(f"worker {self.rank}: no space at step {step}\n")
+            target = Path(self.plan.store_root) / "ckpt" / f"step_{step:08d}.pt"
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+        if not os.path.exists(fault.marker):
+            Path(fault.marker).write_text(f"worker {self.rank} killed at step {step}\n")
+            os._exit(1)
 
     def after_step(self, done: int, phase: schedule.Phase, loss: torch.Tensor, lr: float, logs: dict[str, float]) -> None:
         """Metrics every step; every ``log_every`` / ``checkpoint_every`` steps and at the end: flush

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rsseg.errors import RssegError
+from rsseg.errors import is_fatal
 
 CHECKPOINT_FILE = "finetune.pt"
 
@@ -150,9 +150,11 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
     try:
         result, _ = runner.execute(run, workdir, tracker=tracker, on_eval=on_eval, resume_state=resume_state,
                                    on_test=lambda: fault("mid-test-evaluation", run, context))
-    except RssegError:
-        # a deterministic input error (the run is FAILED with it): retrying cannot help, so the
-        # trial ends here with the worst value instead of raising into Tune's retries
+    except Exception as exc:
+        # a deterministic input error or a full disk (the run is FAILED with it): retrying cannot
+        # help, so the trial ends here with the worst value instead of raising into Tune's retries
+        if not is_fatal(exc):
+            raise
         tune.report({context["metric"]: float("-inf") if context["mode"] == "max" else float("inf"), "done": 1.0, "failed": 1.0})
         return
     fault("after-run-ended", run, context)

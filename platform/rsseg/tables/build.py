@@ -197,7 +197,8 @@ def grid(b: Built) -> tuple[list[str], list[list[str]]]:
     """Header and body rows of the table as strings (shared by Markdown and LaTeX)."""
     lay = b.layout
     if lay.style == "pairs":
-        header = ["", *[lab for _, lab in b.columns]] + (["Δ mIoU"] if lay.delta else []) + ["n"]
+        delta = lay.delta and bool(b.paper)  # ours - paper: only beside the paper's numbers (its dataset)
+        header = ["", *[lab for _, lab in b.columns]] + (["Δ mIoU"] if delta else []) + ["n"]
         body = []
         for rk, label in b.rows:
             cells = [b.cell(rk, ck) for ck, _ in b.columns]
@@ -205,13 +206,13 @@ def grid(b: Built) -> tuple[list[str], list[list[str]]]:
             have_ours = any(c.n for c in cells)
             if have_ours or rk not in lay.paper_only:
                 row = [f"{label} (ours)" if have_paper else label] + [fmt_cell(c, ck) for c, (ck, _) in zip(cells, b.columns)]
-                if lay.delta:
+                if delta:
                     m, p = b.cell(rk, "mIoU"), b.paper.get((rk, "mIoU"))
                     row.append(f"{m.mean - p:+.1f}" if m.n and p is not None else DASH)
                 body.append(row + [_n([c for c, (ck, _) in zip(cells, b.columns) if ck != FT])])
             if have_paper:
                 body.append([f"{label} (paper)"] + [fmt_value(b.paper.get((rk, ck))) for ck, _ in b.columns]
-                            + ([""] if lay.delta else []) + [""])
+                            + ([""] if delta else []) + [""])
         return header, body
     # "beside": each of our columns followed by the paper's
     header = [""]
@@ -307,6 +308,14 @@ def check_filters(frame, profile: str | None, dataset: str | None) -> None:
     from rsseg.tables.query import TablesError
 
     if not frame.height:
+        if profile is not None:  # nothing to compare with: the name must at least be a profile
+            from rsseg.config.profiles import find_profile
+            from rsseg.errors import ConfigError
+
+            try:
+                find_profile(profile)
+            except ConfigError as exc:
+                raise TablesError(f"--profile {profile!r}: {exc}") from None
         return
     for flag, value, column in (("--profile", profile, "profile"), ("--dataset", dataset, "dataset")):
         have = sorted({v or "none" for v in frame[column].to_list()})

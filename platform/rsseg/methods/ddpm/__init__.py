@@ -51,6 +51,31 @@ def checks(run) -> list[tuple[str, str]]:
     last = max_timestep(run)
     if f.timesteps and max(f.timesteps) > last:
         problems.append(("ddpm.features.timesteps", f"timestep {max(f.timesteps)} is outside the schedule's 0..{last}"))
+    return problems + network_checks(run)
+
+
+def network_checks(run) -> list[tuple[str, str]]:
+    """What the UNet can take and give, from its config alone (no network is built): the tile size
+    must survive its L-1 halvings, the feature resolutions and map indexes must exist."""
+    from rsseg.methods.ddpm.unet import levels, min_input_multiple, unet_config
+
+    cfg = unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides)
+    problems = []
+    m, tile, preset = min_input_multiple(cfg), run.data.tile_size, run.ddpm.unet.preset
+    if tile % m:
+        lower, upper = max(m, tile // m * m), (tile // m + 1) * m
+        problems.append(("data.tile_size", f"{tile} is not a multiple of {m}: the {preset} UNet halves its input {levels(cfg) - 1} "
+                                           f"times and its skip connections must line up (use {lower} or {upper})"))
+    f = run.ddpm.features
+    strides = [2**k for k in range(levels(cfg))]
+    bad = [r for r in f.resolutions if r not in strides]
+    if bad:
+        problems.append(("ddpm.features.resolutions", f"1/{bad[0]} is not a {f.side} resolution of the {preset} UNet "
+                                                      f"(available: {', '.join('1/' + str(s) for s in strides)})"))
+    per_level = cfg["layers_per_block"] + (1 if f.side == "decoder" else 0)
+    if f.maps is not None and (wrong := [k for k in f.maps if not -per_level <= k < per_level]):
+        problems.append(("ddpm.features.maps", f"map {wrong[0]} does not exist: the {preset} UNet has {per_level} {f.side} maps per "
+                                               f"resolution (indexes {-per_level}..{per_level - 1})"))
     return problems
 
 

@@ -1,0 +1,200 @@
+"""Everyday use, as a demanding new user tries it: the CLI and its files, own data through the
+folder dataset, profiles. Each test is one defect that was reproduced on a fresh clone."""
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO
+from rasters import write_folder_dataset, write_tif
+from rsseg.cli import app
+from rsseg.config.specs import DataSpec
+from rsseg.errors import ConfigError, DataError
+from rsseg.runspec import load_run, load_sweep
+
+runner = CliRunner()
+
+
+def one_error_line(out) -> str:
+    lines = out.output.strip().splitlines()
+    assert out.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.output
+    return lines[0]
+
+
+# -- CLI and files ---------------------------------------------------------------------------------
+
+def test_a_workdir_that_is_a_file_or_unwritable_is_one_line_exit_2(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    line = one_error_line(runner.invoke(app, ["--workdir", str(f), "data", "info", "synthetic"]))
+    assert line == f"error: --workdir {f}: is a file; expected a directory (or a path to create one)"
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        assert "not writable" in one_error_line(runner.invoke(app, ["--workdir", str(ro / "w"), "data", "info", "synthetic"]))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_atomic_files_honour_the_umask(tmp_path, mask):
+    from rsseg.atomic import atomic_write_text
+
+    old = os.umask(mask)
+    try:
+        atomic_write_text(tmp_path / "t.md", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "t.md").stat().st_mode) == 0o666 & ~mask  # 0644 / 0664, not mkstemp's 0600
+
+
+def test_ui_with_a_port_out_of_range_is_one_line_exit_2(tmp_path):
+    assert one_error_line(runner.invoke(app, ["--workdir", str(tmp_path / "w"), "ui", "--port", "99999"])) == \
+        "error: --port 99999: expected a port number from 1 to 65535"
+
+
+def test_non_utf8_yaml_is_one_line(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_bytes(b"name: r\ndata: {dataset: synthetic}  # \xe9t\xe9\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: not UTF-8 text \(byte 38 is 0xe9\); save the file as UTF-8"):
+        load_run(p)
+    assert "not UTF-8" in one_error_line(runner.invoke(app, ["--workdir", str(tmp_path / "w"), "config", "show", str(p)]))
+
+
+def test_an_empty_yaml_warns_that_it_means_the_paper_scale_run(tmp_path, caplog):
+    p = tmp_path / "empty.yaml"
+    p.write_text("")
+    with caplog.at_level(logging.WARNING, logger="rsseg.config"):
+        loaded = load_run(p)
+    assert loaded.spec.pretrain.iterations.n_total == 200_000
+    assert f"warning: {p} is empty: every setting takes its default (paper scale: 200 000 pre-training iterations)" in caplog.text
+
+
+def test_sweep_set_accepts_run_keys_and_places_them_under_base():
+    loaded = load_sweep(REPO / "sweeps" / "noise_ablation.yaml", "smoke", ["finetune.iterations=1", "search.max_concurrent=1"])
+    assert loaded.base.finetune.iterations == 1 and loaded.spec.search.max_concurrent == 1
+
+
+def test_a_dry_run_writes_nothing(tmp_path):
+    wd = tmp_path / "w"
+    out = runner.invoke(app, ["--workdir", str(wd), "sweep", str(REPO / "sweeps" / "noise_ablation.yaml"), "--profile", "smoke", "--dry-run"])
+    assert out.exit_code == 0, out.output
+    assert "pre-trainings needed: 1" in out.output
+    assert not wd.exists()  # no checkpoints/, sweeps/, store or data
+
+
+def test_tables_with_an_unknown_profile_lists_the_profiles(tmp_path):
+    line = one_error_line(runner.invoke(app, ["--workdir", str(tmp_path / "w"), "tables", "--profile", "smok", "--out", str(tmp_path / "t")]))
+    assert line.startswith("error: --profile 'smok': profile 'smok' not found") and line.endswith("available: paper, small, smoke")
+    assert not (tmp_path / "t").exists()
+
+
+def test_profiles_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # smoke extends small: found beside it, not under the current directory
+    loaded = load_sweep(REPO / "sweeps" / "noise_ablation.yaml", "smoke")
+    assert loaded.base.data.dataset == "synthetic" and loaded.base.ddpm.unet.preset == "tiny"
+
+
+# -- own data ----------------------------------------------------------------------------------------
+
+def _own_sweep(tmp_path: Path, root: Path, extra: str = "") -> Path:
+    p = tmp_path / "own.yaml"
+    p.write_text("name: own\nbase:\n  method: ddpm\n  data: {dataset: folder, root: " + str(root) + ", tile_size: 32" + extra + "}\n"
+                 "  ddpm: {unet: {preset: tiny}}\nspace: {seed: {grid: [0]}}\n")
+    return p
+
+
+def test_small_keeps_the_users_data_and_smoke_swaps_in_the_built_in_data(tmp_path):
+    root = write_folder_dataset(tmp_path / "own")
+    p = _own_sweep(tmp_path, root)
+    small = load_sweep(p, "small")
+    assert small.base.data.dataset == "folder" and small.base.data.root == root
+    assert small.base.ddpm.unet.preset == "tiny" and small.base.pretrain.iterations.n_total < 10_000
+    smoke = load_sweep(p, "smoke")
+    assert smoke.base.data.dataset == "synthetic" and smoke.base.data.root is None
+    out = runner.invoke(app, ["sweep", "--help"])
+    assert "small" in out.output and "smoke" in out.output and "synthetic" in out.output
+
+
+def test_no_archive_imagery_is_found_at_plan_time_with_the_exact_override(tmp_path, workdir):
+    from rsseg.sweep.plan import make_plan
+
+    root = write_folder_dataset(tmp_path / "own")
+    p = _own_sweep(tmp_path, root)
+    plan = make_plan(load_sweep(p, "small"), workdir)
+    assert any("archive iterations but there is no archive imagery" in q and "--set pretrain.iterations.homogeneous_ratio=1.0" in q
+               for q in plan.problems), plan.problems
+    out = runner.invoke(app, ["--workdir", str(workdir.root), "sweep", str(p), "--profile", "small", "--dry-run"])
+    assert "--set pretrain.iterations.homogeneous_ratio=1.0" in out.output
+    fixed = make_plan(load_sweep(p, "small", ["pretrain.iterations.homogeneous_ratio=1.0"]), workdir)
+    assert not fixed.problems
+
+
+def test_a_spec_naming_another_class_table_than_the_datasets_own_is_an_error(tmp_path, workdir):
+    from rsseg.data import registry
+
+    root = write_folder_dataset(tmp_path / "own")
+    with pytest.raises(DataError, match=r"data.class_table: 'paper12' is given, but .*own/classes.yaml defines this dataset's classes"):
+        registry.scenes(DataSpec(dataset="folder", root=root, class_table="paper12"), workdir)
+    # naming the dataset's own file is fine
+    assert registry.scenes(DataSpec(dataset="folder", root=root, class_table="classes.yaml"), workdir).table.name == "own3"
+
+
+def _many_scenes(root: Path, n: int = 8, size: int = 64) -> Path:
+    root = write_folder_dataset(root)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        write_tif(root / "images" / f"s{i}.tif", rng.integers(1, 255, (3, size, size)))
+        mask = np.full((size, size), 1 + i % 3, dtype=np.uint8)
+        write_tif(root / "masks" / f"s{i}.tif", mask)
+    return root
+
+
+def test_split_by_scene_keeps_every_image_in_one_split_and_subsets_nested(tmp_path, workdir):
+    from rsseg.data import tiles
+
+    root = _many_scenes(tmp_path / "own")
+    by_tile = tiles.build(DataSpec(dataset="folder", root=root, tile_size=16), workdir)
+    mixed = by_tile.frame.filter(by_tile.frame["role"] == "labelled").group_by("scene").agg(n=pl.col("split").n_unique())
+    assert mixed["n"].max() > 1  # the paper's random split: neighbouring tiles of one image in train and test
+    index = tiles.build(DataSpec(dataset="folder", root=root, tile_size=16, split_by="scene"), workdir)
+    f = index.frame.filter(index.frame["role"] == "labelled")
+    per_scene = f.group_by("scene").agg(n=pl.col("split").n_unique())
+    assert per_scene["n"].max() == 1 and set(f["split"].unique()) == {"train", "val", "test"}
+    small, large = set(index.subset(0.1)["tile_id"]), set(index.subset(0.5)["tile_id"])
+    assert small and small <= large <= set(index.split("train")["tile_id"])  # nested label-ratio subsets
+
+
+def test_data_info_lists_scenes_histograms_and_warns_about_classes_missing_from_a_subset(tmp_path, workdir):
+    root = _many_scenes(tmp_path / "own")
+    out = runner.invoke(app, ["--workdir", str(workdir.root), "data", "info", "folder", "--root", str(root), "--tile-size", "16"])
+    assert out.exit_code == 0, out.output
+    for scene in ("s0", "s7", "a", "b", "c"):
+        assert f"  {scene} " in out.output
+    assert "class histogram (labelled pixels, % per split and label-ratio subset)" in out.output
+    assert "subset S" in out.output and "subset L" in out.output
+    assert "warning: label-ratio subset S" in out.output and "has no pixel of class" in out.output
+
+
+def test_tables_of_a_non_paper_dataset_follow_its_classes_not_minifrance(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from rsseg.tables.build import build_all
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.create_experiment("noise_ablation")
+    r = c.create_run(exp, tags={"kind": "finetune", "table": "table2", "timesteps": "150,100,50", "profile": "small",
+                                "dataset": "folder", "classes": "Bld,Rd,Veg", "seed": "0", "trial_key": "k", "method": "ddpm"})
+    for k, v in {"test/mIoU": 0.5, "test/IoU/Bld": 0.6, "test/IoU/Rd": 0.4, "test/IoU/Veg": 0.5}.items():
+        c.log_metric(r.info.run_id, k, v)
+    c.set_terminated(r.info.run_id, "FINISHED")
+    build_all(uri, tmp_path / "t")
+    md = (tmp_path / "t" / "table2.md").read_text()
+    assert "MiniFrance" not in md.split("\n")[0]  # the title follows the dataset
+    assert "Bld" in md and "Veg" in md and "For." not in md  # the dataset's own class columns, not the paper's 12
+    assert "(paper)" not in md and "Δ" not in md  # the paper's MiniFrance numbers only beside MiniFrance runs
