@@ -53,6 +53,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/pretrain_throughput.py
 	$(BIN)/python bench/extraction_cost.py
 	$(BIN)/python bench/ft_params.py
+	$(BIN)/python bench/cache_cost.py
+	$(BIN)/python bench/predict_scale.py
+	$(BIN)/python bench/startup.py
 
 eval-smoke: $(STAMP)
 	$(BIN)/python bench/eval_smoke.py

@@ -24,7 +24,7 @@ from common import append  # noqa: E402
 
 def cpu_step_rate(size: int, batch: int = 8, iters: int = 15) -> dict:
     from rsseg.runspec import RunSpec
-    from rsseg.pretrain.ddpm import build_objective
+    from rsseg.methods.ddpm.objective import build_objective
 
     torch.set_num_threads(2)
     run = RunSpec(data={"tile_size": size}, ddpm={"unet": {"preset": "tiny"}})

@@ -198,3 +198,14 @@ def test_tables_of_a_non_paper_dataset_follow_its_classes_not_minifrance(tmp_pat
     assert "MiniFrance" not in md.split("\n")[0]  # the title follows the dataset
     assert "Bld" in md and "Veg" in md and "For." not in md  # the dataset's own class columns, not the paper's 12
     assert "(paper)" not in md and "Δ" not in md  # the paper's MiniFrance numbers only beside MiniFrance runs
+
+
+def test_ui_on_a_taken_port_is_one_line_exit_2(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        line = one_error_line(runner.invoke(app, ["--workdir", str(tmp_path / "w"), "ui", "--port", str(port)]))
+    assert line == f"error: --port {port}: 127.0.0.1:{port} is not free (Address already in use); choose another --port"

@@ -136,11 +136,32 @@ def test_mlflow_ui_shows_the_runs_of_a_copied_workdir(noise_ablation, tmp_path):
         assert {"metrics.json", "config.yaml", "predictions.png"} <= {f["path"] for f in listed["files"]}
         served = json.loads(_get(base + f"/get-artifact?path=metrics.json&run_uuid={run_id}"))
         assert served["mIoU"] == pytest.approx(metrics["test/mIoU"])
+        # SIGTERM to `platform ui` alone stops the server it started (mlflow, uvicorn, huey)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        time.sleep(1)
+        with pytest.raises(OSError):
+            _get(base + "/health")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        leftover = _live_group_members(proc.pid) if proc.poll() is not None else ["platform ui itself"]
+        if leftover:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         hidden.rename(wd.root)
-    assert proc.returncode is not None
+    assert not leftover, f"processes of the MLflow server outlived `platform ui`: {leftover}"
+
+
+def _live_group_members(pgid: int) -> list[str]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(" ".join(p.cmdline())[:80])
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return out
 
 
 def _sweep_file(tmp_path: Path, name: str, space: str, search: str, base: str = TINY_BASE) -> Path:
@@ -315,3 +336,45 @@ def test_label_ratio_smoke_with_baselines_fills_table3(tmp_path, ray_cluster):
             assert t3.cell(f"{m}/{setting}", "ft_params_M").n == 1
     md = (tmp_path / "tables" / "table3.md").read_text()
     assert "| MAE · Frozen |" in md and "| 34.1 |" in md  # ours beside the paper's 34.1
+
+
+def _cache_files(wd: Workdir) -> list[Path]:
+    return list((wd.cache / "features").rglob("*.npz"))
+
+
+def test_a_sweep_computes_each_tile_timestep_once_with_2_trials_concurrent(tmp_path, ray_cluster):
+    """3 trials over overlapping timestep sets, 2 at a time, one shared feature cache: every
+    (tile, variant, t) is computed by exactly one trial (the cache's own counts in MLflow), the
+    others wait for it or read it; the dry run's planned count is that number."""
+    from rsseg.sweep import passes
+    from rsseg.sweep.plan import make_plan
+
+    wd = Workdir.resolve(tmp_path / "w").ensure()
+    f = _sweep_file(tmp_path, "once", "  ddpm.features.timesteps: {grid: [[0, 50], [50, 100], [0, 100]]}",
+                    "{algorithm: grid, max_concurrent: 2, resources: {cpu: 1}}")
+    loaded = load_sweep(f)
+    result = run_sweep(loaded, wd, progress=False)
+    kids = children(tracking.resolve_uri(None, wd), "once", result.parent_run_id)
+    assert len(kids) == 3 and all(k.info.status == "FINISHED" for k in kids)
+    computed = sum(k.data.metrics["cache/parts_computed"] for k in kids)
+    files = _cache_files(wd)
+    assert computed == len(files) > 0  # each stored key computed exactly once, by one trial
+    assert all(k.data.metrics["cache/over_budget"] == 0 for k in kids)
+    assert sum(k.data.metrics["cache/parts_read"] + k.data.metrics["cache/parts_waited"] for k in kids) > 0  # shared, not recomputed
+    assert {p.parent.name for p in files} == {"t0", "t50", "t100"}
+    counted = passes.count(make_plan(loaded, wd), wd)
+    assert counted.cached == computed and counted.naive > counted.planned >= computed
+
+
+def test_noise_ablation_computes_the_lower_bound_of_feature_passes(noise_ablation):
+    """The smoke noise ablation (6 overlapping timestep sets, 2 trials at a time): the passes
+    computed equal the distinct (tile, variant, t) keys, which is what the dry run plans."""
+    from rsseg.sweep import passes
+    from rsseg.sweep.plan import make_plan
+
+    wd, loaded, result = noise_ablation
+    kids = children(tracking.resolve_uri(None, wd), "noise_ablation", result.parent_run_id)
+    computed = sum(k.data.metrics["cache/parts_computed"] for k in kids)
+    assert computed == len(_cache_files(wd))
+    counted = passes.count(make_plan(loaded, wd), wd)
+    assert counted.cached == computed and counted.trials == 6

@@ -329,7 +329,12 @@ def sweep_cmd(
 
     loaded = load_sweep(file, profile, set_ or [])
     if dry_run:
-        typer.echo(planning.describe(planning.make_plan(loaded)), nl=False)
+        from rsseg.sweep import passes
+        from rsseg.workdir import Workdir
+
+        plan = planning.make_plan(loaded)
+        typer.echo(planning.describe(plan), nl=False)
+        typer.echo(passes.describe(passes.count(plan, Workdir.resolve())))
         return
     from rsseg.sweep.driver import run_sweep, summary_table
 

@@ -108,6 +108,16 @@ def _optim_spec(ft) -> OptimSpec:
                      weight_decay=ft.weight_decay, grad_clip=None)
 
 
+def validation_tiles(run, index):
+    """The val split, capped at ``finetune.val_max_tiles`` by a seeded choice (the same every run)."""
+    val = index.split("val")
+    cap = run.finetune.val_max_tiles
+    if cap is not None and val.height > cap:
+        order = np.random.default_rng([run.data.split_seed, 3]).permutation(val.height)[:cap]
+        val = val[np.sort(order).tolist()]
+    return val
+
+
 def prepare(run, workdir: Workdir, pretrained=None) -> Prepared:
     from rsseg.cache import CachedEncoder, FeatureCache
     from rsseg.data import tiles
@@ -123,10 +133,7 @@ def prepare(run, workdir: Workdir, pretrained=None) -> Prepared:
     train_frame = index.subset(run.data.label_ratio)
     if train_frame.height == 0:
         raise DataError(f"{run.data.dataset}: no training tile has labels (label_ratio {run.data.label_ratio})")
-    val_frame = index.split("val")
-    if ft.val_max_tiles is not None and val_frame.height > ft.val_max_tiles:
-        order = np.random.default_rng([run.data.split_seed, 3]).permutation(val_frame.height)[: ft.val_max_tiles]
-        val_frame = val_frame[np.sort(order).tolist()]
+    val_frame = validation_tiles(run, index)
     train = TileDataset(reader, train_frame, augment=ft.augment, seed=run.seed)
     val = TileDataset(reader, val_frame)
     test = TileDataset(reader, index.split("test"))
