@@ -135,3 +135,49 @@ def test_bad_pretrain_specs_are_refused_with_the_key(tmp_path):
         f.write_text(text + "\n")
         with pytest.raises(ConfigError, match=pattern):
             load_run(f)
+
+
+# -- trunks: shared archive phases (rsseg.pretrain.identity) ----------------------------------------
+
+def test_runs_of_one_archive_phase_share_a_trunk_whatever_their_target_and_length():
+    from rsseg.pretrain.identity import lineage
+
+    run = tiny_run()  # 12 archive + 12 homogeneous
+    longer = tiny_run(pretrain={"iterations": {"archive": 20, "homogeneous": 4}})
+    other_target = tiny_run(data={"synthetic": {"scenes": 4}})
+    archive_only = tiny_run(pretrain={"iterations": {"archive": 12, "homogeneous": 0}})
+    archive_only_other = tiny_run(data={"synthetic": {"scenes": 4}}, pretrain={"iterations": {"archive": 12, "homogeneous": 0}})
+    trunk = lineage(run).trunk
+    assert trunk and lineage(longer).trunk == lineage(other_target).trunk == trunk
+    assert (lineage(run).switch, lineage(longer).switch) == (12, 20)
+    # what the archive phase depends on makes another trunk
+    assert lineage(tiny_run(pretrain={"seed": 1})).trunk != trunk
+    assert lineage(tiny_run(ddpm={"optim": {"lr": 2e-3}})).trunk != trunk
+    assert lineage(tiny_run(data={"synthetic": {"archive_scenes": 2}})).trunk != trunk
+    # the fingerprint: trunk + switch (+ the homogeneous phase); an archive-only run is the trunk at its length
+    assert len({run.pretrain_fingerprint, longer.pretrain_fingerprint, other_target.pretrain_fingerprint}) == 3
+    assert archive_only.pretrain_fingerprint == archive_only_other.pretrain_fingerprint != run.pretrain_fingerprint
+
+
+def test_a_schedule_tied_to_the_total_is_not_shared_and_says_why():
+    from rsseg.pretrain.identity import lineage
+
+    cosine = tiny_run(ddpm={"optim": {"after_warmup": "cosine"}})
+    lin = lineage(cosine)
+    assert lin.trunk is None and "after_warmup: cosine ties the learning rate to the total iterations" in lin.why
+    homogeneous_only = lineage(tiny_run(pretrain={"iterations": {"archive": 0, "homogeneous": 12}}))
+    assert homogeneous_only.trunk is None and homogeneous_only.why == "no archive phase"
+
+
+def test_a_torn_trunk_point_is_passed_over_for_the_previous_complete_one(tmp_path):
+    tdir = tmp_path / "trunks" / "ddpm-t1"
+    state = {"model": {"w": torch.arange(4.0)}}
+    for step in (4, 12, 20):
+        store.save(store.trunk_point(tdir, step), {**state, "step": step}, "t1", step)
+    assert store.trunk_points(tdir, "t1") == [4, 12, 20]
+    assert store.latest_trunk_point(tdir, "t1", 12) == (12, store.trunk_point(tdir, 12))
+    p12 = store.trunk_point(tdir, 12)
+    p12.write_bytes(p12.read_bytes()[:40])  # a trunk killed while writing its point
+    assert store.latest_trunk_point(tdir, "t1", 12) == (4, store.trunk_point(tdir, 4))
+    assert store.latest_trunk_point(tdir, "t1", 3) is None
+    assert store.trunk_points(tdir, "other") == []  # another trunk's points are not this one's

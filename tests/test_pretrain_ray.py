@@ -229,3 +229,31 @@ def test_ray_train_still_calls_the_failure_policy_factory_we_wrap():
     from ray.train import FailureConfig
 
     assert isinstance(dpt.create_failure_policy(FailureConfig(max_failures=3)), FatalErrorsRaise)
+
+
+def test_a_run_branched_from_a_shared_trunk_equals_the_run_trained_alone(reference, tmp_path, ray_cluster):
+    """The trunk (a longer run of the same archive phase, killed once and resumed) leaves a point
+    at the other run's switch step; that run then trains only its homogeneous phase from there and
+    ends bit-identical to the same run trained alone."""
+    from rsseg.pretrain.identity import lineage
+
+    ref_wd, run, ref = reference  # 12 archive + 12 homogeneous, trained alone
+    longer = tiny_run(pretrain={"iterations": {"archive": 20, "homogeneous": 4}})
+    trunk = lineage(run).trunk
+    assert lineage(longer).trunk == trunk
+    wd = Workdir.resolve(tmp_path / "trunk").ensure()
+    assert launch.train(longer, wd, switch_steps=(12,), stop_after=14) is None  # killed after step 14
+    ensure_pretrained(longer, wd, switch_steps=(12,))
+    tdir = store.trunk_dir(wd, "ddpm", trunk)
+    assert store.trunk_points(tdir, trunk) == [12, 20]
+    c = tracking.client(tracking.resolve_uri(None, wd))
+    exp = c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT).experiment_id
+    (trunk_run,) = c.search_runs([exp], filter_string=f"tags.pretrain_fingerprint = '{longer.pretrain_fingerprint}'")
+    starts = [m.value for m in c.get_metric_history(trunk_run.info.run_id, "train/group_start")]
+    assert starts == [0, 14]  # resumed at its last checkpoint: nothing trained twice
+    branched = ensure_pretrained(run, wd)
+    assert_same_weights(branched, ref)
+    (b,) = c.search_runs([exp], filter_string=f"tags.pretrain_fingerprint = '{run.pretrain_fingerprint}'")
+    assert b.data.tags["started_from_trunk_point"] == "12" and b.data.metrics["train/iterations_trained"] == 12
+    assert b.data.tags["trunk_fingerprint"] == trunk and b.data.tags["switch_step"] == "12"
+    assert loss_history(wd, b.info.run_id)[-1] == loss_history(ref_wd, ref.mlflow_run_id)[-1]  # the same final loss

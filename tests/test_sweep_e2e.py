@@ -378,3 +378,40 @@ def test_noise_ablation_computes_the_lower_bound_of_feature_passes(noise_ablatio
     assert computed == len(_cache_files(wd))
     counted = passes.count(make_plan(loaded, wd), wd)
     assert counted.cached == computed and counted.trials == 6
+
+
+def test_homogeneous_ratio_shares_its_trunk_and_pretrain_strategy_reuses_it(tmp_path, ray_cluster):
+    """Smoke homogeneous_ratio (shares 0, 0.5, 1 of 20 iterations): the archive-only run is the
+    trunk, the 0.5 run branches from its point at step 10, the homogeneous-only run trains alone:
+    50 iterations trained instead of 60, as the dry run plans. pretrain_strategy afterwards trains
+    only what it does not share: its non-homogeneous branch (10 iterations, from the same point)."""
+    from rsseg.sweep.plan import make_plan, trunk_plan
+
+    wd = Workdir.resolve(tmp_path / "w").ensure()
+    shrink = SHRINK + ["base.pretrain.runtime.workers=1"]
+    ratio = load_sweep(REPO / "sweeps" / "homogeneous_ratio.yaml", "smoke", shrink)
+    planned = trunk_plan(make_plan(ratio, wd), wd)
+    assert planned[0] == "pre-training iterations to train: 50 (training each of the 3 alone: 60)"
+    result = run_sweep(ratio, wd, progress=False)
+    uri = tracking.resolve_uri(None, wd)
+    assert result.finished == 3
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT).experiment_id
+    pre = {r.data.tags["homogeneous_share"]: r for r in c.search_runs([exp])}
+    assert {k: r.data.metrics["train/iterations_trained"] for k, r in pre.items()} == {"0": 20, "0.5": 10, "1": 20}
+    assert pre["0.5"].data.tags["started_from_trunk_point"] == "10"
+    assert pre["0"].data.tags["trunk_fingerprint"] == pre["0.5"].data.tags["trunk_fingerprint"] and "trunk_fingerprint" not in pre["1"].data.tags
+    kids = children(uri, "homogeneous_ratio", result.parent_run_id)
+    assert {k.data.tags.get("switch_step") for k in kids} == {"20", "10", None}  # lineage on the fine-tuning runs
+
+    strategy = load_sweep(REPO / "sweeps" / "pretrain_strategy.yaml", "smoke",
+                          shrink + ["base.finetune.log_predictions=0"])
+    plan = make_plan(strategy, wd)
+    assert [p.cached for p in plan.pretrainings].count(False) == 1  # only the non-homogeneous branch is new
+    result = run_sweep(strategy, wd, progress=False)
+    assert result.finished == 4
+    new = [r for r in c.search_runs([exp]) if r.info.run_id not in {p.info.run_id for p in pre.values()}]
+    assert len(new) == 1 and new[0].data.tags["homogeneous_source"] == "synthetic"
+    assert new[0].data.metrics["train/iterations_trained"] == 10 and new[0].data.tags["started_from_trunk_point"] == "10"
+    kids = children(uri, "pretrain_strategy", result.parent_run_id)
+    assert sorted(k.data.tags.get("homogeneous_source", "") for k in kids) == ["", "", "", "synthetic"]

@@ -67,6 +67,8 @@ BASE = "name: t\nbase: {method: ddpm, data: {tile_size: 32}, ddpm: {unet: {prese
     (BASE + "space: {data.tile_size: {grid: [32, 40]}}\n",
      r"s.yaml: space.data.tile_size: the trial data.tile_size=40 is invalid: .*40 is not a multiple of 16: the tiny UNet halves its "
      r"input 4 times .*\(use 32 or 48\)"),
+    (BASE + "space: {pretrain.seed: {choice: [0, 1]}}\nsearch: {algorithm: optuna, num_samples: 2}\n",
+     r"s.yaml: space.pretrain.seed: choice \(searched by Optuna\) changes the pre-training, which must be planned before the trials"),
     (BASE + "space: {ddpm.features.resolutions: {grid: [[16, 8], [32]]}}\n",
      r"s.yaml: space.ddpm.features.resolutions: the trial .* is invalid: .*1/32 is not a decoder resolution of the tiny UNet \(available: 1/1, 1/2"),
 ])
@@ -197,3 +199,24 @@ def test_a_tile_size_the_network_cannot_take_fails_config_show_and_dry_run(tmp_p
         assert out.exit_code == 2, out.output
         assert "data.tile_size" in out.output and "40 is not a multiple of 16" in out.output and len(out.output.strip().splitlines()) == 1
     assert not (workdir.root / "checkpoints").exists()
+
+
+def test_an_optuna_axis_that_leaves_the_pre_training_alone_is_fine(tmp_path):
+    plan = make_plan(load_sweep(write(tmp_path, BASE + "space: {finetune.lr: {loguniform: [1.0e-4, 1.0e-2]}}\n"
+                                                "search: {algorithm: optuna, num_samples: 2}\n")))
+    assert list(plan.search_axes) == ["finetune.lr"] and len(plan.pretrainings) == 1
+
+
+def test_paper_homogeneous_ratio_dry_run_plans_one_trunk_and_its_branches(workdir):
+    from rsseg.sweep.plan import trunk_plan
+
+    plan = make_plan(load_sweep(REPO / "sweeps" / "homogeneous_ratio.yaml", "paper"), workdir)
+    assert len(plan.trials) == 12 and len(plan.pretrainings) == 11  # share 0 on MiniFrance and GID: one run
+    lines = trunk_plan(plan, workdir)
+    assert lines[0] == "pre-training iterations to train: 940,000 (training each of the 11 alone: 2,200,000)"
+    trunk = [line for line in lines if line.strip().startswith("trunk ")]
+    assert len(trunk) == 1 and "archive to step 200,000; branch points 100,000, 160,000, 180,000, 190,000, 200,000; 200,000 to train" in trunk[0]
+    assert sum("on its own" in line and "no archive phase" in line for line in lines) == 2
+    out = CliRunner().invoke(app, ["--workdir", str(workdir.root), "sweep", str(REPO / "sweeps" / "homogeneous_ratio.yaml"),
+                                   "--profile", "paper", "--dry-run"])
+    assert out.exit_code == 0 and lines[0] in out.output

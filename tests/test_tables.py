@@ -189,3 +189,18 @@ def test_cli_tables_on_a_full_disk_is_one_line_naming_the_path(store, full_disk)
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: no space left on {full_disk}/t"), lines
     assert not [p for p in full_disk.rglob("*") if p.is_file() and p.name != "filler"]  # no half-written table
+
+
+def test_fig9_shows_the_archive_then_non_homogeneous_bar(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    _run(c, "pretrain_strategy", table="fig9", homogeneous_share="0.1", trial_key="a", end=1, metrics={"test/mIoU": 0.45})
+    _run(c, "pretrain_strategy", table="fig9", homogeneous_share="0.1", homogeneous_source="gid", trial_key="b", end=2,
+         metrics={"test/mIoU": 0.41})
+    r = build_all(uri, tmp_path / "t")
+    f9 = r.built["fig9"]
+    assert f9.cell("two_step", "mIoU").mean == pytest.approx(45.0)
+    assert f9.cell("archive_non_homogeneous", "mIoU").mean == pytest.approx(41.0)
+    assert "archive, then non-homogeneous (another sensor)" in (tmp_path / "t" / "fig9.md").read_text()

@@ -318,16 +318,7 @@ def predict_scene(model, scene: Path, out_dir: Path, *, overlap: int | None = No
                     line(f"{scene.name}: {done}/{total} windows  {rate:.1f} tiles/s  ETA {(total - done) / max(rate, 1e-9):.0f} s")
 
             windows = slide(model, reader, on_strip, overlap=overlap, batch_size=batch_size, progress=report)
-            dst.write_colormap(1, {i: (*c, 255) for i, c in enumerate(colors)} | {NODATA: (0, 0, 0, 0)})
-            dst.update_tags(1, class_names=",".join(names), **{f"class_{i}": n for i, n in enumerate(names)})
-            # provenance: which model made this map, from which image, with which code
-            from rsseg.provenance import stamp
-
-            dst.update_tags(rsseg_model=str(getattr(model, "source", "")), rsseg_source=str(scene),
-                            rsseg_model_git_commit=str(model.meta.get("git_commit", "")),
-                            rsseg_model_test_mIoU=f"{model.meta.get('test', {}).get('mIoU', float('nan')):.4f}",
-                            **{k if k.startswith("rsseg_") else f"rsseg_{k}": str(v) for k, v in stamp().items()})
-            dst.set_band_description(1, "class")
+            _describe_classes(dst, model, scene, names, colors)
             dst.close()
             _to_cog(work, final_tmp)
             if pdst is not None:
@@ -343,6 +334,20 @@ def predict_scene(model, scene: Path, out_dir: Path, *, overlap: int | None = No
                     Path(p).unlink(missing_ok=True)
     atomic_write_text(qml_path, qml_style(names, colors))
     return PredictResult(scene, classes_path, probs_path if probabilities else None, windows, time.perf_counter() - t0)
+
+
+def _describe_classes(dst, model, scene: Path, names: list[str], colors: list[list[int]]) -> None:
+    """The class raster's colour table, class names, and provenance: which model made this map,
+    from which image, with which code."""
+    from rsseg.provenance import stamp
+
+    dst.write_colormap(1, {i: (*c, 255) for i, c in enumerate(colors)} | {NODATA: (0, 0, 0, 0)})
+    dst.update_tags(1, class_names=",".join(names), **{f"class_{i}": n for i, n in enumerate(names)})
+    dst.update_tags(rsseg_model=str(getattr(model, "source", "")), rsseg_source=str(scene),
+                    rsseg_model_git_commit=str(model.meta.get("git_commit", "")),
+                    rsseg_model_test_mIoU=f"{model.meta.get('test', {}).get('mIoU', float('nan')):.4f}",
+                    **{k if k.startswith("rsseg_") else f"rsseg_{k}": str(v) for k, v in stamp().items()})
+    dst.set_band_description(1, "class")
 
 
 def _to_cog(src_path: Path, dst_path: Path) -> None:

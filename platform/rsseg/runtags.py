@@ -30,6 +30,9 @@ class RunTags:
     classes: str = ""  # the dataset's class abbreviations in its table's order (tables follow them)
     pretrain_fingerprint: str = ""
     homogeneous_share: str = ""  # Fig. 9/10 key: the share of homogeneous pre-training iterations
+    homogeneous_source: str = ""  # the dataset of step 2 when it is not the target's own (Fig. 9's non-homogeneous)
+    trunk_fingerprint: str = ""  # lineage: the shared archive phase (rsseg.pretrain.identity) ...
+    switch_step: str = ""  # ... and the step where this pre-training left it
     method_tags: dict[str, str] = field(default_factory=dict)  # the method's own (Method.tag_keys)
     space: dict[str, str] = field(default_factory=dict)  # the sweep axes' values (space.<key>)
 
@@ -46,8 +49,14 @@ class RunTags:
         if kind == "pretrain":
             values.update(label_ratio="", frozen="", seed="")
         if run.needs_pretraining:
+            from rsseg.pretrain.identity import lineage
+
+            lin = lineage(run)
+            other = run.pretrain.homogeneous_data
             values.update(pretrain_fingerprint=run.pretrain_fingerprint,
-                          homogeneous_share=f"{run.pretrain.iterations.homogeneous_share:g}")
+                          homogeneous_share=f"{run.pretrain.iterations.homogeneous_share:g}",
+                          homogeneous_source=other.dataset if other is not None and lin.homogeneous else "",
+                          trunk_fingerprint=lin.trunk or "", switch_step=str(lin.switch) if lin.trunk else "")
         values.update({k: (v if isinstance(v, dict) else str(v)) for k, v in extra.items() if v is not None})
         return cls(**values)
 

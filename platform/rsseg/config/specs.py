@@ -193,6 +193,9 @@ class PretrainSpec(Strict):
     homogeneous: list[Literal["unlabeled", "train"]] = Field(
         ["unlabeled", "train"], description="target-dataset tiles used (images only) in step 2"
     )
+    homogeneous_data: DataSpec | None = Field(
+        None, description="step 2 on another dataset's imagery instead of the target's own (Fig. 9's archive + non-homogeneous); "
+                          "its pretrain.homogeneous splits are used")
     init: str | None = Field(None, description="start from imported weights of this name (`platform weights list`), e.g. "
                                                "DDPM-CD's model pre-trained on Google Earth imagery, instead of the seeded init")
     runtime: PretrainRuntimeSpec = PretrainRuntimeSpec()

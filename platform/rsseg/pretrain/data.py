@@ -16,7 +16,8 @@ def pretrain_datasets(run, workdir: Workdir):
     from rsseg.data import registry, tiles
     from rsseg.data.dataset import TileDataset, TileReader
 
-    index = tiles.build(run.data, workdir)
+    # step 2 reads the target dataset's own imagery, or another dataset's (pretrain.homogeneous_data)
+    index = tiles.build(run.pretrain.homogeneous_data or run.data, workdir)
     frame = index.frame.filter(pl.col("split").is_in(list(run.pretrain.homogeneous)))
     homogeneous = TileDataset(TileReader.of(index.scenes), frame, augment=PRETRAIN_AUGMENT, seed=run.pretrain.seed,
                               with_labels=False)
@@ -38,6 +39,9 @@ def data_problems(run) -> list[str]:
     problems = []
     if run.data.dataset != "synthetic" and run.data.root is not None and not Path(run.data.root).is_dir():
         problems.append(f"data.root: {run.data.root} is not a directory (the {run.data.dataset} dataset; set RSSEG_DATA or --set data.root=DIR)")
+    other = run.pretrain.homogeneous_data
+    if other is not None and other.dataset != "synthetic" and (other.root is None or not Path(other.root).is_dir()):
+        problems.append(f"pretrain.homogeneous_data.root: {other.root} is not a directory (the {other.dataset} imagery of step 2)")
     n_archive, n_homogeneous = run.pretrain.iterations.counts()
     a = run.pretrain.archive
     source = a.source if a.source != "auto" else ("synthetic" if run.data.dataset == "synthetic" else ("folder" if a.root else "none"))

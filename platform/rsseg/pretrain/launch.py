@@ -84,15 +84,15 @@ def _open_run(run, workdir: Workdir, uri: str, profile: str | None, tags: dict[s
 def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None, resume_from: str | Path | None = None,
           fault: Fault | None = None, tracking_uri: str | None = None, progress: bool = False,
           threads_per_worker: int | None = None, profile: str | None = None, tags: dict[str, str] | None = None,
-          concurrent: int = 1) -> store.Pretrained | None:
+          concurrent: int = 1, switch_steps: tuple[int, ...] = ()) -> store.Pretrained | None:
     """Train (or resume) the pre-training of ``run``. Returns the finished checkpoint, or None
     when ``stop_after`` stopped it early. ``concurrent``: how many pre-trainings share the
-    cluster right now (the sweep driver runs several when they fit)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    cluster right now (the sweep driver runs several when they fit). ``switch_steps``: steps of
+    the archive phase where other planned runs of the same trunk switch; their trunk points are
+    left on the way (this run's own switch step always is)."""
     from rsseg import raycluster, tracking
     from rsseg.pretrain.data import pretrain_datasets
+    from rsseg.pretrain.identity import identity, lineage
 
     workdir = workdir or Workdir.resolve()
     runtime = run.pretrain.runtime
@@ -103,13 +103,12 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
     counts = plan_checks(run, archive_ds, homogeneous_ds, workers)
     if resume_from is not None:
         store.load(Path(resume_from), fp)  # refuse a foreign checkpoint before starting anything
-    _say_resume_point(sdir, fp, resume_from)
-    from rsseg.pretrain.identity import identity
-
+    _say_resume_point(sdir, fp, resume_from, run, workdir)
     store.write_spec(sdir, run, identity(run))
     _check_space(run, sdir, int(homogeneous_ds[0]["image"].shape[0]))
     uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, workdir)
-    mlrun = _open_run(run, workdir, uri, profile, tags)
+    lin = lineage(run)
+    mlrun = _open_run(run, workdir, uri, profile, (tags or {}) | ({"trunk_note": lin.why} if lin.why else {}))
 
     raycluster.init()
     res = raycluster.worker_resources(runtime, run.runtime.device, concurrent)
@@ -120,22 +119,9 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
         in_channels=int(homogeneous_ds[0]["image"].shape[0]), counts=counts, tracking_uri=uri, mlflow_run_id=mlrun.run_id,
         threads=threads_per_worker or max(1, int(res.cpus)), stop_after=stop_after,
         resume_from=str(resume_from) if resume_from else None, fault=fault,
+        **_trunk_fields(run, lin, workdir, switch_steps),
     )
-    from rsseg.pretrain.trainer import worker_loop
-
-    _no_retry_of_fatal_errors()
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"plan": asdict(plan)},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=res.use_gpu, resources_per_worker=res.as_dict(),
-                                     placement_strategy=runtime.placement),
-        run_config=RunConfig(
-            name=f"pretrain-{run.method}-{fp}",
-            storage_path=str(workdir.ray_storage),
-            failure_config=FailureConfig(max_failures=runtime.max_failures, controller_failure_limit=runtime.controller_failure_limit),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
+    trainer = _torch_trainer(plan, run, res, workdir)
     watcher = _Progress(sdir.progress, f"pretrain {fp[:8]}") if progress else None
     with tracking.tracked(mlrun) as outcome:
         if watcher:
@@ -154,10 +140,44 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
         return found
 
 
-def _say_resume_point(sdir, fp: str, resume_from) -> None:
+def _trunk_fields(run, lin, workdir: Workdir, switch_steps: tuple[int, ...]) -> dict:
+    """The TrainPlan's trunk: where its points live, and the switch steps to leave points at."""
+    if lin.trunk is None:
+        return {}
+    return {"trunk": lin.trunk, "trunk_root": str(store.trunk_dir(workdir, run.method, lin.trunk)),
+            "switch_steps": tuple(sorted({s for s in (*switch_steps, lin.switch) if 0 < s <= lin.switch}))}
+
+
+def _torch_trainer(plan: TrainPlan, run, res, workdir: Workdir):
+    """Ray Train's TorchTrainer for ``plan``: its workers, storage, failure and checkpoint policy."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rsseg.pretrain.trainer import worker_loop
+
+    runtime = run.pretrain.runtime
+    _no_retry_of_fatal_errors()
+    return TorchTrainer(
+        worker_loop,
+        train_loop_config={"plan": asdict(plan)},
+        scaling_config=ScalingConfig(num_workers=runtime.workers, use_gpu=res.use_gpu, resources_per_worker=res.as_dict(),
+                                     placement_strategy=runtime.placement),
+        run_config=RunConfig(
+            name=f"pretrain-{run.method}-{plan.fingerprint}",
+            storage_path=str(workdir.ray_storage),
+            failure_config=FailureConfig(max_failures=runtime.max_failures, controller_failure_limit=runtime.controller_failure_limit),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def _say_resume_point(sdir, fp: str, resume_from, run, workdir) -> None:
     """On the terminal (the workers' own log lines stay in Ray's session logs): the checkpoints
-    that are skipped as truncated or foreign, and the step training resumes from."""
+    that are skipped as truncated or foreign, and the step training resumes from (its own
+    checkpoint, the explicit one, or its trunk's point at or before its switch step)."""
     import sys
+
+    from rsseg.pretrain.identity import lineage
 
     skipped: list[str] = []
     found = store.latest_valid(sdir, fp, skipped)
@@ -167,6 +187,11 @@ def _say_resume_point(sdir, fp: str, resume_from) -> None:
         print(f"pretrain {fp[:8]}: resuming from step {found[0]} ({found[1].name})", file=sys.stderr, flush=True)
     elif resume_from is not None:
         print(f"pretrain {fp[:8]}: resuming from {resume_from}", file=sys.stderr, flush=True)
+    elif (lin := lineage(run)).trunk is not None:
+        point = store.latest_trunk_point(store.trunk_dir(workdir, run.method, lin.trunk), lin.trunk, lin.switch, verify=False)
+        if point is not None:
+            print(f"pretrain {fp[:8]}: starting from trunk {lin.trunk[:8]} at step {point[0]} (archive phase shared; "
+                  f"{run.pretrain.iterations.n_total - point[0]} iterations to train)", file=sys.stderr, flush=True)
 
 
 def _check_space(run, sdir, in_channels: int) -> None:

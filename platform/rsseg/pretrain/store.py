@@ -114,9 +114,10 @@ def load(path: Path, expected_fp: str | None = None, map_location: str | torch.d
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def checkpoints(store: StoreDir) -> list[tuple[int, Path]]:
+def checkpoints(store: StoreDir | None, directory: Path | None = None) -> list[tuple[int, Path]]:
+    """(step, path) of the ``step_*.pt`` files of a store's ckpt/ (or of ``directory``), by step."""
     out = []
-    for p in store.ckpt.glob("step_*.pt"):
+    for p in (directory if directory is not None else store.ckpt).glob("step_*.pt"):
         try:
             out.append((int(p.stem.split("_")[1]), p))
         except (IndexError, ValueError):
@@ -139,6 +140,60 @@ def latest_valid(store: StoreDir, expected_fp: str, skipped: list[str] | None = 
         log.warning("%s", why)
         if skipped is not None:
             skipped.append(why)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Trunk points: full training states at switch steps, shared by the runs of one trunk
+# (`rsseg.pretrain.identity`): ``<workdir>/checkpoints/pretrain/trunks/<method>-<trunk>/step_N.pt``
+
+
+def trunk_dir(workdir: Workdir, method: str, trunk: str) -> Path:
+    return workdir.checkpoints / "pretrain" / "trunks" / f"{method}-{trunk}"
+
+
+def trunk_point(tdir: Path, step: int) -> Path:
+    return tdir / f"step_{step:08d}.pt"
+
+
+def trunk_points(tdir: Path, trunk: str, at_most: int | None = None, verify: bool = True) -> list[int]:
+    """Steps with a complete, valid trunk point (a torn or foreign one is skipped with a warning).
+    Without ``verify`` (planning), the manifest and size are checked but not the SHA-256."""
+    out = []
+    for step, path in checkpoints(None, directory=tdir) if tdir.is_dir() else []:
+        if at_most is not None and step > at_most:
+            continue
+        try:
+            manifest = validate(path) if verify else _quick_manifest(path)
+        except CheckpointError as exc:
+            log.warning("skipping trunk point: %s", exc)
+            continue
+        if manifest["fingerprint"] == trunk:
+            out.append(step)
+    return out
+
+
+def _quick_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(_manifest_path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: no readable manifest") from None
+    if not path.exists() or path.stat().st_size != manifest.get("size"):
+        raise CheckpointError(f"{path}: truncated or missing")
+    return manifest
+
+
+def latest_trunk_point(tdir: Path, trunk: str, at_most: int, verify: bool = True) -> tuple[int, Path] | None:
+    """The newest valid point at or before ``at_most`` (a torn newer one is passed over)."""
+    for step in reversed(trunk_points(tdir, trunk, at_most, verify=False)):
+        path = trunk_point(tdir, step)
+        if not verify:
+            return step, path
+        try:
+            if validate(path)["fingerprint"] == trunk:
+                return step, path
+        except CheckpointError as exc:
+            log.warning("skipping trunk point: %s", exc)
     return None
 
 

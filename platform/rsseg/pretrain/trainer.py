@@ -22,9 +22,9 @@ the weights of an uninterrupted one. The driver side (planning, MLflow run, Ray 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
-import errno
 import os
 import random
 import tempfile
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from rsseg.device import autocast
+from rsseg.errors import CheckpointError
 from rsseg.pretrain import schedule, store
 from rsseg.provenance import stamp
 
@@ -71,11 +72,16 @@ class TrainPlan:
     stop_after: int | None = None
     resume_from: str | None = None
     fault: Fault | None = None
+    # the shared archive phase (rsseg.pretrain.identity): start from its point at the switch
+    # step when there is one, and leave a point at every step of ``switch_steps`` on the way
+    trunk: str | None = None
+    trunk_root: str | None = None
+    switch_steps: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainPlan":
         fault = Fault(**d["fault"]) if d.get("fault") else None
-        return cls(**{**d, "counts": tuple(d["counts"]), "fault": fault})
+        return cls(**{**d, "counts": tuple(d["counts"]), "fault": fault, "switch_steps": tuple(d.get("switch_steps", ()))})
 
 
 # ---------------------------------------------------------------------------------------------- collaborators
@@ -233,6 +239,7 @@ class Trainer:
         self.tracker = Run(plan.tracking_uri, plan.mlflow_run_id, "") if rank == 0 else None
         self.metrics = MetricBuffer(self.tracker, (self.tracker.last_step("loss") if self.tracker else None) or -1)
         self.start, self.position = 0, None
+        self.trunk_start = 0  # the step this pre-training started from (a trunk point, or 0)
 
     # -- fit = resume -> steps -> save -----------------------------------------------------------
     def fit(self) -> None:
@@ -256,12 +263,24 @@ class Trainer:
             loss, lr, logs = self.step(step, images.to(self.device, non_blocking=True))
             self.after_step(step + 1, phase, loss, lr, logs)
         if self.rank == 0 and self.end == self.total:
+            if self.tracker is not None:
+                self.tracker.log_metrics({"train/iterations_trained": self.total - self.trunk_start}, step=self.total)
             self.save()
 
     def resume(self) -> dict[str, Any] | None:
-        """Load the newest valid checkpoint of this fingerprint (or the explicit one); a fresh
-        run with ``pretrain.init`` starts from those imported weights instead of the seeded init."""
+        """Load the newest valid checkpoint of this fingerprint (or the explicit one), else the
+        trunk's latest point up to this run's switch step (the shared archive phase), else start
+        fresh: from ``pretrain.init``'s imported weights, or the seeded init."""
         self.start, state = self.checkpoints.resume_state(self.plan.resume_from)
+        if state is not None:
+            self.trunk_start = int(state.get("trunk_start", 0))
+        elif self.plan.trunk is not None:
+            found = store.latest_trunk_point(Path(self.plan.trunk_root), self.plan.trunk, self.plan.counts[0])
+            if found is not None:
+                self.start, state = found[0], store.load(found[1], self.plan.trunk)
+                self.trunk_start = self.start
+                if self.tracker is not None:
+                    self.tracker.set_tags({"started_from_trunk_point": str(self.start)})
         if state is None and self.run.pretrain.init:
             self.load_init(self.run.pretrain.init)
         if state is not None:
@@ -355,6 +374,7 @@ class Trainer:
         them, write the progress file, checkpoint (rank 0) and report to Ray Train (every rank)."""
         point = {"loss": float(loss), "lr": lr, "phase": 0.0 if phase.name == "archive" else 1.0, **logs}
         self.metrics.add(done, point)
+        self.leave_trunk_point(done)
         is_last = done == self.end
         due_checkpoint = done % self.runtime.checkpoint_every == 0 or is_last
         if not (done % self.runtime.log_every == 0 or due_checkpoint):
@@ -369,6 +389,21 @@ class Trainer:
             self.write_progress(done, point, ips, phase, now)
         ckpt = self.checkpoints.save(done, self.state(done)) if (self.rank == 0 and due_checkpoint) else None
         self.report({"step": done, "loss": point["loss"], "lr": lr, "images_per_s": ips}, ckpt)
+
+    def leave_trunk_point(self, done: int) -> None:
+        """Rank 0, after step ``done`` of the archive phase: the full training state as the
+        trunk's point at that step, when a planned run switches there and it is not stored yet."""
+        plan = self.plan
+        if self.rank != 0 or plan.trunk is None or done not in plan.switch_steps or done > plan.counts[0]:
+            return
+        tdir = Path(plan.trunk_root)
+        try:
+            if store.validate(store.trunk_point(tdir, done))["fingerprint"] == plan.trunk:
+                return  # another run of this trunk left it already
+        except CheckpointError:
+            pass
+        tdir.mkdir(parents=True, exist_ok=True)
+        store.save(store.trunk_point(tdir, done), {**self.state(done), "fingerprint": plan.trunk}, plan.trunk, done)
 
     def save(self) -> None:
         """Rank 0, at the end: sample-grid artifacts (from the EMA weights), final.pt and DONE."""
@@ -396,6 +431,7 @@ class Trainer:
             "fingerprint": self.plan.fingerprint,
             "method": self.run.method,
             "resumed_from": self.start,
+            "trunk_start": self.trunk_start,
             **stamp(),
         }
 

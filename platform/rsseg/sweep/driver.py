@@ -81,22 +81,51 @@ def _pretrain_all(plan: SweepPlan, workdir: Workdir, uri: str, profile: str | No
     if not runs:
         return
     parallel = min(raycluster.concurrent_pretrainings(r.pretrain.runtime, r.runtime.device, len(runs)) for r in runs)
+    trunks, branches = trunk_order(runs)
     if progress:
         from rsseg.progress import line
 
-        line(f"pre-training {len(runs)} model(s) first ({parallel} at a time): " + ", ".join(r.pretrain_fingerprint for r in runs))
+        line(f"pre-training {len(runs)} model(s) first ({parallel} at a time): " + ", ".join(r.pretrain_fingerprint for r in runs)
+             + (f"; {len(trunks)} trunk(s) first, then the runs branching from them" if trunks else ""))
 
-    def one(run):
+    def one(item):
+        run, switch_steps = item
         return ensure_pretrained(run, workdir, tracking_uri=uri, profile=profile, progress=progress and parallel == 1,
-                                 tags={"sweep": plan.spec.name}, concurrent=parallel)
+                                 tags={"sweep": plan.spec.name}, concurrent=parallel, switch_steps=switch_steps)
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for f in [pool.submit(one, r) for r in runs]:
-            f.result()
+    for stage in (trunks, branches):  # the branches start from the points the trunks left
+        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(stage)))) as pool:
+            for f in [pool.submit(one, item) for item in stage]:
+                f.result()
     if progress:
         from rsseg.progress import done
 
         done()
+
+
+def trunk_order(runs: list) -> tuple[list[tuple[Any, tuple[int, ...]]], list[tuple[Any, tuple[int, ...]]]]:
+    """(first, then): per trunk, the run that goes furthest along it trains first and leaves a
+    point at every switch step of the others; they then start from those points. Runs of no
+    trunk (or alone on theirs) are in ``then`` and run beside the branches."""
+    from rsseg.pretrain.identity import lineage
+
+    groups: dict[str, list] = {}
+    first, then = [], []
+    for run in runs:
+        lin = lineage(run)
+        if lin.trunk is None:
+            then.append((run, ()))
+        else:
+            groups.setdefault(lin.trunk, []).append((lin.switch, run))
+    for members in groups.values():
+        members.sort(key=lambda m: -m[0])
+        points = tuple(sorted({s for s, _ in members}))
+        if len(members) == 1:
+            then.append((members[0][1], points))
+            continue
+        first.append((members[0][1], points))
+        then += [(run, (switch,)) for switch, run in members[1:]]
+    return first, then
 
 
 def _optuna_distributions(search_axes) -> dict[str, Any]:

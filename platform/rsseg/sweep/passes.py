@@ -35,7 +35,12 @@ def cached_index(spec, workdir):
         return None
     if spec.dataset == "synthetic" and not (synthetic.dataset_dir(spec.synthetic, spec.root or workdir.data) / "DONE").exists():
         return None  # not generated yet (and a dry run generates nothing)
-    scenes = registry.scenes(spec, workdir)
+    from rsseg.errors import RssegError
+
+    try:
+        scenes = registry.scenes(spec, workdir)
+    except RssegError:  # data not there (yet): the plan's problems say so
+        return None
     params = TilingParams.from_spec(spec)
     key = index_key(scenes, params)
     path = workdir.indexes / f"{scenes.dataset}-{key}.parquet"

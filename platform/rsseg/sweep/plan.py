@@ -217,10 +217,82 @@ def make_plan(loaded: LoadedSweep, workdir=None) -> SweepPlan:
         trials.append(PlannedTrial(values, run_json, trial_key(run_json), fp, *networks[net_key]))
     if not trials:
         raise ConfigError(f"{path}: every trial was skipped ({skipped[0][1] if skipped else 'empty grid'})")
+    _check_searched_pretraining(search_axes, trials, path)
     from rsseg.pretrain.data import data_problems
 
     problems = list(dict.fromkeys(p for pre in seen_fps.values() for p in data_problems(pre.spec)))
     return SweepPlan(loaded, grid_axes, search_axes, trials, list(seen_fps.values()), skipped, problems)
+
+
+def _bounds(axis: Axis) -> list[Any]:
+    """Two values of a searched axis far apart (its ends): enough to see what it changes."""
+    if axis.kind == "choice":
+        return [axis.choice[0], axis.choice[-1]]
+    if axis.kind == "int":
+        return list(axis.integer)
+    return list(getattr(axis, axis.kind))
+
+
+def _check_searched_pretraining(search_axes: dict[str, Axis], trials: list[PlannedTrial], path) -> None:
+    """Optuna samples inside trials, which hold no resources for a pre-training: an axis that
+    changes the pre-training (its fingerprint) is refused here, before anything starts."""
+    for trial in trials:
+        if trial.pretrain_fingerprint is None:
+            continue
+        for key, axis in search_axes.items():
+            fps = set()
+            for value in _bounds(axis):
+                try:
+                    fps.add(build_run(trial.run, {key: value}).pretrain_fingerprint)
+                except Exception:  # noqa: BLE001 - an invalid end value is the trial's own error later
+                    continue
+            if len(fps) > 1:
+                raise ConfigError(f"{path}: space.{key}: {axis.kind} (searched by Optuna) changes the pre-training, which must be "
+                                  "planned before the trials start; make it a grid axis (each value's pre-training is then "
+                                  "trained once, before any trial)")
+        return  # one planned trial stands for the others: the axes are the same
+
+
+def trunk_plan(plan: "SweepPlan", workdir=None) -> list[str]:
+    """The dry run's lines on trunks: per shared archive phase, its branch points and the
+    iterations to train, and the sweep's total against training every pre-training alone."""
+    from rsseg.pretrain import store
+    from rsseg.pretrain.identity import lineage
+    from rsseg.workdir import Workdir
+
+    workdir = workdir or Workdir.resolve()
+    todo = [p for p in plan.pretrainings if not p.cached]
+    naive = sum(p.spec.pretrain.iterations.n_total for p in todo)
+    groups: dict[str, list] = {}
+    solo = []
+    for p in todo:
+        lin = lineage(p.spec)
+        if lin.trunk:
+            groups.setdefault(lin.trunk, []).append((p, lin))
+        else:
+            solo.append((p, lin.why))
+    lines, total = [], 0
+    for trunk, members in groups.items():
+        method = members[0][0].spec.method
+        longest = max(lin.switch for _, lin in members)
+        have = store.latest_trunk_point(store.trunk_dir(workdir, method, trunk), trunk, longest, verify=False) if workdir.root.is_dir() else None
+        start = have[0] if have else 0
+        if len(members) == 1 and not start:  # nothing to share with (yet): later runs can branch from it
+            solo.append((members[0][0], f"its archive phase is trunk {trunk[:8]}: later runs branch from it"))
+            continue
+        branch_its = sum(lin.homogeneous for _, lin in members)
+        total += (longest - start) + branch_its
+        points = sorted({lin.switch for _, lin in members})
+        lines.append(f"  trunk {trunk}  archive to step {longest:,}" + (f" (from its point at {start:,} in the store)" if start else "")
+                     + f"; branch points {', '.join(f'{x:,}' for x in points)}; {longest - start:,} to train")
+        lines.append(f"    {len(members)} pre-training(s) on it (the longest trains it first): {branch_its:,} iterations after their switch")
+    for p, why in solo:
+        total += p.spec.pretrain.iterations.n_total
+        lines.append(f"  on its own  {p.fingerprint}  {p.spec.pretrain.iterations.n_total:,} iterations ({why})")
+    if not todo:
+        return []
+    head = [f"pre-training iterations to train: {total:,} (training each of the {len(todo)} alone: {naive:,})"]
+    return head + lines
 
 
 def _fmt(v: Any) -> str:
@@ -269,6 +341,7 @@ def describe(plan: SweepPlan) -> str:
     lines.append(f"pre-trainings needed: {len(plan.pretrainings)}")
     for p in plan.pretrainings:
         lines.append(f"  {p.fingerprint}  {'cached' if p.cached else 'to train'}  {p.summary}")
+    lines += trunk_plan(plan)
     if plan.problems:
         lines.append(f"problems (the sweep stops on them before it starts anything): {len(plan.problems)}")
         lines += [f"  {p}" for p in plan.problems]

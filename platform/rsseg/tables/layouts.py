@@ -22,7 +22,8 @@ PAPER_T3_METHODS = ("convnext_random", "convnext_imagenet", "mae", "scalemae", "
 PUBLISHED_ONLY_LABELS = {"ma3e": "MA3E"}
 STRATEGIES = {"imagenet": "ImageNet (ConvNeXt-B, fine-tuned)", "archive_only": "archive only",
               "two_step": "two-step (archive, then homogeneous)", "homogeneous_only": "homogeneous only",
-              "imported_two_step": "imported weights (DDPM-CD), then homogeneous"}
+              "imported_two_step": "imported weights (DDPM-CD), then homogeneous",
+              "archive_non_homogeneous": "archive, then non-homogeneous (another sensor)"}
 
 Obs = tuple[str, str, float]
 
@@ -117,6 +118,8 @@ def strategy(share: str) -> str:
 def _fig9(run):
     if run.get("pretrain_init"):
         return [("imported_two_step", "mIoU", run["mIoU"])]
+    if run.get("homogeneous_source"):  # step 2 on another dataset's imagery
+        return [("archive_non_homogeneous", "mIoU", run["mIoU"])]
     return [(strategy(run["homogeneous_share"]), "mIoU", run["mIoU"])] if run["homogeneous_share"] else []
 
 
