@@ -269,3 +269,69 @@ def test_imagenet_method_without_weights_fails_before_anything_runs(tmp_path):
     res = CliRunner().invoke(app, ["--workdir", str(tmp_path / "w"), "finetune", str(f)])
     assert res.exit_code == 2 and "convnext_imagenet needs local ImageNet ConvNeXt weights (convnext.weights" in res.output
     assert not (tmp_path / "w" / "mlflow.db").exists()
+
+
+# ---------------------------------------------------------------------------------------------- public MAE weights
+
+
+def _released_mae(tmp_path, image_size=32, name="mae-release"):
+    """A ViTMAEForPreTraining directory as MAE's public weights come (encoder + decoder)."""
+    from transformers import ViTMAEForPreTraining
+
+    torch.manual_seed(5)
+    net = ViTMAEForPreTraining(vit.mae_config(MaeSpec(size="pico"), image_size, 3))
+    vit.init_mae(net)
+    out = tmp_path / name
+    net.save_pretrained(out)
+    return out, net
+
+
+def test_public_mae_weights_import_and_give_transformers_hidden_states(tmp_path, monkeypatch):
+    """`platform weights import DIR --format vitmae`: the run with mae.weights needs no
+    pre-training and its blocks equal ViTMAEModel's hidden states of the released weights; at
+    another tile size the fixed sin-cos position table is rebuilt for the new grid."""
+    from transformers import ViTMAEModel
+
+    path, net = _released_mae(tmp_path)
+    wd = tmp_path / "w"
+    monkeypatch.setenv("RSSEG_WORKDIR", str(wd))
+    res = CliRunner().invoke(app, ["--workdir", str(wd), "weights", "import", str(path), "--format", "vitmae", "--name", "mae_pub"])
+    assert res.exit_code == 0, res.output
+    run = tiny_run(method="mae", mae={"size": "pico", "weights": "mae_pub"})
+    method = registry()["mae"]
+    assert not run.needs_pretraining and method.unavailable_reason(run) is None
+    enc = method.build_encoder(run, None).eval()
+    ref = ViTMAEModel.from_pretrained(str(path), mask_ratio=0.0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    n = (32 // 8) ** 2
+    with torch.no_grad():
+        ours = enc(x)
+        out = ref(pixel_values=x, noise=torch.arange(n, dtype=torch.float32).expand(2, n), output_hidden_states=True)
+    for b, f in zip((3, 5, 7, 11), ours):
+        torch.testing.assert_close(f, out.hidden_states[b + 1][:, 1:].transpose(1, 2).reshape(2, -1, 4, 4))
+    big = method.build_encoder(tiny_run(method="mae", mae={"size": "pico", "weights": "mae_pub"}, data={"tile_size": 64}), None)
+    table = torch.from_numpy(vit.sincos_2d(64, 8)).float()[None]
+    torch.testing.assert_close(big.vit.embeddings.position_embeddings, table)
+    assert [f.shape for f in big(torch.randn(1, 3, 64, 64))] == [(1, 64, 8, 8)] * 4
+    assert vit.mae_tags(run)["weights"] == "public:mae_pub"
+    from rsseg.tables.layouts import method_label
+
+    assert method_label("mae_public") == "MAE (public weights)"
+
+
+def test_public_mae_weights_errors_name_the_directory_and_the_keys(tmp_path, monkeypatch):
+    import json
+
+    from rsseg.errors import CheckpointError
+
+    path, _ = _released_mae(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 6  # the weights hold 12 blocks
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"mae-release: does not fit the ViTMAE of its config.json: unexpected .*layers\.(6|7|8|9|1[01])\."):
+        vit.import_vitmae(path)
+    with pytest.raises(CheckpointError, match=r"nope: not a transformers ViTMAE directory"):
+        vit.import_vitmae(tmp_path / "nope")
+    monkeypatch.setenv("RSSEG_WORKDIR", str(tmp_path / "w"))
+    run = tiny_run(method="mae", mae={"size": "pico", "weights": "never_imported"})
+    assert "public weights 'never_imported' are not imported" in registry()["mae"].unavailable_reason(run)
