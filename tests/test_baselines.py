@@ -292,8 +292,6 @@ def test_public_mae_weights_import_and_give_transformers_hidden_states(tmp_path,
     another tile size the fixed sin-cos position table is rebuilt for the new grid."""
     from transformers import ViTMAEModel
 
-    from rsseg_baselines.stages import imagenet_normalise
-
     path, net = _released_mae(tmp_path)
     wd = tmp_path / "w"
     monkeypatch.setenv("RSSEG_WORKDIR", str(wd))
@@ -308,8 +306,7 @@ def test_public_mae_weights_import_and_give_transformers_hidden_states(tmp_path,
     n = (32 // 8) ** 2
     with torch.no_grad():
         ours = enc(x)
-        # released MAE weights see ImageNet-normalised [0, 1] images, as they were trained
-        out = ref(pixel_values=imagenet_normalise(x), noise=torch.arange(n, dtype=torch.float32).expand(2, n), output_hidden_states=True)
+        out = ref(pixel_values=x, noise=torch.arange(n, dtype=torch.float32).expand(2, n), output_hidden_states=True)
     for b, f in zip((3, 5, 7, 11), ours):
         torch.testing.assert_close(f, out.hidden_states[b + 1][:, 1:].transpose(1, 2).reshape(2, -1, 4, 4))
     big = method.build_encoder(tiny_run(method="mae", mae={"size": "pico", "weights": "mae_pub"}, data={"tile_size": 64}), None)
@@ -338,80 +335,3 @@ def test_public_mae_weights_errors_name_the_directory_and_the_keys(tmp_path, mon
     monkeypatch.setenv("RSSEG_WORKDIR", str(tmp_path / "w"))
     run = tiny_run(method="mae", mae={"size": "pico", "weights": "never_imported"})
     assert "public weights 'never_imported' are not imported" in registry()["mae"].unavailable_reason(run)
-
-
-def _scalemae_release(tmp_path, drop=None, extra=None):
-    """A ScaleMAE-release-style checkpoint: {"model": timm ViT keys (+ decoder, FPN), "args": ...},
-    made from a transformers ViTMAEModel (384 wide, 2 blocks) by the inverse key map."""
-    import argparse
-
-    from transformers import ViTMAEConfig, ViTMAEModel
-
-    torch.manual_seed(7)
-    cfg = ViTMAEConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=6, intermediate_size=512, patch_size=16,
-                       image_size=224, layer_norm_eps=1e-6, mask_ratio=0.0)
-    ref = ViTMAEModel(cfg).eval()
-    sd = ref.state_dict()
-    timm = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
-            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
-            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
-            "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"],
-            "mask_token": torch.zeros(1, 1, 256), "decoder_embed.weight": torch.zeros(256, 384), "fpn.fpn1.0.weight": torch.zeros(4)}
-    for i in range(2):
-        for part in ("weight", "bias"):
-            a = f"layers.{i}."
-            timm[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([sd[a + f"attention.{n}_proj.{part}"] for n in "qkv"])
-            timm[f"blocks.{i}.attn.proj.{part}"] = sd[a + f"attention.o_proj.{part}"]
-            timm[f"blocks.{i}.norm1.{part}"] = sd[a + f"layernorm_before.{part}"]
-            timm[f"blocks.{i}.norm2.{part}"] = sd[a + f"layernorm_after.{part}"]
-            timm[f"blocks.{i}.mlp.fc1.{part}"] = sd[a + f"mlp.fc1.{part}"]
-            timm[f"blocks.{i}.mlp.fc2.{part}"] = sd[a + f"mlp.fc2.{part}"]
-    if drop:
-        timm.pop(drop)
-    timm.update(extra or {})
-    path = tmp_path / "scalemae-vitl.pth"
-    torch.save({"model": timm, "args": argparse.Namespace(input_size=224)}, path)
-    return path, ref
-
-
-def test_scalemae_release_checkpoint_maps_timm_keys_and_rebuilds_gsd_positions(tmp_path, monkeypatch):
-    """The release .pth imports through `platform weights import --format scalemae`: the encoder's
-    blocks equal transformers' ViTMAEModel with the same weights, the position table being the
-    GSD-scaled sin-cos of the run's grid and the input ImageNet-normalised (what ScaleMAE saw)."""
-    from rsseg_baselines.stages import imagenet_normalise
-
-    path, ref = _scalemae_release(tmp_path)
-    wd = tmp_path / "w"
-    monkeypatch.setenv("RSSEG_WORKDIR", str(wd))
-    res = CliRunner().invoke(app, ["--workdir", str(wd), "weights", "import", str(path), "--format", "scalemae", "--name", "smae"])
-    assert res.exit_code == 0, res.output
-    run = tiny_run(method="scalemae", scalemae={"weights": "smae", "blocks": [0, 1], "gsd": 0.5, "reference_gsd": 1.0},
-                   data={"tile_size": 64})
-    assert not run.needs_pretraining
-    enc = registry()["scalemae"].build_encoder(run, None).eval()
-    grid = 64 // 16
-    with torch.no_grad():
-        pe = torch.from_numpy(vit.sincos_2d(384, grid, 0.5)).float()[None]  # (1, 1 + grid^2, 384)
-        x = torch.rand(2, 3, 64, 64) * 2 - 1
-        ours = enc(x)
-        tokens = ref.embeddings.patch_embeddings(imagenet_normalise(x)) + pe[:, 1:]
-        h = torch.cat([(ref.embeddings.cls_token + pe[:, :1]).expand(2, -1, -1), tokens], 1)
-        for i, layer in enumerate(ref.layers):
-            h = layer(h, None)
-            torch.testing.assert_close(ours[i], h[:, 1:].transpose(1, 2).reshape(2, 384, grid, grid))
-    assert "public weights 'nope' are not imported (`platform weights import RELEASE.pth --format scalemae" in \
-        registry()["scalemae"].unavailable_reason(tiny_run(method="scalemae", scalemae={"weights": "nope"}))
-
-
-def test_a_scalemae_release_that_does_not_fit_is_one_line_naming_the_key(tmp_path):
-    from rsseg.errors import CheckpointError
-
-    path, _ = _scalemae_release(tmp_path, drop="blocks.1.attn.qkv.weight")
-    with pytest.raises(CheckpointError, match=r"scalemae-vitl.pth: missing blocks.1.attn.qkv.weight \(a timm ViT encoder key\)$"):
-        vit.import_scalemae(path)
-    path, _ = _scalemae_release(tmp_path, extra={"head.weight": torch.zeros(3)})
-    with pytest.raises(CheckpointError, match=r"does not fit a ViT of 2 blocks, 384 wide: unexpected head.weight$"):
-        vit.import_scalemae(path)
-    (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"junk.pth: not readable"):
-        vit.import_scalemae(tmp_path / "junk.pth")

@@ -33,11 +33,9 @@ class StageEncoder(torch.nn.Module):
         return super().train(mode and not frozen)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return imagenet_normalise(x) if self.imagenet else x
-
-
-def imagenet_normalise(x: torch.Tensor) -> torch.Tensor:
-    """Tiles come in [-1, 1]; released ImageNet-era weights expect mean/std-normalised [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return ((x + 1) / 2 - mean) / std
+        """Tiles come in [-1, 1]; ImageNet weights expect mean/std-normalised [0, 1]."""
+        if not self.imagenet:
+            return x
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return ((x + 1) / 2 - mean) / std

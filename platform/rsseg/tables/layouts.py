@@ -18,6 +18,7 @@ FT = "ft_params_M"
 RATIOS = {"0.02": "S (2 %)", "0.4": "M (40 %)", "1": "L (100 %)"}
 # Table 3's methods in the paper's order; their row labels come from the methods' own metadata
 # (`Method.label`), except for the published-only rows of methods that are not installed.
+PAPER_T3_METHODS = ("convnext_random", "convnext_imagenet", "mae", "scalemae", "ma3e", "ddpm")
 PUBLISHED_ONLY_LABELS = {"ma3e": "MA3E"}
 # rows of a method run with public weights (tag weights=public:<name>) instead of pre-trained here
 PUBLIC_SUFFIX = "_public"
@@ -181,8 +182,7 @@ def _cls(names):
 
 TIMESTEP_ROWS = ["0", "50", "100", "100,50", "200,100,50", "150,100,50"]
 # (the paper has no frozen random-init row; ours shows one when the sweep runs it)
-T3_METHOD_ROWS = ("convnext_random", "convnext_imagenet", "mae", "mae" + PUBLIC_SUFFIX, "scalemae", "scalemae" + PUBLIC_SUFFIX, "ma3e", "ddpm")
-T3_ROWS = [f"{m}/{s}" for m in T3_METHOD_ROWS for s in ("frozen", "finetuned")]
+T3_ROWS = [f"{m}/{s}" for m in PAPER_T3_METHODS[:3] + ("mae" + PUBLIC_SUFFIX,) + PAPER_T3_METHODS[3:] for s in ("frozen", "finetuned")]
 
 LAYOUTS: dict[str, Layout] = {
     "table1": Layout("table1", "Table 1. Feature selection: DDPM encoder vs decoder features at each resolution, MLP segmentor vs UPerNet (mIoU %, MiniFrance-S)",
