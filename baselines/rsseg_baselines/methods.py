@@ -31,8 +31,7 @@ CONVNEXT_IMAGENET = replace(
 )
 MAE = Method(
     name="mae",
-    summary="MAE ViT (transformers ViTMAE) pre-trained by the platform on the unlabelled tiles, or public weights (mae.weights); "
-            "blocks 3/5/7/11 -> 4-scale neck",
+    summary="MAE ViT (transformers ViTMAE) pre-trained by the platform on the unlabelled tiles; blocks 3/5/7/11 -> 4-scale neck",
     label="MAE",
     block="mae", spec=MaeSpec,
     objective="rsseg_baselines.vit:build_mae_objective",
@@ -40,11 +39,7 @@ MAE = Method(
     encoder="rsseg_baselines.vit:build_encoder", skeleton="rsseg_baselines.vit:skeleton",
     neck="rsseg_baselines.vit:build_neck",
     heads=("mlp", "upernet"),
-    tags="rsseg_baselines.vit:mae_tags", tag_keys=("backbone", "blocks", "weights"),
-    # mae.weights: NAME reads public weights (imported once) instead of pre-training here
-    needs_pretraining_fn="rsseg_baselines.vit:needs_pretraining",
-    unavailable="rsseg_baselines.vit:public_weights_unavailable",
-    importers=(("vitmae", "rsseg_baselines.vit:import_vitmae"),),
+    tags="rsseg_baselines.vit:mae_tags", tag_keys=("backbone", "blocks"),
 )
 SCALEMAE = replace(
     MAE,
@@ -54,7 +49,6 @@ SCALEMAE = replace(
     block="scalemae", spec=ScaleMaeSpec,
     objective="rsseg_baselines.vit:build_scalemae_objective",
     pretrain_keys=MAE.pretrain_keys + ("gsd", "reference_gsd"),
-    importers=(),  # the ScaleMAE release checkpoint (ViT-L, timm keys) is not readable yet
 )
 SEGFORMER = Method(
     name="segformer",

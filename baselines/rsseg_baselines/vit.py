@@ -46,8 +46,6 @@ class MaeSpec(Strict):
     norm_pix_loss: bool = True
     optim: OptimSpec = MAE_OPTIM
     blocks: tuple[int, ...] = Field((3, 5, 7, 11), description="0-based blocks read for segmentation (the neck's four scales)")
-    weights: str | None = Field(None, description="public weights imported under this name (`platform weights import DIR --format "
-                                                  "vitmae --name NAME`) instead of pre-training here; None: pre-trained here")
 
 
 class ScaleMaeSpec(MaeSpec):
@@ -281,17 +279,14 @@ class VitEncoder(nn.Module):
         return [out[i] for i in self.blocks]
 
 
-def load_vit(vit, state: dict[str, torch.Tensor], prefix: str, fixed_positions: bool = False) -> None:
+def load_vit(vit, state: dict[str, torch.Tensor], prefix: str) -> None:
     """Encoder weights out of a pre-training state dict: only the decoder (and ScaleMAE's low-band
-    head) may be left over; nothing of the encoder may be missing (but the fixed sin-cos position
-    table, when it is rebuilt for another tile size)."""
+    head) may be left over; nothing of the encoder may be missing."""
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     leftover = sorted(k for k in state if not k.startswith(prefix))
     allowed = ("decoder.", "mae.decoder.", "low_pred.")
     bad = [k for k in leftover if not k.startswith(allowed)]
     missing, unexpected = vit.load_state_dict(sub, strict=False)
-    if fixed_positions:
-        missing = [k for k in missing if k != "embeddings.position_embeddings"]
     if missing or unexpected or bad:
         raise ConfigError(f"pre-trained ViT checkpoint does not fit: missing {missing[:4]}, unexpected {(list(unexpected) + bad)[:4]}")
 
@@ -302,78 +297,15 @@ def skeleton(run, in_channels: int) -> VitEncoder:
 
 
 def build_encoder(run, pretrained) -> VitEncoder:
-    spec = getattr(run, run.method)
-    if spec.weights:  # public weights, imported once
-        from rsseg.weights import imported
-
-        pretrained = imported(spec.weights)
-        if pretrained.method != run.method:
-            raise ConfigError(f"{run.method}.weights: {spec.weights!r} are {pretrained.method} weights, not {run.method}")
     state = pretrained.load()
+    spec = getattr(run, run.method)
     desc = state["objective"]
     from transformers import ViTMAEConfig
 
-    fields = {k: v for k, v in desc["config"].items() if k not in ("transformers_version", "model_type", "architectures")}
-    resized = fields["image_size"] != run.data.tile_size
-    if resized:
-        # released at another image size (ViT-B/16: 224): MAE's position table is the fixed 2-D
-        # sin-cos of the patch grid, so the table of this tile size is exact, not an interpolation
-        if run.data.tile_size % fields["patch_size"]:
-            raise ConfigError(f"data.tile_size: {run.data.tile_size} is not divisible by the ViT patch size {fields['patch_size']}")
-        fields["image_size"] = run.data.tile_size
-    config = ViTMAEConfig(**fields)
+    config = ViTMAEConfig(**{k: v for k, v in desc["config"].items() if k not in ("transformers_version", "model_type", "architectures")})
     enc = VitEncoder(config, spec.blocks, f"{pretrained.fingerprint}:{','.join(map(str, spec.blocks))}")
-    model = state["model"]
-    if resized:
-        model = {k: v for k, v in model.items() if not k.endswith("embeddings.position_embeddings")}
-    load_vit(enc.vit, model, "mae.vit." if desc["kind"] == "scalemae" else "vit.", fixed_positions=resized)
-    if resized:
-        _fill(enc.vit.embeddings.position_embeddings, 1.0)
+    load_vit(enc.vit, state["model"], "mae.vit." if desc["kind"] == "scalemae" else "vit.")
     return enc
-
-
-def needs_pretraining(run) -> bool:
-    return getattr(run, run.method).weights is None
-
-
-def public_weights_unavailable(run) -> str | None:
-    from rsseg.pretrain.store import imported_fingerprint
-    from rsseg.workdir import Workdir
-
-    name = getattr(run, run.method).weights
-    if name and imported_fingerprint(Workdir.resolve(), name) is None:
-        return (f"{run.method}.weights: public weights {name!r} are not imported (`platform weights import DIR --format vitmae "
-                f"--name {name}`), so this cell is skipped")
-    return None
-
-
-def import_vitmae(path: Path) -> dict[str, Any]:
-    """A transformers ViTMAE directory (``ViTMAEForPreTraining`` as released, e.g. MAE ViT-B/16, or
-    ``ViTMAEModel``) -> the store's final-state form. Only the MAE decoder may be left over; every
-    encoder key must be there with its shape."""
-    from transformers import ViTMAEModel
-    from transformers.utils import logging as hf_logging
-
-    from rsseg.errors import CheckpointError
-
-    if not (path.is_dir() and (path / "config.json").is_file()):
-        raise CheckpointError(f"{path}: not a transformers ViTMAE directory (expected config.json and model.safetensors)")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report would print, as a table, the keys checked below
-    try:
-        vit, info = ViTMAEModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable directory reads the same to the user
-        raise CheckpointError(f"{path}: not loadable as a ViTMAE ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(("decoder.", "vit.decoder.")))
-    problems = [f"missing {', '.join(sorted(info['missing_keys'])[:4])}" if info["missing_keys"] else "",
-                f"unexpected {', '.join(unexpected[:4])}" if unexpected else "",
-                f"mis-shaped {', '.join(sorted(str(k) for k in info['mismatched_keys'])[:4])}" if info["mismatched_keys"] else ""]
-    if any(problems):
-        raise CheckpointError(f"{path}: does not fit the ViTMAE of its config.json: {'; '.join(p for p in problems if p)}")
-    return {"model": {f"vit.{k}": v.float() for k, v in vit.state_dict().items()}, "ema": None, "imported": True,
-            "objective": {"kind": "mae", "config": vit.config.to_dict()}}
 
 
 # ---------------------------------------------------------------------------------------------- neck
@@ -440,5 +372,4 @@ def build_scalemae_objective(run, in_channels: int) -> ScaleMaeObjective:
 
 def mae_tags(run) -> dict[str, object]:
     spec = getattr(run, run.method)
-    return {"backbone": f"vit-{spec.size}", "blocks": ",".join(map(str, spec.blocks)),
-            "weights": f"public:{spec.weights}" if spec.weights else "pre-trained here"}
+    return {"backbone": f"vit-{spec.size}", "blocks": ",".join(map(str, spec.blocks))}

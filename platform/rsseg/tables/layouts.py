@@ -20,8 +20,6 @@ RATIOS = {"0.02": "S (2 %)", "0.4": "M (40 %)", "1": "L (100 %)"}
 # (`Method.label`), except for the published-only rows of methods that are not installed.
 PAPER_T3_METHODS = ("convnext_random", "convnext_imagenet", "mae", "scalemae", "ma3e", "ddpm")
 PUBLISHED_ONLY_LABELS = {"ma3e": "MA3E"}
-# rows of a method run with public weights (tag weights=public:<name>) instead of pre-trained here
-PUBLIC_SUFFIX = "_public"
 STRATEGIES = {"imagenet": "ImageNet (ConvNeXt-B, fine-tuned)", "archive_only": "archive only",
               "two_step": "two-step (archive, then homogeneous)", "homogeneous_only": "homogeneous only",
               "imported_two_step": "imported weights (DDPM-CD), then homogeneous",
@@ -65,8 +63,6 @@ def method_label(name: str) -> str:
     from rsseg.methods import registry
 
     method = registry().get(name)
-    if method is None and name.endswith(PUBLIC_SUFFIX) and name[: -len(PUBLIC_SUFFIX)] in registry():
-        return f"{registry()[name[: -len(PUBLIC_SUFFIX)]].label} (public weights)"
     return method.label if method is not None else PUBLISHED_ONLY_LABELS.get(name, name)
 
 
@@ -101,8 +97,7 @@ def _setting(run) -> str:
 
 
 def _table3(run):
-    public = str(run.get("weights") or "").startswith("public:")
-    row = f"{run['method']}{PUBLIC_SUFFIX if public else ''}/{_setting(run)}"
+    row = f"{run['method']}/{_setting(run)}"
     return [(row, run["label_ratio"], run["mIoU"])] + _ft(run, row)
 
 
@@ -182,7 +177,7 @@ def _cls(names):
 
 TIMESTEP_ROWS = ["0", "50", "100", "100,50", "200,100,50", "150,100,50"]
 # (the paper has no frozen random-init row; ours shows one when the sweep runs it)
-T3_ROWS = [f"{m}/{s}" for m in PAPER_T3_METHODS[:3] + ("mae" + PUBLIC_SUFFIX,) + PAPER_T3_METHODS[3:] for s in ("frozen", "finetuned")]
+T3_ROWS = [f"{m}/{s}" for m in PAPER_T3_METHODS for s in ("frozen", "finetuned")]
 
 LAYOUTS: dict[str, Layout] = {
     "table1": Layout("table1", "Table 1. Feature selection: DDPM encoder vs decoder features at each resolution, MLP segmentor vs UPerNet (mIoU %, MiniFrance-S)",
