@@ -22,10 +22,10 @@ from conftest import tiny_run
 
 def test_methods_are_plugins_and_listed():
     methods = registry()
-    assert {"ddpm", "convnext_random", "convnext_imagenet", "mae", "scalemae", "segformer"} <= set(methods)
+    assert {"ddpm", "convnext_random", "convnext_imagenet", "mae", "scalemae"} <= set(methods)
     res = CliRunner().invoke(app, ["methods"])
     assert res.exit_code == 0
-    for name in ("convnext_random", "convnext_imagenet", "mae", "scalemae", "segformer", "ddpm"):
+    for name in ("convnext_random", "convnext_imagenet", "mae", "scalemae", "ddpm"):
         assert name in res.output
     assert "rsseg_baselines" in res.output  # where each comes from
 

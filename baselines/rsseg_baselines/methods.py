@@ -7,7 +7,6 @@ from dataclasses import replace
 
 from rsseg.methods import Method
 from rsseg_baselines.convnext import ConvNextSpec
-from rsseg_baselines.segformer import SegformerSpec
 from rsseg_baselines.vit import MaeSpec, ScaleMaeSpec
 
 CONVNEXT_RANDOM = Method(
@@ -49,14 +48,4 @@ SCALEMAE = replace(
     block="scalemae", spec=ScaleMaeSpec,
     objective="rsseg_baselines.vit:build_scalemae_objective",
     pretrain_keys=MAE.pretrain_keys + ("gsd", "reference_gsd"),
-)
-SEGFORMER = Method(
-    name="segformer",
-    summary="SegFormer (transformers MiT-B4 + all-MLP decoder), random init or local ImageNet MiT weights (segformer.weights); fine-tuned",
-    label="SegFormer-B4 (run here)",
-    block="segformer", spec=SegformerSpec,
-    encoder="rsseg_baselines.segformer:build", skeleton="rsseg_baselines.segformer:skeleton",
-    checks="rsseg_baselines.segformer:check",
-    heads=("segformer", "segformer"),
-    tags="rsseg_baselines.segformer:tags", tag_keys=("backbone", "weights"),
 )

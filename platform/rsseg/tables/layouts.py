@@ -201,21 +201,17 @@ LAYOUTS: dict[str, Layout] = {
     "table4": Layout("table4", "Table 4. Per-class IoU (%) on MiniFrance: ours beside the published state of the art",
                      "sweeps/sota_minifrance.yaml", "pairs", _table4,
                      [(k, k) for k in ("SETR", "SegFormer-B4", "PFNet", "MCS", "ConvNeXt-B", "LSKNet-T-FPN")]
-                     + [("segformer/0.02", "SegFormer-B4, run here (MiniFrance-S)"), ("segformer/1", "SegFormer-B4, run here (MiniFrance-L)")]
                      + [("ddpm/0.02", "ours (MiniFrance-S)"), ("ddpm/1", "ours (MiniFrance-L)")],
                      _cls(PAPER12) + [(FT, "Ft Params (M)")], row_label=_t4_label, delta=True, class_columns=True,
                      paper_only=("SETR", "SegFormer-B4", "PFNet", "MCS", "ConvNeXt-B", "LSKNet-T-FPN"),
-                     notes=["SOTA rows are the paper's published numbers; \"SegFormer-B4, run here\" is method segformer "
-                            "(MiT-B4 + all-MLP decoder, fully fine-tuned by this sweep; smoke: a pico MiT)."]),
+                     notes=["SOTA rows are the paper's published numbers (they are not re-run here)."]),
     "table5": Layout("table5", "Table 5. Per-class IoU (%) on the GID validation set: ours beside the published state of the art",
                      "sweeps/sota_gid.yaml", "pairs", _table5,
-                     [(k, k) for k in ("SETR-M", "SegFormer-B4", "PFNet", "MCS", "MA3E", "ConvNeXt-B", "LSKNet-T-FPN")]
-                     + [("segformer", "SegFormer-B4, run here"), ("ddpm", "ours")],
+                     [(k, k) for k in ("SETR-M", "SegFormer-B4", "PFNet", "MCS", "MA3E", "ConvNeXt-B", "LSKNet-T-FPN")] + [("ddpm", "ours")],
                      _cls(GID15) + [(FT, "Ft Params (M)")], row_label=method_label, delta=True, class_columns=True,
                      paper_dataset="gid",
                      paper_only=("SETR-M", "SegFormer-B4", "PFNet", "MCS", "MA3E", "ConvNeXt-B", "LSKNet-T-FPN"),
-                     notes=["SOTA rows are the paper's published numbers; \"SegFormer-B4, run here\" is method segformer "
-                            "(MiT-B4 + all-MLP decoder, fully fine-tuned by this sweep; smoke: a pico MiT)."]),
+                     notes=["SOTA rows are the paper's published numbers (they are not re-run here)."]),
     "fig9": Layout("fig9", "Figure 9. Pre-training strategies: mIoU (%) at 2 % labels", "sweeps/pretrain_strategy.yaml", "beside",
                    _fig9, list(STRATEGIES.items()), [("mIoU", "mIoU")], row_label=lambda k: STRATEGIES.get(k, k),
                    extra_columns=False, figure=True),
