@@ -220,3 +220,39 @@ def test_paper_homogeneous_ratio_dry_run_plans_one_trunk_and_its_branches(workdi
     out = CliRunner().invoke(app, ["--workdir", str(workdir.root), "sweep", str(REPO / "sweeps" / "homogeneous_ratio.yaml"),
                                    "--profile", "paper", "--dry-run"])
     assert out.exit_code == 0 and lines[0] in out.output
+
+
+def test_missing_slots_are_the_trials_mlflow_and_tune_have_not_seen_end(tmp_path):
+    """What a resumed sweep runs again in its top-up experiment: the grid slots (optuna: the samples
+    per cell) with no ended MLflow run and no result from the restored Tune experiment."""
+    from mlflow.tracking import MlflowClient
+    from ray.air.result import Result
+
+    from rsseg.sweep.driver import grid_cells, missing_slots
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("t")
+    parent = client.create_run(exp).info.run_id
+
+    def child(slot, status, **tags):
+        r = client.create_run(exp, tags={"sweep_parent": parent, "trial_slot": slot, **tags}).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(r, status=status)
+
+    grid = make_plan(load_sweep(write(tmp_path, BASE + "space: {seed: {grid: [0, 1, 2, 3, 4]}}\nsearch: {algorithm: grid, num_samples: 2}\n")))
+    assert list(grid_cells(grid)) == [f"{i}.{r}" for r in range(2) for i in range(5)]
+    child("0.0", "FINISHED")
+    child("1.0", "FAILED")
+    child("2.0", "KILLED", early_stopped="stopped by the scheduler (ASHA) before the end")
+    child("3.0", "RUNNING")  # lost with the driver
+    child("4.0", "KILLED", early_stopped="trial lost")  # lost by an earlier invocation
+    ran = Result(metrics={"config": {"cell": {"slot": "0.1"}}, "trial_id": "a_00001"}, checkpoint=None, error=None, path="")
+    assert missing_slots(grid, client, exp, parent, [[ran]]) == ["3.0", "4.0", "1.1", "2.1", "3.1", "4.1"]
+
+    opt = make_plan(load_sweep(write(tmp_path, BASE + "space: {seed: {grid: [0, 1]}, finetune.lr: {loguniform: [1.0e-4, 1.0e-2]}}\n"
+                                              "search: {algorithm: optuna, num_samples: 3}\n")))
+    child("0:b_00000", "FINISHED")
+    child("0:b_00001", "RUNNING")
+    child("1:c_00000", "FAILED")
+    ran = Result(metrics={"config": {"cell": {"index": 0}}, "trial_id": "b_00002"}, checkpoint=None, error=None, path="")
+    assert missing_slots(opt, client, exp, parent, [[ran]]) == [(0, 1), (1, 2)]

@@ -19,7 +19,8 @@ class RunTags:
     table: str = ""  # which paper table / figure the run fills (sweep trials)
     sweep: str = ""
     sweep_parent: str = ""
-    trial_id: str = ""
+    trial_id: str = ""  # Tune's id of the trial's latest attempt
+    trial_slot: str = ""  # the trial's place in the sweep (grid: cell.repeat; optuna: cell:trial id): its identity across resumes
     trial_key: str = ""  # fingerprint of the trial's resolved spec: re-runs count once
     attempt: str = ""
     label_ratio: str = ""

@@ -13,8 +13,12 @@ Order matters (DESIGN.md section 9):
 5. reconcile: a child run Tune stopped early (ASHA) or lost is not left RUNNING.
 
 ``--resume`` restores the Tune experiment(s) of the last invocation (``Tuner.restore``, Optuna
-state included): finished trials are not re-run, unfinished ones continue from their
-checkpoints and find their MLflow child by its ``trial_id`` tag.
+state included): finished trials are not re-run, unfinished ones continue from their resume
+state and find their MLflow child by its ``trial_slot`` tag. Tune's restored state is not the
+record, though: Tune copies it to storage asynchronously, so a driver killed mid-copy can leave it
+without a running trial, or with its searcher believing that trial still occupies the only slot
+(the rest never start). After the restored experiments return, the trials MLflow has not seen
+end (``missing_slots``) run in one more Tune experiment, recorded in the state file like the others.
 """
 
 from __future__ import annotations
@@ -145,8 +149,16 @@ def _optuna_distributions(search_axes) -> dict[str, Any]:
     return out
 
 
-def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_names: list[str], resume: bool, progress: bool):
-    """One Tuner (grid) or one per grid cell (optuna); restored ones on resume."""
+def grid_cells(plan: SweepPlan) -> dict[str, dict[str, Any]]:
+    """Every grid trial by its slot (``<cell>.<repeat>``): what a trial is, whichever Tuner runs it."""
+    return {f"{i}.{r}": {**t.cell, "slot": f"{i}.{r}"}
+            for r in range(plan.spec.search.num_samples) for i, t in enumerate(plan.trials)}
+
+
+def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_names: list[str], resume: bool, progress: bool,
+            slots: list | None = None, topup: int = 0):
+    """One Tuner (grid) or one per grid cell (optuna); restored ones on resume. ``slots`` (a
+    top-up): the grid slots to run, or the (cell, samples) still owed per Optuna Tuner."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -163,6 +175,9 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
     for p in (workdir.ray_storage, storage):
         os.chmod(p, 0o700)
     n_evals = -(-plan.loaded.base.finetune.iterations // plan.loaded.base.finetune.eval_every) + 1
+    cells = grid_cells(plan)
+    if slots is None:
+        slots = list(cells)
     for i, name in enumerate(tune_names):
         path = storage / name
         if resume:
@@ -175,28 +190,26 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=n_evals, grace_period=search.asha.grace_period,
                                       reduction_factor=search.asha.reduction_factor)
         callbacks = [SweepProgress(plan.n_trials, search.metric, search.mode)] if progress else []
+        # trials keep their own resume state (rsseg.sweep.trial): Tune holds no checkpoints
         run_config = tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=callbacks,
-                                    failure_config=tune.FailureConfig(max_failures=search.trial_retries),
-                                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+                                    failure_config=tune.FailureConfig(max_failures=search.trial_retries))
         if search.algorithm == "grid":
-            space = {"cell": tune.grid_search([t.cell for t in plan.trials])}
-            cfg = tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler, num_samples=search.num_samples,
+            space = {"cell": tune.grid_search([cells[s] for s in slots])}
+            cfg = tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler, num_samples=1,
                                   max_concurrent_trials=search.max_concurrent, reuse_actors=True)
         else:
             from ray.tune.search.optuna import OptunaSearch
 
+            index, samples = slots[i] if topup else (i, search.num_samples)
+            # a top-up's sampler is seeded apart from the cell's first one: it must not redraw its samples
             searcher = OptunaSearch(space=_optuna_distributions(plan.search_axes), metric=search.metric, mode=search.mode,
-                                    seed=search.sampler_seed + i)
+                                    seed=search.sampler_seed + index + (7919 * topup))
             if search.max_concurrent:
                 searcher = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
             # The planned grid cell travels in param_space; OptunaSearch adds the s__* keys.
-            space = {"cell": plan.trials[i].cell}
+            space = {"cell": {**plan.trials[index].cell, "index": index}}
             cfg = tune.TuneConfig(metric=search.metric, mode=search.mode, search_alg=searcher, scheduler=scheduler,
-                                  num_samples=search.num_samples, max_concurrent_trials=search.max_concurrent, reuse_actors=True)
-        # Every trial reports a checkpoint at each evaluation, so Tune snapshots its state often and
-        # warns about it each time (three lines per trial on a 2-core smoke run); the snapshots are
-        # what --resume needs, the warning is noise. A user's explicit setting wins.
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+                                  num_samples=samples, max_concurrent_trials=search.max_concurrent, reuse_actors=True)
         yield tune.Tuner(trainable, param_space=space, tune_config=cfg, run_config=run_config)
 
 
@@ -266,6 +279,8 @@ def _run_sweep(loaded, workdir: Workdir, *, address: str | None, tracking_uri: s
             "search_axes": {k: v.model_dump(mode="json", by_alias=True) for k, v in plan.search_axes.items()},
         }
         grids = [tuner.fit() for tuner in _tuners(plan, context, workdir, tune_names, resume, progress)]
+        if resume:
+            grids += _top_up(plan, context, workdir, client, exp_id, parent_id, grids, progress)
         if progress:
             from rsseg.progress import done
 
@@ -344,6 +359,52 @@ def _close_interrupted(client, previous: dict[str, Any], name: str) -> None:
         client.set_terminated(previous["parent_run_id"], status="KILLED")
     if left or parent.info.status == "RUNNING":
         log.warning("sweep %s: the previous invocation was interrupted; its runs are marked KILLED (use --resume to continue one)", name)
+
+
+def _slot_of(res) -> str | None:
+    cell = (res.config or {}).get("cell") or {}
+    return cell.get("slot") or (f"{cell['index']}:{res.metrics['trial_id']}" if "index" in cell and (res.metrics or {}).get("trial_id") else None)
+
+
+def missing_slots(plan: SweepPlan, client, exp_id: str, parent_id: str, grids) -> list:
+    """The trials that have not ended: grid slots, or (cell, samples owed) per Optuna cell.
+
+    Ended: its MLflow run FINISHED or FAILED, or stopped early by the scheduler, or Tune ended it
+    in this invocation (its result is in ``grids``; an error there is a FAILED run by reconciling).
+    A RUNNING run Tune did not return, or no run at all, is a trial the restored state lost."""
+    ended = {_slot_of(res) for grid in grids for res in grid} - {None}
+    for run in client.search_runs([exp_id], filter_string=f"tags.sweep_parent = '{parent_id}'", max_results=5000):
+        tags, status = run.data.tags, run.info.status
+        if status in ("FINISHED", "FAILED") or tags.get("early_stopped", "").startswith("stopped by"):
+            ended.add(tags.get("trial_slot"))
+    if plan.spec.search.algorithm == "grid":
+        return [s for s in grid_cells(plan) if s not in ended]
+    owed = []
+    for i in range(len(plan.trials)):
+        n = sum(1 for s in ended if s and s.split(":", 1)[0] == str(i))
+        if n < plan.spec.search.num_samples:
+            owed.append((i, plan.spec.search.num_samples - n))
+    return owed
+
+
+def _top_up(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, client, exp_id: str, parent_id: str, grids,
+            progress: bool) -> list:
+    """Run, in new Tune experiments, what the restored ones lost (see the module's docstring)."""
+    missing = missing_slots(plan, client, exp_id, parent_id, grids)
+    if not missing:
+        return []
+    state = _read_state(workdir, plan.spec.name)
+    round_ = 1 + sum(1 for n in state["tune_names"] if "-topup" in n)
+    base = f"{plan.spec.name}-{state['started']}-topup{round_}"
+    if plan.spec.search.algorithm == "grid":
+        names, what = [base], f"{len(missing)} grid trial(s): " + ", ".join(missing)
+    else:
+        names = [f"{base}-cell{i}" for i, _ in missing]
+        what = ", ".join(f"{n} sample(s) of cell {i}" for i, n in missing)
+    log.warning("sweep %s: %s not ended after the restored Tune experiment(s); running them again (each from its "
+                "resume state)", plan.spec.name, what)
+    _write_state(workdir, plan.spec.name, {**state, "tune_names": state["tune_names"] + names})  # a kill now resumes them
+    return [tuner.fit() for tuner in _tuners(plan, context, workdir, names, False, progress, slots=missing, topup=round_)]
 
 
 def _reconcile(client, uri: str, name: str, exp_id: str, parent_id: str, grids) -> SweepResult:

@@ -4,11 +4,15 @@
 - The trial receives its planned run spec (the plan validated it); Optuna's sampled values are
   overlaid on it and the result validated once, here.
 - Its pre-training is only found in the store: the driver trained it before any trial started.
-- Its MLflow child run is created under the sweep's parent run, or — when Tune restarts the
-  trial (a retry, or a resumed sweep) — found again by the ``trial_id`` tag and continued, so no
-  run is duplicated. It ends FINISHED or FAILED (with the error as a tag).
-- Each validation reports to Tune (the search metric) with a checkpoint (head, optimiser,
-  iteration); a restarted trial continues from the last one.
+- Its MLflow child run is created under the sweep's parent run, or — when the trial is restarted
+  (a Tune retry, a resumed sweep, or the driver re-planning a trial Tune's restored state lost) —
+  found again by its ``trial_slot`` tag and continued, so no run is duplicated. It ends FINISHED
+  or FAILED (with the error as a tag).
+- Each validation reports to Tune (the search metric) and saves the trial's resume state (head,
+  optimiser, iteration) atomically in the work directory, keyed by the MLflow run; a restarted
+  trial continues from it. Not Tune's checkpoints: Tune copies its experiment state to storage
+  asynchronously, so a driver killed mid-copy leaves it pointing at an older checkpoint, or
+  without the trial at all.
 - Paths and the tracking URI arrive absolute: trials run in their own working directory.
 """
 
@@ -16,16 +20,12 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rsseg.errors import is_fatal
-
-CHECKPOINT_FILE = "finetune.pt"
-
 
 def sampled_values(config: dict[str, Any], search_axes: dict[str, dict]) -> dict[str, Any]:
     """The values Optuna sampled for this trial (its ``s__a__b`` keys; a choice is an index)."""
@@ -46,7 +46,19 @@ def sampled_values(config: dict[str, Any], search_axes: dict[str, dict]) -> dict
     return values
 
 
-def _child_run(ctx: dict[str, Any], run, trial_id: str, key: str, values: dict[str, Any]):
+def resume_path(ctx: dict[str, Any], run_id: str) -> Path:
+    """The trial's resume state (written at each validation, removed when its run FINISHED)."""
+    return Path(ctx["workdir"]) / "sweeps" / ctx["sweep"] / "trials" / f"{run_id}.pt"
+
+
+def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
+    from rsseg.atomic import atomic_path
+
+    with atomic_path(path) as tmp:  # a kill mid-write leaves the previous state, never a torn one
+        torch.save(state, tmp)
+
+
+def _child_run(ctx: dict[str, Any], run, trial_id: str, slot: str, key: str, values: dict[str, Any]):
     import ray
 
     from rsseg import tracking
@@ -55,7 +67,7 @@ def _child_run(ctx: dict[str, Any], run, trial_id: str, key: str, values: dict[s
     uri, experiment = ctx["uri"], ctx["experiment"]
     c = tracking.client(uri)
     exp_id = tracking.experiment_id(uri, experiment)
-    found = c.search_runs([exp_id], filter_string=f"tags.trial_id = '{trial_id}' and tags.sweep_parent = '{ctx['parent_run_id']}'",
+    found = c.search_runs([exp_id], filter_string=f"tags.trial_slot = '{slot}' and tags.sweep_parent = '{ctx['parent_run_id']}'",
                           max_results=5)
     node = {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
     if found:
@@ -65,10 +77,10 @@ def _child_run(ctx: dict[str, Any], run, trial_id: str, key: str, values: dict[s
             return tracker  # finished before the driver died: reported again, never re-run
         c.update_run(r.info.run_id, status="RUNNING")
         attempt = int(r.data.tags.get("attempt", "1")) + 1
-        tracker.set_tags({"attempt": attempt, **node, "error": ""})
+        tracker.set_tags({"attempt": attempt, "trial_id": trial_id, **node, "error": "", "early_stopped": ""})
         return tracker
     tags = RunTags.for_run(run, kind="finetune", profile=ctx["profile"], sweep=ctx["sweep"], table=ctx["table"],
-                           trial_id=trial_id, trial_key=key, sweep_parent=ctx["parent_run_id"], attempt=1,
+                           trial_id=trial_id, trial_slot=slot, trial_key=key, sweep_parent=ctx["parent_run_id"], attempt=1,
                            space={k: str(v) for k, v in values.items()}).to_tags() | node
     name = f"{ctx['sweep']}-" + "-".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())[:200]
     return tracking.start_run(uri, experiment, name or trial_id, tags=tags, parent_run_id=ctx["parent_run_id"])
@@ -108,6 +120,7 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cell = config["cell"]
+    slot = cell.get("slot") or f"{cell.get('index', 0)}:{trial_id}"  # grid cells carry theirs; Optuna's samples are new trials
     sampled = sampled_values(config, context["search_axes"])
     run = parse_run(overlay(cell["run"], sampled)) if sampled else parse_run(cell["run"])
     values = {**cell["values"], **sampled}
@@ -115,7 +128,7 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
     workdir = Workdir.resolve(context["workdir"])
     os.environ["RSSEG_WORKDIR"] = str(workdir.root)
     key = trial_key(run.model_dump(mode="json", by_alias=True))
-    tracker = _child_run(context, run, trial_id, key, values)
+    tracker = _child_run(context, run, trial_id, slot, key, values)
     from rsseg import tracking
 
     c = tracking.client(context["uri"])
@@ -124,10 +137,9 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
         return
 
     resume_state = None
-    ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            resume_state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    state_file = resume_path(context, tracker.run_id)
+    if state_file.exists():
+        resume_state = torch.load(state_file, map_location="cpu", weights_only=True)
         tracker.set_tags({"resumed_from_iteration": resume_state["iteration"]})
 
     # the last validation's metrics: the final report carries them even when a restored trial
@@ -139,9 +151,8 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
         fault("mid-training", run, context)
         last_val.clear()
         last_val.update({k: v for k, v in metrics.items() if k.startswith("val/")})
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / CHECKPOINT_FILE)
-            tune.report({**metrics, "iteration": iteration}, checkpoint=tune.Checkpoint.from_directory(d))
+        _save_resume_state(state_file, state)
+        tune.report({**metrics, "iteration": iteration})
         if iteration == run.finetune.iterations:
             fault("after-last-validation", run, context)
 
@@ -157,6 +168,7 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
             raise
         tune.report({context["metric"]: float("-inf") if context["mode"] == "max" else float("inf"), "done": 1.0, "failed": 1.0})
         return
+    state_file.unlink(missing_ok=True)  # the run FINISHED: a restart reports it from MLflow
     fault("after-run-ended", run, context)
     final = {**last_val, **result.metrics(), "iteration": run.finetune.iterations,
              "trainable_params": float(result.trainable_params), "done": 1.0}
