@@ -228,7 +228,7 @@ def test_missing_slots_are_the_trials_mlflow_and_tune_have_not_seen_end(tmp_path
     from mlflow.tracking import MlflowClient
     from ray.air.result import Result
 
-    from rsseg.sweep.driver import grid_cells, missing_slots
+    from rsseg.sweep.driver import EARLY_STOPPED, grid_cells, missing_slots
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     exp = client.create_experiment("t")
@@ -243,7 +243,7 @@ def test_missing_slots_are_the_trials_mlflow_and_tune_have_not_seen_end(tmp_path
     assert list(grid_cells(grid)) == [f"{i}.{r}" for r in range(2) for i in range(5)]
     child("0.0", "FINISHED")
     child("1.0", "FAILED")
-    child("2.0", "KILLED", early_stopped="stopped by the scheduler (ASHA) before the end")
+    child("2.0", "KILLED", early_stopped=EARLY_STOPPED)
     child("3.0", "RUNNING")  # lost with the driver
     child("4.0", "KILLED", early_stopped="trial lost")  # lost by an earlier invocation
     ran = Result(metrics={"config": {"cell": {"slot": "0.1"}}, "trial_id": "a_00001"}, checkpoint=None, error=None, path="")

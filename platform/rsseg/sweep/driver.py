@@ -40,6 +40,8 @@ from rsseg.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
+EARLY_STOPPED = "stopped by the scheduler (ASHA) before the end"  # the early_stopped tag of a run that ended
+
 
 @dataclass
 class SweepResult:
@@ -375,7 +377,7 @@ def missing_slots(plan: SweepPlan, client, exp_id: str, parent_id: str, grids) -
     ended = {_slot_of(res) for grid in grids for res in grid} - {None}
     for run in client.search_runs([exp_id], filter_string=f"tags.sweep_parent = '{parent_id}'", max_results=5000):
         tags, status = run.data.tags, run.info.status
-        if status in ("FINISHED", "FAILED") or tags.get("early_stopped", "").startswith("stopped by"):
+        if status in ("FINISHED", "FAILED") or tags.get("early_stopped") == EARLY_STOPPED:
             ended.add(tags.get("trial_slot"))
     if plan.spec.search.algorithm == "grid":
         return [s for s in grid_cells(plan) if s not in ended]
@@ -429,7 +431,7 @@ def _reconcile(client, uri: str, name: str, exp_id: str, parent_id: str, grids) 
                 client.set_tag(run.info.run_id, "error", errors[tid])
                 status = "FAILED"
             else:
-                client.set_tag(run.info.run_id, "early_stopped", "stopped by the scheduler (ASHA) before the end" if tid in reported else "trial lost")
+                client.set_tag(run.info.run_id, "early_stopped", EARLY_STOPPED if tid in reported else "trial lost")
                 status = "KILLED"
             client.set_terminated(run.info.run_id, status=status)
         values = {k[len("space."):]: v for k, v in tags.items() if k.startswith("space.")}

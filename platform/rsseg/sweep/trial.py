@@ -46,9 +46,9 @@ def sampled_values(config: dict[str, Any], search_axes: dict[str, dict]) -> dict
     return values
 
 
-def resume_path(ctx: dict[str, Any], run_id: str) -> Path:
-    """The trial's resume state (written at each validation, removed when its run FINISHED)."""
-    return Path(ctx["workdir"]) / "sweeps" / ctx["sweep"] / "trials" / f"{run_id}.pt"
+def resume_path(workdir, sweep: str, run_id: str) -> Path:
+    """The trial's resume state (written at each validation, removed when its run has ended)."""
+    return workdir.sweeps / sweep / "trials" / f"{run_id}.pt"
 
 
 def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
@@ -120,7 +120,7 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cell = config["cell"]
-    slot = cell.get("slot") or f"{cell.get('index', 0)}:{trial_id}"  # grid cells carry theirs; Optuna's samples are new trials
+    slot = cell.get("slot") or f"{cell['index']}:{trial_id}"  # grid cells carry theirs; Optuna's samples are new trials
     sampled = sampled_values(config, context["search_axes"])
     run = parse_run(overlay(cell["run"], sampled)) if sampled else parse_run(cell["run"])
     values = {**cell["values"], **sampled}
@@ -137,7 +137,7 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
         return
 
     resume_state = None
-    state_file = resume_path(context, tracker.run_id)
+    state_file = resume_path(workdir, context["sweep"], tracker.run_id)
     if state_file.exists():
         resume_state = torch.load(state_file, map_location="cpu", weights_only=True)
         tracker.set_tags({"resumed_from_iteration": resume_state["iteration"]})
@@ -166,6 +166,7 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
         # help, so the trial ends here with the worst value instead of raising into Tune's retries
         if not is_fatal(exc):
             raise
+        state_file.unlink(missing_ok=True)  # FAILED for good: never resumed
         tune.report({context["metric"]: float("-inf") if context["mode"] == "max" else float("inf"), "done": 1.0, "failed": 1.0})
         return
     state_file.unlink(missing_ok=True)  # the run FINISHED: a restart reports it from MLflow
