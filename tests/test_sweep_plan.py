@@ -7,11 +7,12 @@ from typer.testing import CliRunner
 
 from conftest import REPO
 from rsseg.cli import app
-from rsseg.runspec import load_sweep
+from rsseg.runspec import load_run, load_sweep
 from rsseg.errors import ConfigError, SweepError, TrackingError
 from rsseg.sweep.plan import describe, make_plan
 
-SWEEPS = sorted(p for p in (REPO / "sweeps").glob("*.yaml") if p.name not in ("pretrain.yaml", "finetune.yaml"))
+RUN_FILES = ("pretrain.yaml", "finetune.yaml")  # single runs (platform pretrain / finetune), not sweeps
+SWEEPS = sorted(p for p in (REPO / "sweeps").glob("*.yaml") if p.name not in RUN_FILES)
 PAPER_SWEEPS = {"noise_ablation", "feature_selection", "label_ratio", "pretrain_strategy", "homogeneous_ratio",
                 "sota_minifrance", "sota_gid"}
 
@@ -23,6 +24,51 @@ def test_every_paper_experiment_has_a_sweep_file():
         assert head[0].startswith(f"# platform sweep sweeps/{p.name}")
         text = "\n".join(head)
         assert "Regenerates:" in text and "Runtime:" in text and "Paper's numbers to expect" in text
+
+
+@pytest.mark.parametrize("profile", [None, "small", "smoke", "paper"])
+@pytest.mark.parametrize("name", RUN_FILES)
+def test_the_shipped_run_files_load_under_every_profile(name, profile):
+    run = load_run(REPO / "sweeps" / name, profile=profile).spec
+    assert run.method == "ddpm" and run.pretrain.iterations.n_total >= 1
+
+
+_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4}
+
+
+def _runtime_note(path):
+    lines = path.read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("# Runtime:"))
+    note = [lines[start]]
+    for l in lines[start + 1:]:
+        if not l.startswith("# ") or l.startswith("# paper scale") or ":" in l.split()[1]:
+            break
+        note.append(l)
+    return " ".join(l[2:] for l in note).split("paper scale")[0]
+
+
+@pytest.mark.parametrize("sweep", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_runtime_notes_state_what_the_smoke_profile_runs(sweep):
+    """The header's smoke figures (trials, pre-trainings, iterations) are the smoke plan's own."""
+    import re
+
+    note = _runtime_note(sweep)
+    if sweep.name in RUN_FILES:
+        run = load_run(sweep, profile="smoke").spec
+        totals, n_trials, n_pre = {run.pretrain.iterations.n_total}, None, 1
+    else:
+        plan = make_plan(load_sweep(sweep, "smoke"))
+        n_trials, n_pre = plan.n_trials, len(plan.pretrainings)
+        totals = {p.spec.pretrain.iterations.n_total for p in plan.pretrainings}
+    stated = {m.group(1) for m in re.finditer(r"(\d+) trials", note)}
+    assert stated <= {str(n_trials)}, f"{sweep.name}: note says {stated} trials, the smoke plan has {n_trials}"
+    for m in re.finditer(r"\b(one|two|three|four|\d+) (?:[\d ]+-iteration )?(?:tiny )?pre-trainings?\b", note):
+        n = _WORDS.get(m.group(1)) or int(m.group(1))
+        assert n == n_pre, f"{sweep.name}: note says {m.group(0)!r}, the smoke plan has {n_pre} pre-training(s)"
+    for m in re.finditer(r"(\d[\d ]*\d|\d)[ -]iterations?\b", note):
+        n = int(m.group(1).replace(" ", ""))
+        if "pre-training" in note[m.end():m.end() + 30] or sweep.stem == "pretrain":
+            assert n in totals, f"{sweep.name}: note says {n} iterations of pre-training, the smoke plan trains {totals}"
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.stem)
@@ -190,6 +236,23 @@ def test_resume_refuses_ray_storage_owned_by_another_user(workdir, monkeypatch):
     monkeypatch.setattr(driver.os, "getuid", lambda: os.stat(storage).st_uid + 1)
     with pytest.raises(SweepError, match=r"cannot resume sweep 't': .*t-20261202 belongs to another user .*trust boundary"):
         driver._check_owner(workdir, "t", ["t-20261202"])
+
+
+def test_the_sweeps_ray_storage_is_private_whatever_the_umask(workdir):
+    import os
+    import stat
+
+    from rsseg.sweep import driver
+
+    old = os.umask(0o002)  # a team's shared work dir: group-writable by default
+    try:
+        workdir.ray_storage.mkdir(parents=True, exist_ok=True)
+        os.chmod(workdir.ray_storage, 0o775)
+        storage = driver.private_storage(workdir)
+    finally:
+        os.umask(old)
+    assert storage == workdir.ray_storage / "sweeps"
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (workdir.ray_storage, storage)] == [0o700, 0o700]
 
 
 def test_a_tile_size_the_network_cannot_take_fails_config_show_and_dry_run(tmp_path, workdir):

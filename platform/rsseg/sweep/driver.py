@@ -171,11 +171,7 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
     search = plan.spec.search
     res = search.resources
     trainable = tune.with_resources(tune.with_parameters(trial_fn, context=context), {"cpu": res.cpu, "gpu": res.gpu})
-    storage = workdir.ray_storage / "sweeps"
-    # Tune's state is unpickled on --resume: the storage is this user's alone
-    storage.mkdir(parents=True, exist_ok=True)
-    for p in (workdir.ray_storage, storage):
-        os.chmod(p, 0o700)
+    storage = private_storage(workdir)
     n_evals = -(-plan.loaded.base.finetune.iterations // plan.loaded.base.finetune.eval_every) + 1
     cells = grid_cells(plan)
     if slots is None:
@@ -336,6 +332,16 @@ def _alive(pid) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def private_storage(workdir: Workdir) -> Path:
+    """The sweeps' Ray storage, created or re-moded 0700: Tune's state in it is unpickled on --resume,
+    so no other user may write (or read) it, whatever the umask of a shared work dir."""
+    storage = workdir.ray_storage / "sweeps"
+    storage.mkdir(parents=True, exist_ok=True)
+    for p in (workdir.ray_storage, storage):
+        os.chmod(p, 0o700)
+    return storage
 
 
 def _check_owner(workdir: Workdir, name: str, tune_names: list[str]) -> None:
