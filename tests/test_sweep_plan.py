@@ -31,6 +31,10 @@ def test_every_paper_experiment_has_a_sweep_file():
 def test_the_shipped_run_files_load_under_every_profile(name, profile):
     run = load_run(REPO / "sweeps" / name, profile=profile).spec
     assert run.method == "ddpm" and run.pretrain.iterations.n_total >= 1
+    if name == "pretrain.yaml" and profile in (None, "paper"):  # the paper's recipe, as its header says
+        assert run.ddpm.unet.preset == "sr3" and run.ddpm.schedule.preset == "ddpm_cd"
+        assert (run.ddpm.optim.lr, run.ddpm.optim.warmup_start_lr, run.ddpm.optim.warmup_iterations) == (1e-5, 1e-6, 10000)
+        assert run.pretrain.iterations.counts() == (180000, 20000)
 
 
 _WORDS = {"one": 1, "two": 2, "three": 3, "four": 4}
