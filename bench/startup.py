@@ -10,6 +10,10 @@ training steps (torch + diffusers only: no Ray, no MLflow, no platform).
 
 ``--previous DIR`` also times the same commands in another checkout (with its own .venv), e.g. the
 previous commit, side by side.
+
+The runs share one fresh user cache (``RSSEG_CACHE_DIR``): the first ``platform`` command of the
+benchmark creates the MLflow store template that later fresh work directories copy
+(rsseg.tracking.template_path), as on a user's machine; the per-run columns show both.
 """
 
 from __future__ import annotations
@@ -65,9 +69,14 @@ finetune.run(loaded.base, Workdir.resolve(sys.argv[2]).ensure())
 """
 
 
+CACHE = tempfile.mkdtemp(prefix="rsbench-cache-")
+
+
 def wall(cmd: list[str], cwd: Path) -> float:
+    import os
+
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "RSSEG_CACHE_DIR": CACHE})
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed in {cwd}: {(out.stdout + out.stderr)[-1500:]}")
     return time.perf_counter() - t0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the MLflow store template (rsseg.tracking.template_path) of this session, not the user's
+os.environ.setdefault("RSSEG_CACHE_DIR", tempfile.mkdtemp(prefix="rsseg-test-cache-"))
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ CONVNEXT_RANDOM = Method(
     encoder="rsseg_baselines.convnext:build_random", skeleton="rsseg_baselines.convnext:skeleton",
     heads=("upernet", "upernet"),
     tags="rsseg_baselines.convnext:tags", tag_keys=("backbone", "weights"),
+    imports=("transformers.models.convnext.modeling_convnext", "transformers.models.upernet.modeling_upernet"),
 )
 CONVNEXT_IMAGENET = replace(
     CONVNEXT_RANDOM,
@@ -39,6 +40,7 @@ MAE = Method(
     neck="rsseg_baselines.vit:build_neck",
     heads=("mlp", "upernet"),
     tags="rsseg_baselines.vit:mae_tags", tag_keys=("backbone", "blocks"),
+    imports=("transformers.models.vit_mae.modeling_vit_mae",),
 )
 SCALEMAE = replace(
     MAE,

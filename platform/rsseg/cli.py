@@ -238,7 +238,7 @@ def _pretrained(run, wd, address: Optional[str], announce: str = "first (not in 
 
     if not run.needs_pretraining or store.find(run, wd) is not None:
         return ensure_pretrained(run, wd)
-    raycluster.init(address)
+    raycluster.init(address, warm=("mlflow", *run.plugin.imports))  # what the pre-training's driver imports next
     typer.echo(f"pre-training {run.method} {run.pretrain_fingerprint} {announce}")
     found = ensure_pretrained(run, wd, progress=True, **train_kwargs)
     done()

@@ -12,6 +12,13 @@ A driver killed with SIGKILL cannot stop its cluster, and Ray's dashboard and ru
 then outlive it (re-parented to init). Each local cluster is therefore recorded under the work
 directory (``<workdir>/ray/local-<pid>.json``: driver pid, start time, session dir), and the next
 local start from that work directory stops what is left of the sessions whose driver is gone.
+
+A local cluster starts lean (`LOCAL_DEFAULTS`, measured in docs/benchmarks.md, CLI start-up): no
+dashboard (its head and ~10 module processes compete with the run for the CPUs; the MLflow UI is
+the platform's view, ``RSSEG_RAY_DASHBOARD=1`` turns it back on), no Ray Train preemption watcher
+(one more actor process per training, watching for node drains a single machine never has), and
+the Train controller polls its workers every 0.5 s instead of 2 s (a finished training is noticed
+sooner). A user's own setting of any of these environment variables wins.
 """
 
 from __future__ import annotations
@@ -23,11 +30,18 @@ from dataclasses import dataclass
 from rsseg.errors import ConfigError
 
 
-def init(address: str | None = None, num_cpus: int | None = None) -> None:
+LOCAL_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def init(address: str | None = None, num_cpus: int | None = None, warm: tuple[str, ...] = ()) -> None:
+    """Connect (or start a local cluster). ``warm``: modules the caller imports next (MLflow, the
+    method's networks), imported in a background thread meanwhile: ray.init mostly waits for the
+    cluster's processes, so those seconds of imports cost nothing (docs/benchmarks.md)."""
     import ray
 
     if ray.is_initialized():
         return
+    warmer = _Warm(warm) if warm else None
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict = dict(
         logging_level=logging.WARNING,
@@ -38,6 +52,9 @@ def init(address: str | None = None, num_cpus: int | None = None) -> None:
     if address == "local":
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
+        kwargs["include_dashboard"] = os.environ.get("RSSEG_RAY_DASHBOARD", "0") == "1"
+        for key, value in LOCAL_DEFAULTS.items():
+            os.environ.setdefault(key, value)  # read by the Train controller, which inherits this environment
         loopback_only()
         temp = local_temp_dir()
         if temp is not None:
@@ -45,9 +62,41 @@ def init(address: str | None = None, num_cpus: int | None = None) -> None:
         reap_leftovers()
     elif env:
         kwargs["runtime_env"] = {"env_vars": env}
-    ray.init(address=address, **kwargs)
+    try:
+        ray.init(address=address, **kwargs)
+    finally:
+        if warmer is not None:
+            warmer.join()
     if address == "local":
         _record_session()
+
+
+class _Warm:
+    """Imports modules in a daemon thread. torch is imported first, here, so that the two threads
+    never import the same large package at once (a concurrent circular import would hand one of
+    them a partly initialised module). A failing import is left to the caller's own import, which
+    raises it where it belongs."""
+
+    def __init__(self, modules: tuple[str, ...]):
+        import threading
+
+        import torch  # noqa: F401 - see the docstring
+
+        self.thread = threading.Thread(target=self._run, args=(modules,), name="rsseg-warm-imports", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _run(modules: tuple[str, ...]) -> None:
+        import importlib
+
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - see the class docstring
+                pass
+
+    def join(self) -> None:
+        self.thread.join()
 
 
 def _session_files() -> list:

@@ -97,8 +97,12 @@ def init_store(uri: str) -> None:
 
         path = _sqlite_path(uri)
         with FileLock(str(path) + ".lock"):
+            fresh = not path.exists() or path.stat().st_size == 0
+            copied = fresh and _copy_template(path)
             client(uri).search_experiments(max_results=1)
             _relative_default_experiment(path)
+            if fresh and not copied:
+                _save_template(path)
         _INITIALISED.add(uri)
     else:
         try:
@@ -119,12 +123,78 @@ def artifacts_root(uri: str) -> Path:
     return _sqlite_path(uri).parent / "artifacts"
 
 
+def template_path() -> Path:
+    """An empty SQLite store at this MLflow version's schema head, kept per user
+    (``$RSSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/rsseg`` or ``~/.cache/rsseg``). A fresh work
+    directory copies it instead of replaying MLflow's schema migrations, seconds of every first
+    command (docs/benchmarks.md, CLI start-up). An empty store holds nothing of a work directory:
+    the Default experiment's artifacts are the proxied ``mlflow-artifacts:/0`` of every store."""
+    from importlib.metadata import version
+
+    root = os.environ.get("RSSEG_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rsseg")
+    return Path(root) / f"mlflow-{version('mlflow')}-empty.db"
+
+
+def _copy_template(db: Path) -> bool:
+    """Put the template store at ``db`` (atomically); False when there is none to copy."""
+    import shutil
+
+    template = template_path()
+    if not _is_current_template(template):
+        return False
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(template, tmp)
+        os.replace(tmp, db)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _is_current_template(template: Path) -> bool:
+    """An empty SQLite store at the schema head of the installed MLflow (what MLflow itself
+    verifies when it opens a store; anything else is not copied, and a good one replaces it)."""
+    import sqlite3
+
+    if not template.is_file():
+        return False
+    try:
+        from mlflow.store.db.utils import _get_latest_schema_revision
+
+        with contextlib.closing(sqlite3.connect(f"file:{template}?mode=ro", uri=True)) as con:
+            revision = con.execute("SELECT version_num FROM alembic_version").fetchall()
+            runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        return revision == [(_get_latest_schema_revision(),)] and runs == 0
+    except Exception:  # noqa: BLE001 - not a database, another schema, an MLflow without this helper
+        return False
+
+
+def _save_template(db: Path) -> None:
+    """Keep the store MLflow just created (still empty) as the template; best effort, atomic."""
+    import sqlite3
+
+    template = template_path()
+    tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(db)) as src, contextlib.closing(sqlite3.connect(tmp)) as dst:
+            if src.execute("SELECT COUNT(*) FROM runs").fetchone()[0]:
+                return
+            src.backup(dst)  # a consistent copy, whatever another reader does meanwhile
+        os.replace(tmp, template)
+    except (OSError, sqlite3.Error):
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _relative_default_experiment(db: Path) -> None:
     """MLflow creates its Default experiment at ./mlruns (relative to whatever the cwd is): point it
     at the store's artifacts like every other experiment of a local store."""
     import sqlite3
 
-    with sqlite3.connect(db) as con:
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
         con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0 AND artifact_location NOT LIKE ?",
                     (f"{PROXIED}/0", f"{PROXIED}%"))
 

@@ -72,6 +72,9 @@ class Method:
     # Released weights this method reads (`platform weights import --format F`): (format, "module:function"
     # (path) -> state in the store's final form: model, ema (None), objective).
     importers: tuple[tuple[str, str], ...] = ()
+    # Heavy modules its builders import (diffusers, transformers): the driver imports them in the
+    # background while the Ray cluster starts (`rsseg.raycluster.init`), not after it.
+    imports: tuple[str, ...] = ()
 
     def build_objective(self, run: Any, in_channels: int) -> Any:
         if self.objective is None:

@@ -149,4 +149,5 @@ METHOD = Method(
     needs_pretraining_fn="rsseg.methods.ddpm:needs_pretraining",
     unavailable="rsseg.methods.ddpm:unavailable",
     preflight="rsseg.methods.ddpm:preflight",
+    imports=("diffusers.models.unets.unet_2d",),
 )
