@@ -19,6 +19,7 @@ benchmark creates the MLflow store template that later fresh work directories co
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -73,8 +74,6 @@ CACHE = tempfile.mkdtemp(prefix="rsbench-cache-")
 
 
 def wall(cmd: list[str], cwd: Path) -> float:
-    import os
-
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "RSSEG_CACHE_DIR": CACHE})
     if out.returncode != 0:

@@ -137,10 +137,13 @@ def test_two_node_ddp_pretraining_survives_losing_a_node(tmp_path):
         time.sleep(3)
         cluster.add_node(num_cpus=1)  # ... and comes back
         trainer.join(timeout=600)
-        assert not trainer.is_alive() and outcome.get("result") is not None
+        assert not trainer.is_alive() and "result" in outcome, "the pre-training did not end, or raised"
         c = tracking.client(tracking.resolve_uri(None, wd))
         (mlrun,) = c.search_runs([c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT).experiment_id])
         assert mlrun.info.status == "FINISHED"
+        result = outcome["result"]  # the finished checkpoint of this spec, at the last step, from this run
+        assert (result.fingerprint, result.mlflow_run_id) == (run.pretrain_fingerprint, mlrun.info.run_id)
+        assert result.load()["step"] == 80
         workers = dict(kv.split("=") for kv in mlrun.data.tags["worker_nodes"].split(","))
         assert set(workers) == {"rank0", "rank1"} and len(set(workers.values())) == 2  # one worker per node
         starts = c.get_metric_history(mlrun.info.run_id, "train/group_start")

@@ -88,8 +88,7 @@ def test_a_store_that_already_holds_runs_is_neither_replaced_nor_kept_as_the_tem
 def test_warm_imports_happen_in_the_background_and_a_failing_one_is_left_to_the_caller():
     for name in ("xml.dom.minidom", "no_such_module_rsseg"):
         sys.modules.pop(name, None)
-    warm = raycluster._Warm(("no_such_module_rsseg", "xml.dom.minidom"))
-    warm.join()
+    raycluster._warm(("no_such_module_rsseg", "xml.dom.minidom")).join()
     assert "xml.dom.minidom" in sys.modules and "no_such_module_rsseg" not in sys.modules
 
 

@@ -41,7 +41,7 @@ def init(address: str | None = None, num_cpus: int | None = None, warm: tuple[st
 
     if ray.is_initialized():
         return
-    warmer = _Warm(warm) if warm else None
+    warmer = _warm(warm) if warm else None
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict = dict(
         logging_level=logging.WARNING,
@@ -71,32 +71,26 @@ def init(address: str | None = None, num_cpus: int | None = None, warm: tuple[st
         _record_session()
 
 
-class _Warm:
-    """Imports modules in a daemon thread. torch is imported first, here, so that the two threads
-    never import the same large package at once (a concurrent circular import would hand one of
-    them a partly initialised module). A failing import is left to the caller's own import, which
-    raises it where it belongs."""
+def _warm(modules: tuple[str, ...]):
+    """A daemon thread importing ``modules``. torch, the largest package both threads would
+    import, is imported here first, in the caller's thread, so the two never import it at once
+    (a concurrent circular import hands one of them a partly initialised module). A failing
+    import is left to the caller's own import, which raises it where it belongs."""
+    import importlib
+    import threading
 
-    def __init__(self, modules: tuple[str, ...]):
-        import threading
+    import torch  # noqa: F401 - see the docstring
 
-        import torch  # noqa: F401 - see the docstring
-
-        self.thread = threading.Thread(target=self._run, args=(modules,), name="rsseg-warm-imports", daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def _run(modules: tuple[str, ...]) -> None:
-        import importlib
-
+    def run() -> None:
         for name in modules:
             try:
                 importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - see the class docstring
+            except Exception:  # noqa: BLE001 - see the docstring
                 pass
 
-    def join(self) -> None:
-        self.thread.join()
+    thread = threading.Thread(target=run, name="rsseg-warm-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def _session_files() -> list:

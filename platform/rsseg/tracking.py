@@ -139,15 +139,15 @@ def _copy_template(db: Path) -> bool:
     """Put the template store at ``db`` (atomically); False when there is none to copy."""
     import shutil
 
+    from rsseg.atomic import atomic_path
+
     template = template_path()
     if not _is_current_template(template):
         return False
-    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
     try:
-        shutil.copyfile(template, tmp)
-        os.replace(tmp, db)
+        with atomic_path(db) as tmp:
+            shutil.copyfile(template, tmp)
     except OSError:
-        tmp.unlink(missing_ok=True)
         return False
     return True
 
@@ -174,19 +174,16 @@ def _save_template(db: Path) -> None:
     """Keep the store MLflow just created (still empty) as the template; best effort, atomic."""
     import sqlite3
 
-    template = template_path()
-    tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+    from rsseg.atomic import atomic_path
+
     try:
-        template.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.closing(sqlite3.connect(db)) as src, contextlib.closing(sqlite3.connect(tmp)) as dst:
+        with contextlib.closing(sqlite3.connect(db)) as src:
             if src.execute("SELECT COUNT(*) FROM runs").fetchone()[0]:
                 return
-            src.backup(dst)  # a consistent copy, whatever another reader does meanwhile
-        os.replace(tmp, template)
+            with atomic_path(template_path()) as tmp, contextlib.closing(sqlite3.connect(tmp)) as dst:
+                src.backup(dst)  # a consistent copy, whatever another reader does meanwhile
     except (OSError, sqlite3.Error):
         pass
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _relative_default_experiment(db: Path) -> None:
