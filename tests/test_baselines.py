@@ -22,10 +22,10 @@ from conftest import tiny_run
 
 def test_methods_are_plugins_and_listed():
     methods = registry()
-    assert {"ddpm", "convnext_random", "convnext_imagenet", "mae", "scalemae"} <= set(methods)
+    assert {"ddpm", "convnext_random", "convnext_imagenet", "mae", "scalemae", "segformer"} <= set(methods)
     res = CliRunner().invoke(app, ["methods"])
     assert res.exit_code == 0
-    for name in ("convnext_random", "convnext_imagenet", "mae", "scalemae", "ddpm"):
+    for name in ("convnext_random", "convnext_imagenet", "mae", "scalemae", "segformer", "ddpm"):
         assert name in res.output
     assert "rsseg_baselines" in res.output  # where each comes from
 
@@ -269,3 +269,149 @@ def test_imagenet_method_without_weights_fails_before_anything_runs(tmp_path):
     res = CliRunner().invoke(app, ["--workdir", str(tmp_path / "w"), "finetune", str(f)])
     assert res.exit_code == 2 and "convnext_imagenet needs local ImageNet ConvNeXt weights (convnext.weights" in res.output
     assert not (tmp_path / "w" / "mlflow.db").exists()
+
+
+# ---------------------------------------------------------------------------------------------- public MAE weights
+
+
+def _released_mae(tmp_path, image_size=32, name="mae-release"):
+    """A ViTMAEForPreTraining directory as MAE's public weights come (encoder + decoder)."""
+    from transformers import ViTMAEForPreTraining
+
+    torch.manual_seed(5)
+    net = ViTMAEForPreTraining(vit.mae_config(MaeSpec(size="pico"), image_size, 3))
+    vit.init_mae(net)
+    out = tmp_path / name
+    net.save_pretrained(out)
+    return out, net
+
+
+def test_public_mae_weights_import_and_give_transformers_hidden_states(tmp_path, monkeypatch):
+    """`platform weights import DIR --format vitmae`: the run with mae.weights needs no
+    pre-training and its blocks equal ViTMAEModel's hidden states of the released weights; at
+    another tile size the fixed sin-cos position table is rebuilt for the new grid."""
+    from transformers import ViTMAEModel
+
+    from rsseg_baselines.stages import imagenet_normalise
+
+    path, net = _released_mae(tmp_path)
+    wd = tmp_path / "w"
+    monkeypatch.setenv("RSSEG_WORKDIR", str(wd))
+    res = CliRunner().invoke(app, ["--workdir", str(wd), "weights", "import", str(path), "--format", "vitmae", "--name", "mae_pub"])
+    assert res.exit_code == 0, res.output
+    run = tiny_run(method="mae", mae={"size": "pico", "weights": "mae_pub"})
+    method = registry()["mae"]
+    assert not run.needs_pretraining and method.unavailable_reason(run) is None
+    enc = method.build_encoder(run, None).eval()
+    ref = ViTMAEModel.from_pretrained(str(path), mask_ratio=0.0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    n = (32 // 8) ** 2
+    with torch.no_grad():
+        ours = enc(x)
+        # released MAE weights see ImageNet-normalised [0, 1] images, as they were trained
+        out = ref(pixel_values=imagenet_normalise(x), noise=torch.arange(n, dtype=torch.float32).expand(2, n), output_hidden_states=True)
+    for b, f in zip((3, 5, 7, 11), ours):
+        torch.testing.assert_close(f, out.hidden_states[b + 1][:, 1:].transpose(1, 2).reshape(2, -1, 4, 4))
+    big = method.build_encoder(tiny_run(method="mae", mae={"size": "pico", "weights": "mae_pub"}, data={"tile_size": 64}), None)
+    table = torch.from_numpy(vit.sincos_2d(64, 8)).float()[None]
+    torch.testing.assert_close(big.vit.embeddings.position_embeddings, table)
+    assert [f.shape for f in big(torch.randn(1, 3, 64, 64))] == [(1, 64, 8, 8)] * 4
+    assert vit.mae_tags(run)["weights"] == "public:mae_pub"
+    from rsseg.tables.layouts import method_label
+
+    assert method_label("mae_public") == "MAE (public weights)"
+
+
+def test_public_mae_weights_errors_name_the_directory_and_the_keys(tmp_path, monkeypatch):
+    import json
+
+    from rsseg.errors import CheckpointError
+
+    path, _ = _released_mae(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 6  # the weights hold 12 blocks
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"mae-release: does not fit the ViTMAE of its config.json: unexpected .*layers\.(6|7|8|9|1[01])\."):
+        vit.import_vitmae(path)
+    with pytest.raises(CheckpointError, match=r"nope: not a transformers ViTMAE directory"):
+        vit.import_vitmae(tmp_path / "nope")
+    monkeypatch.setenv("RSSEG_WORKDIR", str(tmp_path / "w"))
+    run = tiny_run(method="mae", mae={"size": "pico", "weights": "never_imported"})
+    assert "public weights 'never_imported' are not imported" in registry()["mae"].unavailable_reason(run)
+
+
+def _scalemae_release(tmp_path, drop=None, extra=None):
+    """A ScaleMAE-release-style checkpoint: {"model": timm ViT keys (+ decoder, FPN), "args": ...},
+    made from a transformers ViTMAEModel (384 wide, 2 blocks) by the inverse key map."""
+    import argparse
+
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    torch.manual_seed(7)
+    cfg = ViTMAEConfig(hidden_size=384, num_hidden_layers=2, num_attention_heads=6, intermediate_size=512, patch_size=16,
+                       image_size=224, layer_norm_eps=1e-6, mask_ratio=0.0)
+    ref = ViTMAEModel(cfg).eval()
+    sd = ref.state_dict()
+    timm = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
+            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+            "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"],
+            "mask_token": torch.zeros(1, 1, 256), "decoder_embed.weight": torch.zeros(256, 384), "fpn.fpn1.0.weight": torch.zeros(4)}
+    for i in range(2):
+        for part in ("weight", "bias"):
+            a = f"layers.{i}."
+            timm[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([sd[a + f"attention.{n}_proj.{part}"] for n in "qkv"])
+            timm[f"blocks.{i}.attn.proj.{part}"] = sd[a + f"attention.o_proj.{part}"]
+            timm[f"blocks.{i}.norm1.{part}"] = sd[a + f"layernorm_before.{part}"]
+            timm[f"blocks.{i}.norm2.{part}"] = sd[a + f"layernorm_after.{part}"]
+            timm[f"blocks.{i}.mlp.fc1.{part}"] = sd[a + f"mlp.fc1.{part}"]
+            timm[f"blocks.{i}.mlp.fc2.{part}"] = sd[a + f"mlp.fc2.{part}"]
+    if drop:
+        timm.pop(drop)
+    timm.update(extra or {})
+    path = tmp_path / "scalemae-vitl.pth"
+    torch.save({"model": timm, "args": argparse.Namespace(input_size=224)}, path)
+    return path, ref
+
+
+def test_scalemae_release_checkpoint_maps_timm_keys_and_rebuilds_gsd_positions(tmp_path, monkeypatch):
+    """The release .pth imports through `platform weights import --format scalemae`: the encoder's
+    blocks equal transformers' ViTMAEModel with the same weights, the position table being the
+    GSD-scaled sin-cos of the run's grid and the input ImageNet-normalised (what ScaleMAE saw)."""
+    from rsseg_baselines.stages import imagenet_normalise
+
+    path, ref = _scalemae_release(tmp_path)
+    wd = tmp_path / "w"
+    monkeypatch.setenv("RSSEG_WORKDIR", str(wd))
+    res = CliRunner().invoke(app, ["--workdir", str(wd), "weights", "import", str(path), "--format", "scalemae", "--name", "smae"])
+    assert res.exit_code == 0, res.output
+    run = tiny_run(method="scalemae", scalemae={"weights": "smae", "blocks": [0, 1], "gsd": 0.5, "reference_gsd": 1.0},
+                   data={"tile_size": 64})
+    assert not run.needs_pretraining
+    enc = registry()["scalemae"].build_encoder(run, None).eval()
+    grid = 64 // 16
+    with torch.no_grad():
+        pe = torch.from_numpy(vit.sincos_2d(384, grid, 0.5)).float()[None]  # (1, 1 + grid^2, 384)
+        x = torch.rand(2, 3, 64, 64) * 2 - 1
+        ours = enc(x)
+        tokens = ref.embeddings.patch_embeddings(imagenet_normalise(x)) + pe[:, 1:]
+        h = torch.cat([(ref.embeddings.cls_token + pe[:, :1]).expand(2, -1, -1), tokens], 1)
+        for i, layer in enumerate(ref.layers):
+            h = layer(h, None)
+            torch.testing.assert_close(ours[i], h[:, 1:].transpose(1, 2).reshape(2, 384, grid, grid))
+    assert "public weights 'nope' are not imported (`platform weights import RELEASE.pth --format scalemae" in \
+        registry()["scalemae"].unavailable_reason(tiny_run(method="scalemae", scalemae={"weights": "nope"}))
+
+
+def test_a_scalemae_release_that_does_not_fit_is_one_line_naming_the_key(tmp_path):
+    from rsseg.errors import CheckpointError
+
+    path, _ = _scalemae_release(tmp_path, drop="blocks.1.attn.qkv.weight")
+    with pytest.raises(CheckpointError, match=r"scalemae-vitl.pth: missing blocks.1.attn.qkv.weight \(a timm ViT encoder key\)$"):
+        vit.import_scalemae(path)
+    path, _ = _scalemae_release(tmp_path, extra={"head.weight": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match=r"does not fit a ViT of 2 blocks, 384 wide: unexpected head.weight$"):
+        vit.import_scalemae(path)
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"junk.pth: not readable"):
+        vit.import_scalemae(tmp_path / "junk.pth")

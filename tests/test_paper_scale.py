@@ -97,12 +97,16 @@ def test_a_sweeps_own_gpu_request_wins_over_the_profile():
     assert load_sweep(REPO / "sweeps" / "sota_gid.yaml", "smoke").spec.search.resources.gpu == 0
 
 
-def test_label_ratio_without_imagenet_weights_plans_the_rest_and_skips_in_init(workdir, monkeypatch):
+def test_label_ratio_without_imagenet_weights_plans_the_rest_and_skips_in_init_and_public_mae(workdir, monkeypatch):
     monkeypatch.delenv("RSSEG_CONVNEXT_WEIGHTS", raising=False)
     plan = make_plan(load_sweep(REPO / "sweeps" / "label_ratio.yaml", "paper"))
     assert {t.run["method"] for t in plan.trials} == {"convnext_random", "mae", "scalemae", "ddpm"} and len(plan.trials) == 72
-    assert len(plan.skipped) == 18 and all("convnext_imagenet needs local ImageNet ConvNeXt weights" in r for _, r in plan.skipped)
-    assert "skipped: 18 grid cells" in describe(plan)
+    # IN-init without local weights, and MAE's public weights before they are imported: skipped with the reason
+    reasons = [r for _, r in plan.skipped]
+    assert len(reasons) == 54 and sum("convnext_imagenet needs local ImageNet ConvNeXt weights" in r for r in reasons) == 18
+    assert sum("public weights 'mae_vitb16' are not imported" in r for r in reasons) == 18
+    assert sum("public weights 'scalemae_vitl' are not imported" in r for r in reasons) == 18
+    assert "skipped: 54 grid cells" in describe(plan)
 
 
 def test_an_imagenet_weights_file_of_another_network_fails_at_plan_time_naming_it(tmp_path, monkeypatch):

@@ -437,3 +437,41 @@ def test_homogeneous_ratio_shares_its_trunk_and_pretrain_strategy_reuses_it(tmp_
     assert new[0].data.metrics["train/iterations_trained"] == 10 and new[0].data.tags["started_from_trunk_point"] == "10"
     kids = children(uri, "pretrain_strategy", result.parent_run_id)
     assert sorted(k.data.tags.get("homogeneous_source", "") for k in kids) == ["", "", "", "synthetic"]
+
+
+def test_head_search_optuna_asha_on_the_shared_pretraining(noise_ablation):
+    """The shipped Optuna sweep (smoke, shrunk, 4 samples): every sample a run, never more than
+    max_concurrent (2) at once, ASHA may stop some (KILLED, tagged), the winner by val/mIoU on the
+    parent run; it re-uses the noise ablation's pre-training and no table counts its runs."""
+    from rsseg.tables.query import read_runs
+
+    wd, _, first = noise_ablation
+    uri = tracking.resolve_uri(None, wd)
+    c = tracking.client(uri)
+    pre_exp = c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT).experiment_id
+    pretrainings = len(c.search_runs([pre_exp]))
+    loaded = load_sweep(REPO / "sweeps" / "head_search.yaml", "smoke", SHRINK + ["search.num_samples=4"])
+    assert loaded.spec.search.algorithm == "optuna" and loaded.spec.search.asha is not None
+    result = run_sweep(loaded, wd, progress=False)
+    kids = children(uri, "head_search", result.parent_run_id)
+    assert len(kids) == 4 and {k.info.status for k in kids} <= {"FINISHED", "KILLED"}
+    assert all("early_stopped" in k.data.tags for k in kids if k.info.status == "KILLED")
+    assert len({k.data.params["finetune.lr"] for k in kids}) == 4
+    assert {k.data.params["finetune.mlp.fuse_hidden"] for k in kids} <= {"64", "128", "256"}
+    events = sorted([(k.info.start_time, 1) for k in kids] + [(k.info.end_time, -1) for k in kids])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak <= 2
+    finished = [k for k in kids if k.info.status == "FINISHED"]
+    winner = max(finished, key=lambda k: k.data.metrics["val/mIoU"])
+    parent = c.get_run(result.parent_run_id)
+    assert parent.data.tags["best_run_id"] == winner.info.run_id
+    assert parent.data.metrics["best_val_mIoU"] == winner.data.metrics["val/mIoU"]
+    assert parent.data.tags["best.finetune.lr"] == winner.data.tags["space.finetune.lr"]
+    assert parent.data.tags["best.ddpm.features.timesteps"] == winner.data.tags["space.ddpm.features.timesteps"]
+    assert len(c.search_runs([pre_exp])) == pretrainings  # the noise ablation's pre-training, not a new one
+    assert parent.data.tags["pretrain_fingerprints"] == c.get_run(first.parent_run_id).data.tags["pretrain_fingerprints"]
+    store = read_runs(uri)
+    assert "head_search" not in set(store.runs["experiment"].to_list()) and len(store.runs) >= 6

@@ -205,3 +205,22 @@ def test_fig9_shows_the_archive_then_non_homogeneous_bar(tmp_path):
     assert f9.cell("two_step", "mIoU").mean == pytest.approx(45.0)
     assert f9.cell("archive_non_homogeneous", "mIoU").mean == pytest.approx(41.0)
     assert "archive, then non-homogeneous (another sensor)" in (tmp_path / "t" / "fig9.md").read_text()
+
+
+def test_table4_has_segformer_run_here_beside_the_published_row(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    _run(c, "sota_minifrance", table="table4", method="segformer", frozen="false", head="segformer", trial_key="s", end=1,
+         metrics={"test/mIoU": 0.31, "test/IoU/UB": 0.52, "params/trainable": 64_002_252})
+    _run(c, "sota_minifrance", table="table4", trial_key="d", end=2, metrics={"test/mIoU": 0.43, "test/IoU/UB": 0.6})
+    r = build_all(uri, tmp_path / "t")
+    t4 = r.built["table4"]
+    assert t4.n_runs == 2
+    assert t4.cell("segformer/0.02", "mIoU").mean == pytest.approx(31.0)
+    assert t4.cell("segformer/0.02", "UB").mean == pytest.approx(52.0)
+    md = (tmp_path / "t" / "table4.md").read_text()
+    assert "SegFormer-B4 (paper) | 64.7 |" in md
+    line = next(l for l in md.splitlines() if "run here" in l and "MiniFrance-S" in l)
+    assert "| 31.0 |" in line and "64.0" in line, line

@@ -16,9 +16,9 @@ from pydantic import Field
 
 from rsseg.config.specs import Strict
 from rsseg.data.registry import input_bands
-from rsseg.encoders import FeatureInfo, freeze
 from rsseg.errors import ConfigError
 from rsseg.provenance import fingerprint
+from rsseg_baselines.stages import StageEncoder
 
 SIZES = {
     "base": {"hidden_sizes": [128, 256, 512, 1024], "depths": [3, 3, 27, 3]},
@@ -29,8 +29,6 @@ SIZES = {
 # backbone's per-stage output norms are new (LayerNorm init: identity up to its affine terms).
 ALLOWED_UNEXPECTED = {"layernorm.weight", "layernorm.bias", "classifier.weight", "classifier.bias"}
 ALLOWED_MISSING_PREFIX = "hidden_states_norms."
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ConvNextSpec(Strict):
@@ -134,37 +132,17 @@ def load_imagenet(backbone: torch.nn.Module, path: str | Path) -> dict[str, list
     return {"missing": sorted(k for k in own if k not in state), "unexpected": sorted(k for k in state if k not in own)}
 
 
-class ConvNextEncoder(torch.nn.Module):
+class ConvNextEncoder(StageEncoder):
     """Four maps at strides 4, 8, 16, 32 (ConvNeXt stages 1-4)."""
 
     def __init__(self, spec: ConvNextSpec, in_channels: int, weights_id: str, imagenet: bool):
-        super().__init__()
+        super().__init__(SIZES[spec.size]["hidden_sizes"], weights_id, imagenet)
         from transformers import ConvNextBackbone
 
         self.backbone = ConvNextBackbone(backbone_config(spec, in_channels))
-        self.imagenet = imagenet
-        self._weights_id = weights_id
-        self.feature_info = [FeatureInfo(c, s, f"stage{i + 1}", f"stage{i + 1}")
-                             for i, (c, s) in enumerate(zip(SIZES[spec.size]["hidden_sizes"], (4, 8, 16, 32)))]
-
-    @property
-    def cache_id(self) -> str:
-        return self._weights_id
-
-    def freeze(self) -> "ConvNextEncoder":
-        return freeze(self)
-
-    def train(self, mode: bool = True):
-        # A frozen encoder stays in eval mode (no drop-path) while the head trains.
-        frozen = not any(p.requires_grad for p in self.parameters())
-        return super().train(mode and not frozen)
 
     def forward(self, x: torch.Tensor, keys=None, variants=None, parts=None) -> list[torch.Tensor]:
-        if self.imagenet:  # tiles come in [-1, 1]; ImageNet weights expect mean/std-normalised [0, 1]
-            mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-            std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-            x = ((x + 1) / 2 - mean) / std
-        return list(self.backbone(pixel_values=x).feature_maps)
+        return list(self.backbone(pixel_values=self.normalise(x)).feature_maps)
 
 
 def build_random(run, pretrained=None) -> ConvNextEncoder:

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from rsseg.methods import Method
 from rsseg_baselines.convnext import ConvNextSpec
+from rsseg_baselines.segformer import SegformerSpec
 from rsseg_baselines.vit import MaeSpec, ScaleMaeSpec
 
 CONVNEXT_RANDOM = Method(
@@ -31,7 +32,8 @@ CONVNEXT_IMAGENET = replace(
 )
 MAE = Method(
     name="mae",
-    summary="MAE ViT (transformers ViTMAE) pre-trained by the platform on the unlabelled tiles; blocks 3/5/7/11 -> 4-scale neck",
+    summary="MAE ViT (transformers ViTMAE) pre-trained by the platform on the unlabelled tiles, or public weights (mae.weights); "
+            "blocks 3/5/7/11 -> 4-scale neck",
     label="MAE",
     block="mae", spec=MaeSpec,
     objective="rsseg_baselines.vit:build_mae_objective",
@@ -39,7 +41,11 @@ MAE = Method(
     encoder="rsseg_baselines.vit:build_encoder", skeleton="rsseg_baselines.vit:skeleton",
     neck="rsseg_baselines.vit:build_neck",
     heads=("mlp", "upernet"),
-    tags="rsseg_baselines.vit:mae_tags", tag_keys=("backbone", "blocks"),
+    tags="rsseg_baselines.vit:mae_tags", tag_keys=("backbone", "blocks", "weights"),
+    # mae.weights: NAME reads public weights (imported once) instead of pre-training here
+    needs_pretraining_fn="rsseg_baselines.vit:needs_pretraining",
+    unavailable="rsseg_baselines.vit:public_weights_unavailable",
+    importers=(("vitmae", "rsseg_baselines.vit:import_vitmae"),),
     imports=("transformers.models.vit_mae.modeling_vit_mae",),
 )
 SCALEMAE = replace(
@@ -50,4 +56,16 @@ SCALEMAE = replace(
     block="scalemae", spec=ScaleMaeSpec,
     objective="rsseg_baselines.vit:build_scalemae_objective",
     pretrain_keys=MAE.pretrain_keys + ("gsd", "reference_gsd"),
+    importers=(("scalemae", "rsseg_baselines.vit:import_scalemae"),),  # the release .pth (ViT-L/16, timm keys)
+)
+SEGFORMER = Method(
+    name="segformer",
+    summary="SegFormer (transformers MiT-B4 + all-MLP decoder), random init or local ImageNet MiT weights (segformer.weights); fine-tuned",
+    label="SegFormer-B4 (run here)",
+    block="segformer", spec=SegformerSpec,
+    encoder="rsseg_baselines.segformer:build", skeleton="rsseg_baselines.segformer:skeleton",
+    checks="rsseg_baselines.segformer:check",
+    heads=("segformer", "segformer"),
+    tags="rsseg_baselines.segformer:tags", tag_keys=("backbone", "weights"),
+    imports=("transformers.models.segformer.modeling_segformer",),
 )

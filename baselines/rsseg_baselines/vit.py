@@ -46,6 +46,8 @@ class MaeSpec(Strict):
     norm_pix_loss: bool = True
     optim: OptimSpec = MAE_OPTIM
     blocks: tuple[int, ...] = Field((3, 5, 7, 11), description="0-based blocks read for segmentation (the neck's four scales)")
+    weights: str | None = Field(None, description="public weights imported under this name (`platform weights import DIR --format "
+                                                  "vitmae --name NAME`) instead of pre-training here; None: pre-trained here")
 
 
 class ScaleMaeSpec(MaeSpec):
@@ -244,9 +246,12 @@ class ScaleMaeObjective(MaeObjective):
 class VitEncoder(nn.Module):
     """The pre-trained ViT read at ``blocks``: each (B, D, H/p, W/p), stride p, without masking."""
 
-    def __init__(self, config, blocks: tuple[int, ...], weights_id: str):
+    def __init__(self, config, blocks: tuple[int, ...], weights_id: str, imagenet_input: bool = False):
         super().__init__()
         from transformers import ViTMAEModel
+
+        # public weights were trained on ImageNet-normalised [0, 1] images; ours on [-1, 1] tiles
+        self.imagenet_input = imagenet_input
 
         cfg = config.__class__(**{**config.to_dict(), "mask_ratio": 0.0})
         self.vit = ViTMAEModel(cfg)
@@ -265,6 +270,10 @@ class VitEncoder(nn.Module):
         return freeze(self)
 
     def forward(self, x: torch.Tensor, keys=None, variants=None, parts=None) -> list[torch.Tensor]:
+        if self.imagenet_input:
+            from rsseg_baselines.stages import imagenet_normalise
+
+            x = imagenet_normalise(x)
         emb = self.vit.embeddings
         b, _, h, w = x.shape
         pe = emb.position_embeddings
@@ -279,14 +288,17 @@ class VitEncoder(nn.Module):
         return [out[i] for i in self.blocks]
 
 
-def load_vit(vit, state: dict[str, torch.Tensor], prefix: str) -> None:
+def load_vit(vit, state: dict[str, torch.Tensor], prefix: str, fixed_positions: bool = False) -> None:
     """Encoder weights out of a pre-training state dict: only the decoder (and ScaleMAE's low-band
-    head) may be left over; nothing of the encoder may be missing."""
+    head) may be left over; nothing of the encoder may be missing (but the fixed sin-cos position
+    table, when it is rebuilt for another tile size)."""
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     leftover = sorted(k for k in state if not k.startswith(prefix))
     allowed = ("decoder.", "mae.decoder.", "low_pred.")
     bad = [k for k in leftover if not k.startswith(allowed)]
     missing, unexpected = vit.load_state_dict(sub, strict=False)
+    if fixed_positions:
+        missing = [k for k in missing if k != "embeddings.position_embeddings"]
     if missing or unexpected or bad:
         raise ConfigError(f"pre-trained ViT checkpoint does not fit: missing {missing[:4]}, unexpected {(list(unexpected) + bad)[:4]}")
 
@@ -297,15 +309,163 @@ def skeleton(run, in_channels: int) -> VitEncoder:
 
 
 def build_encoder(run, pretrained) -> VitEncoder:
-    state = pretrained.load()
     spec = getattr(run, run.method)
+    if spec.weights:  # public weights, imported once
+        from rsseg.weights import imported
+
+        pretrained = imported(spec.weights)
+        if pretrained.method != run.method:
+            raise ConfigError(f"{run.method}.weights: {spec.weights!r} are {pretrained.method} weights, not {run.method}")
+    state = pretrained.load()
     desc = state["objective"]
     from transformers import ViTMAEConfig
 
-    config = ViTMAEConfig(**{k: v for k, v in desc["config"].items() if k not in ("transformers_version", "model_type", "architectures")})
-    enc = VitEncoder(config, spec.blocks, f"{pretrained.fingerprint}:{','.join(map(str, spec.blocks))}")
-    load_vit(enc.vit, state["model"], "mae.vit." if desc["kind"] == "scalemae" else "vit.")
+    fields = {k: v for k, v in desc["config"].items() if k not in ("transformers_version", "model_type", "architectures")}
+    resized = fields["image_size"] != run.data.tile_size
+    if resized:
+        # released at another image size (ViT-B/16: 224): MAE's position table is the fixed 2-D
+        # sin-cos of the patch grid, so the table of this tile size is exact, not an interpolation
+        if run.data.tile_size % fields["patch_size"]:
+            raise ConfigError(f"data.tile_size: {run.data.tile_size} is not divisible by the ViT patch size {fields['patch_size']}")
+        fields["image_size"] = run.data.tile_size
+    config = ViTMAEConfig(**fields)
+    # released ScaleMAE weights carry no position table of ours: it is the GSD-scaled sin-cos of this run's grid
+    rebuild = resized or desc.get("positions") == "gsd"
+    scale = _gsd_scale(run) if desc["kind"] == "scalemae" and rebuild else 1.0
+    enc = VitEncoder(config, spec.blocks, f"{pretrained.fingerprint}:{','.join(map(str, spec.blocks))}:{scale:g}",
+                     imagenet_input=desc.get("input") == "imagenet")
+    model = state["model"]
+    if rebuild:
+        model = {k: v for k, v in model.items() if not k.endswith("embeddings.position_embeddings")}
+    load_vit(enc.vit, model, "mae.vit." if desc["kind"] == "scalemae" else "vit.", fixed_positions=rebuild)
+    if rebuild:
+        _fill(enc.vit.embeddings.position_embeddings, scale)
     return enc
+
+
+def _gsd_scale(run) -> float:
+    spec = run.scalemae
+    gsd = spec.gsd if spec.gsd is not None else raster_gsd(run)
+    if gsd is None:
+        raise ConfigError(f"scalemae.gsd: {run.data.dataset}'s rasters carry no georeferenced transform; give the ground sample distance in metres")
+    return gsd / spec.reference_gsd
+
+
+def needs_pretraining(run) -> bool:
+    return getattr(run, run.method).weights is None
+
+
+def public_weights_unavailable(run) -> str | None:
+    from rsseg.pretrain.store import imported_fingerprint
+    from rsseg.workdir import Workdir
+
+    name = getattr(run, run.method).weights
+    if name and imported_fingerprint(Workdir.resolve(), name) is None:
+        how = "DIR --format vitmae" if run.method == "mae" else "RELEASE.pth --format scalemae"
+        return (f"{run.method}.weights: public weights {name!r} are not imported (`platform weights import {how} "
+                f"--name {name}`), so this cell is skipped")
+    return None
+
+
+def import_vitmae(path: Path) -> dict[str, Any]:
+    """A transformers ViTMAE directory (``ViTMAEForPreTraining`` as released, e.g. MAE ViT-B/16, or
+    ``ViTMAEModel``) -> the store's final-state form. Only the MAE decoder may be left over; every
+    encoder key must be there with its shape."""
+    from transformers import ViTMAEModel
+    from transformers.utils import logging as hf_logging
+
+    from rsseg.errors import CheckpointError
+
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise CheckpointError(f"{path}: not a transformers ViTMAE directory (expected config.json and model.safetensors)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would print, as a table, the keys checked below
+    try:
+        vit, info = ViTMAEModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable directory reads the same to the user
+        raise CheckpointError(f"{path}: not loadable as a ViTMAE ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(("decoder.", "vit.decoder.")))
+    problems = [f"missing {', '.join(sorted(info['missing_keys'])[:4])}" if info["missing_keys"] else "",
+                f"unexpected {', '.join(unexpected[:4])}" if unexpected else "",
+                f"mis-shaped {', '.join(sorted(str(k) for k in info['mismatched_keys'])[:4])}" if info["mismatched_keys"] else ""]
+    if any(problems):
+        raise CheckpointError(f"{path}: does not fit the ViTMAE of its config.json: {'; '.join(p for p in problems if p)}")
+    return {"model": {f"vit.{k}": v.float() for k, v in vit.state_dict().items()}, "ema": None, "imported": True,
+            "objective": {"kind": "mae", "config": vit.config.to_dict(), "input": "imagenet"}}
+
+
+# ViT widths of the released checkpoints -> attention heads (head width 64, ViT-H 80)
+VIT_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 16}
+# what a ScaleMAE / MAE pre-training checkpoint holds besides the encoder (decoders, FPN, mask token)
+RELEASE_LEFTOVERS = ("decoder", "mask_token", "fpn", "fcn_high", "fcn_low", "pos_embed", "fc_norm")
+
+
+def _timm_vit_keys(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """timm VisionTransformer keys (MAE / ScaleMAE releases) -> transformers ViTMAEModel's; the fused
+    qkv projection (3D, D) splits into q, k, v in that order."""
+    out = {"embeddings.cls_token": state["cls_token"],
+           "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
+           "layernorm.weight": state["norm.weight"], "layernorm.bias": state["norm.bias"]}
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"layers.{i}."
+        for part in ("weight", "bias"):
+            q, k, v = state[src + f"attn.qkv.{part}"].chunk(3, dim=0)
+            out |= {dst + f"attention.q_proj.{part}": q, dst + f"attention.k_proj.{part}": k, dst + f"attention.v_proj.{part}": v,
+                    dst + f"attention.o_proj.{part}": state[src + f"attn.proj.{part}"],
+                    dst + f"layernorm_before.{part}": state[src + f"norm1.{part}"],
+                    dst + f"layernorm_after.{part}": state[src + f"norm2.{part}"],
+                    dst + f"mlp.fc1.{part}": state[src + f"mlp.fc1.{part}"], dst + f"mlp.fc2.{part}": state[src + f"mlp.fc2.{part}"]}
+    return out
+
+
+def import_scalemae(path: Path) -> dict[str, Any]:
+    """ScaleMAE's release checkpoint (``{"model": state}``, timm ViT keys, ViT-L/16) -> the store's
+    final-state form: the encoder as a transformers ViTMAE (keys mapped, every one accounted for:
+    only the decoders, FPN, mask token and the position table are left over — the table is
+    rebuilt from each run's GSD, as ScaleMAE computes it)."""
+    import argparse
+    import re
+
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    from rsseg.errors import CheckpointError
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a ScaleMAE checkpoint file (expected the release .pth)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the release stores its training args
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not readable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    state = raw.get("model", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or "cls_token" not in state or "patch_embed.proj.weight" not in state:
+        raise CheckpointError(f"{path}: no ViT encoder in it (expected 'model' with cls_token, patch_embed.proj.weight, blocks.N.*)")
+    state = {re.sub(r"^(module\.)", "", k): v for k, v in state.items()}
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    width, channels, patch = state["patch_embed.proj.weight"].shape[:3]
+    if width not in VIT_HEADS:
+        raise CheckpointError(f"{path}: a ViT {width} wide; known widths: {', '.join(map(str, VIT_HEADS))}")
+    config = ViTMAEConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=VIT_HEADS[width], patch_size=patch,
+                          num_channels=channels, image_size=224, intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
+                          layer_norm_eps=1e-6, mask_ratio=0.0)
+    try:
+        mapped = _timm_vit_keys(state, depth)
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: missing {exc.args[0]} (a timm ViT encoder key)") from None
+    used = {"cls_token", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"} | {
+        k for k in state if k.startswith("blocks.") and int(k.split(".")[1]) < depth}
+    unexpected = sorted(k for k in state if k not in used and not k.startswith(RELEASE_LEFTOVERS))
+    with torch.device("meta"):
+        own = ViTMAEModel(config).state_dict()
+    wrong = [k for k, v in mapped.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if unexpected or wrong:
+        what = [f"unexpected {', '.join(unexpected[:4])}" if unexpected else "", f"mis-shaped {', '.join(wrong[:4])}" if wrong else ""]
+        raise CheckpointError(f"{path}: does not fit a ViT of {depth} blocks, {width} wide: {'; '.join(w for w in what if w)}")
+    return {"model": {f"mae.vit.{k}": v.float() for k, v in mapped.items()}, "ema": None, "imported": True,
+            "objective": {"kind": "scalemae", "config": config.to_dict(), "input": "imagenet", "positions": "gsd"}}
 
 
 # ---------------------------------------------------------------------------------------------- neck
@@ -372,4 +532,5 @@ def build_scalemae_objective(run, in_channels: int) -> ScaleMaeObjective:
 
 def mae_tags(run) -> dict[str, object]:
     spec = getattr(run, run.method)
-    return {"backbone": f"vit-{spec.size}", "blocks": ",".join(map(str, spec.blocks))}
+    return {"backbone": f"vit-{spec.size}", "blocks": ",".join(map(str, spec.blocks)),
+            "weights": f"public:{spec.weights}" if spec.weights else "pre-trained here"}

@@ -75,7 +75,7 @@ class _Checked(RunSpecBase):
                 data.pop(sub, None)
         ft = out["finetune"] = dict(out["finetune"])
         head = ft["head"] if ft["head"] != "auto" else self.plugin.default_head(self.finetune.frozen)
-        for name in ("mlp", "upernet"):
+        for name in ("mlp", "upernet", "segformer"):
             if name != head:
                 ft.pop(name, None)
         if self.needs_pretraining:  # what the weights are; how the pre-training ran is on its own run

@@ -222,6 +222,13 @@ class UperNetHeadSpec(Strict):
     auxiliary: bool = Field(False, description="FCN auxiliary head on the third map (loss weight 0.4)")
 
 
+class SegformerHeadSpec(Strict):
+    """SegFormer's all-MLP decoder (rsseg.heads.segformer); B4 uses 768 channels."""
+
+    decoder_hidden_size: int = Field(768, ge=8)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
 class AugmentSpec(Strict):
     """The paper's augmentation: random linear stretch (5-15 % cut), rot90 k in {1,2,3}, flips."""
 
@@ -238,9 +245,10 @@ class CacheSpec(Strict):
 
 
 class FinetuneSpec(Strict):
-    head: Literal["auto", "mlp", "upernet"] = Field("auto", description="auto: the method's default for frozen / fine-tuned")
+    head: Literal["auto", "mlp", "upernet", "segformer"] = Field("auto", description="auto: the method's default for frozen / fine-tuned")
     mlp: MlpHeadSpec = MlpHeadSpec()
     upernet: UperNetHeadSpec = UperNetHeadSpec()
+    segformer: SegformerHeadSpec = SegformerHeadSpec()
     frozen: bool = True
     iterations: int = Field(300, ge=1)
     batch_size: int = Field(8, ge=1)

@@ -6,11 +6,12 @@ A head is an ``nn.Module`` built by ``builder(feature_info, num_classes, finetun
 - ``loss(features, logits, mask) -> scalar``: its training loss (cross-entropy with the ignore
   index; a head with an auxiliary output adds its own term, e.g. UPerNet's FCN head).
 
-Built in: ``mlp`` (the paper's MLP segmentor) and ``upernet``; `register_head` adds another.
+Built in: ``mlp`` (the paper's MLP segmentor), ``upernet`` and ``segformer`` (SegFormer's all-MLP decoder); `register_head` adds another.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -23,6 +24,7 @@ from rsseg.labels import IGNORE_INDEX
 HEADS: dict[str, str | Callable[..., torch.nn.Module]] = {
     "mlp": "rsseg.heads.mlp:build",
     "upernet": "rsseg.heads.upernet:build",
+    "segformer": "rsseg.heads.segformer:build",
 }
 
 
@@ -40,6 +42,24 @@ def build_head(name: str, feature_info: list[FeatureInfo], num_classes: int, fin
     if isinstance(builder, str):
         builder = load_object(builder)
     return builder(feature_info, num_classes, finetune)
+
+
+def by_stride(feature_info: list[FeatureInfo]) -> "OrderedDict[int, list[int]]":
+    """stride -> indices of the maps at that stride, finest stride first (the levels a pyramid
+    head takes: all maps and timesteps of one resolution side by side)."""
+    out: OrderedDict[int, list[int]] = OrderedDict()
+    for i, fi in sorted(enumerate(feature_info), key=lambda p: p[1].stride):
+        out.setdefault(fi.stride, []).append(i)
+    return out
+
+
+def level_channels(feature_info: list[FeatureInfo], levels: "OrderedDict[int, list[int]]") -> list[int]:
+    return [sum(feature_info[i].channels for i in members) for members in levels.values()]
+
+
+def concat_levels(features: list[torch.Tensor], levels: "OrderedDict[int, list[int]]") -> list[torch.Tensor]:
+    """(B, c_i, H/s, W/s) maps -> one (B, sum c_i, H/s, W/s) level per stride, in float32."""
+    return [torch.cat([features[i] for i in members], dim=1).float() for members in levels.values()]
 
 
 def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

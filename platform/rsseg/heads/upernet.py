@@ -7,14 +7,12 @@ map. The logits come out at the finest stride and are upsampled to the input siz
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rsseg.encoders import FeatureInfo
-from rsseg.heads import SegHead, segmentation_loss
+from rsseg.heads import SegHead, by_stride, concat_levels, level_channels, segmentation_loss
 from rsseg.labels import IGNORE_INDEX
 
 AUX_WEIGHT = 0.4
@@ -37,11 +35,8 @@ class UperNetSegHead(SegHead):
         super().__init__()
         from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead, UperNetPreTrainedModel
 
-        by_stride: OrderedDict[int, list[int]] = OrderedDict()
-        for i, fi in sorted(enumerate(feature_info), key=lambda p: p[1].stride):
-            by_stride.setdefault(fi.stride, []).append(i)
-        self.by_stride = by_stride
-        in_channels = [sum(feature_info[i].channels for i in members) for members in by_stride.values()]
+        self.by_stride = by_stride(feature_info)
+        in_channels = level_channels(feature_info, self.by_stride)
         aux_index = min(2, len(in_channels) - 1)
         config = _config(num_classes, channels, pool_scales, in_channels[aux_index] if auxiliary else None)
         self.head = UperNetHead(config, in_channels)
@@ -52,7 +47,7 @@ class UperNetSegHead(SegHead):
             init(holder, m)
 
     def _levels(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [torch.cat([features[i] for i in members], dim=1).float() for members in self.by_stride.values()]
+        return concat_levels(features, self.by_stride)
 
     def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         logits = self.head(self._levels(features))

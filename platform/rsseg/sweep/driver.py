@@ -283,10 +283,11 @@ def _run_sweep(loaded, workdir: Workdir, *, address: str | None, tracking_uri: s
             from rsseg.progress import done
 
             done()
-        result = _reconcile(client, uri, spec.name, exp_id, parent_id, grids)
+        result = _reconcile(client, uri, spec.name, exp_id, parent_id, grids, spec.search.metric)
         best = [t for t in result.trials if t["status"] == "FINISHED" and t.get("mIoU") is not None]
         parent_run.log_metrics({"trials_finished": result.finished, "trials_failed": result.failed,
                                 **({"best_test_mIoU": max(t["mIoU"] for t in best)} if best else {})})
+        _record_best_trial(parent_run, result, spec.search.metric, spec.search.mode)
         outcome.status = "FINISHED" if result.finished else "FAILED"
     return result
 
@@ -415,7 +416,27 @@ def _top_up(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, client, 
     return [tuner.fit() for tuner in _tuners(plan, context, workdir, names, False, progress, slots=missing, topup=round_)]
 
 
-def _reconcile(client, uri: str, name: str, exp_id: str, parent_id: str, grids) -> SweepResult:
+def best_trial(result: SweepResult, metric: str, mode: str) -> dict[str, Any] | None:
+    """The finished trial with the best value of the search metric (what Optuna / ASHA optimise),
+    or None when no finished trial reported it."""
+    scored = [t for t in result.trials if t["status"] == "FINISHED" and t.get("score") is not None]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda t: t["score"])
+
+
+def _record_best_trial(parent_run, result: SweepResult, metric: str, mode: str) -> None:
+    """On the parent run: which trial won the search (its run, trial id and values) and its score,
+    so that a searched sweep's answer is read off one run."""
+    best = best_trial(result, metric, mode)
+    if best is None:
+        return
+    parent_run.set_tags({"best_run_id": best["run_id"], "best_trial_id": best["trial_id"] or "",
+                         **{f"best.{k}": str(v)[:500] for k, v in best["values"].items()}})
+    parent_run.log_metrics({f"best_{metric.replace('/', '_')}": best["score"]})
+
+
+def _reconcile(client, uri: str, name: str, exp_id: str, parent_id: str, grids, metric: str = "val/mIoU") -> SweepResult:
     """After Tune returns no trial is running: a child still RUNNING was stopped early (ASHA) or
     lost with its worker; it is ended, not left RUNNING. MLflow is the record of the summary."""
     errors, reported = {}, set()
@@ -440,9 +461,15 @@ def _reconcile(client, uri: str, name: str, exp_id: str, parent_id: str, grids) 
                 client.set_tag(run.info.run_id, "early_stopped", EARLY_STOPPED if tid in reported else "trial lost")
                 status = "KILLED"
             client.set_terminated(run.info.run_id, status=status)
+        elif status == "KILLED" and tid in reported and tid not in errors and "early_stopped" not in tags:
+            # the trial ended its own run KILLED when Tune stopped it (ASHA): say so, not as an error
+            client.set_tag(run.info.run_id, "early_stopped", EARLY_STOPPED)
+            client.set_tag(run.info.run_id, "error", "")
+            tags = {**tags, "error": ""}
         values = {k[len("space."):]: v for k, v in tags.items() if k.startswith("space.")}
         result.trials.append({"trial_id": tid, "status": status, "mIoU": run.data.metrics.get("test/mIoU"),
-                              "val/mIoU": run.data.metrics.get("val/mIoU"), "run_id": run.info.run_id,
+                              "val/mIoU": run.data.metrics.get("val/mIoU"), "score": run.data.metrics.get(metric),
+                              "run_id": run.info.run_id,
                               "values": values, "error": tags.get("error") or None, "node_id": tags.get("node_id")})
     return result
 

@@ -107,9 +107,14 @@ def search_key(path: str) -> str:
     return "s__" + path.replace(".", "__")
 
 
-def trial_key(run: dict[str, Any]) -> str:
-    """What the trial computes (not how or where: tracking, name, runtime are left out)."""
-    return fingerprint({k: v for k, v in run.items() if k not in ("tracking", "name", "runtime")})
+def trial_key(run: RunSpecBase) -> str:
+    """What the trial computes, not how or where: its active config (its own method block and
+    head, so installing another method leaves the key alone) without name and runtime, and the
+    identity of the weights it starts from (the pre-training fingerprint)."""
+    what = {k: v for k, v in run.active_config().items() if k not in ("name", "runtime")}
+    if run.needs_pretraining:
+        what["pretraining"] = run.pretrain_fingerprint
+    return fingerprint(what)
 
 
 def plan_bands(data) -> int:
@@ -214,7 +219,7 @@ def make_plan(loaded: LoadedSweep, workdir=None) -> SweepPlan:
             seen_fps[fp] = PlannedPretraining(fp, run, store.find(run, workdir) is not None,
                                               f"{method}, {sum(it)} iterations ({it[0]} archive + {it[1]} homogeneous), "
                                               f"{run.pretrain.runtime.workers} worker(s)")
-        trials.append(PlannedTrial(values, run_json, trial_key(run_json), fp, *networks[net_key]))
+        trials.append(PlannedTrial(values, run_json, trial_key(run), fp, *networks[net_key]))
     if not trials:
         raise ConfigError(f"{path}: every trial was skipped ({skipped[0][1] if skipped else 'empty grid'})")
     _check_searched_pretraining(search_axes, trials, path)

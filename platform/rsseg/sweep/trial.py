@@ -127,7 +127,7 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(context["threads"])))
     workdir = Workdir.resolve(context["workdir"])
     os.environ["RSSEG_WORKDIR"] = str(workdir.root)
-    key = trial_key(run.model_dump(mode="json", by_alias=True))
+    key = trial_key(run)
     tracker = _child_run(context, run, trial_id, slot, key, values)
     from rsseg import tracking
 

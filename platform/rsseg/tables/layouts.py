@@ -18,8 +18,9 @@ FT = "ft_params_M"
 RATIOS = {"0.02": "S (2 %)", "0.4": "M (40 %)", "1": "L (100 %)"}
 # Table 3's methods in the paper's order; their row labels come from the methods' own metadata
 # (`Method.label`), except for the published-only rows of methods that are not installed.
-PAPER_T3_METHODS = ("convnext_random", "convnext_imagenet", "mae", "scalemae", "ma3e", "ddpm")
 PUBLISHED_ONLY_LABELS = {"ma3e": "MA3E"}
+# rows of a method run with public weights (tag weights=public:<name>) instead of pre-trained here
+PUBLIC_SUFFIX = "_public"
 STRATEGIES = {"imagenet": "ImageNet (ConvNeXt-B, fine-tuned)", "archive_only": "archive only",
               "two_step": "two-step (archive, then homogeneous)", "homogeneous_only": "homogeneous only",
               "imported_two_step": "imported weights (DDPM-CD), then homogeneous",
@@ -63,6 +64,8 @@ def method_label(name: str) -> str:
     from rsseg.methods import registry
 
     method = registry().get(name)
+    if method is None and name.endswith(PUBLIC_SUFFIX) and name[: -len(PUBLIC_SUFFIX)] in registry():
+        return f"{registry()[name[: -len(PUBLIC_SUFFIX)]].label} (public weights)"
     return method.label if method is not None else PUBLISHED_ONLY_LABELS.get(name, name)
 
 
@@ -97,7 +100,8 @@ def _setting(run) -> str:
 
 
 def _table3(run):
-    row = f"{run['method']}/{_setting(run)}"
+    public = str(run.get("weights") or "").startswith("public:")
+    row = f"{run['method']}{PUBLIC_SUFFIX if public else ''}/{_setting(run)}"
     return [(row, run["label_ratio"], run["mIoU"])] + _ft(run, row)
 
 
@@ -177,7 +181,8 @@ def _cls(names):
 
 TIMESTEP_ROWS = ["0", "50", "100", "100,50", "200,100,50", "150,100,50"]
 # (the paper has no frozen random-init row; ours shows one when the sweep runs it)
-T3_ROWS = [f"{m}/{s}" for m in PAPER_T3_METHODS for s in ("frozen", "finetuned")]
+T3_METHOD_ROWS = ("convnext_random", "convnext_imagenet", "mae", "mae" + PUBLIC_SUFFIX, "scalemae", "scalemae" + PUBLIC_SUFFIX, "ma3e", "ddpm")
+T3_ROWS = [f"{m}/{s}" for m in T3_METHOD_ROWS for s in ("frozen", "finetuned")]
 
 LAYOUTS: dict[str, Layout] = {
     "table1": Layout("table1", "Table 1. Feature selection: DDPM encoder vs decoder features at each resolution, MLP segmentor vs UPerNet (mIoU %, MiniFrance-S)",
@@ -201,17 +206,21 @@ LAYOUTS: dict[str, Layout] = {
     "table4": Layout("table4", "Table 4. Per-class IoU (%) on MiniFrance: ours beside the published state of the art",
                      "sweeps/sota_minifrance.yaml", "pairs", _table4,
                      [(k, k) for k in ("SETR", "SegFormer-B4", "PFNet", "MCS", "ConvNeXt-B", "LSKNet-T-FPN")]
+                     + [("segformer/0.02", "SegFormer-B4, run here (MiniFrance-S)"), ("segformer/1", "SegFormer-B4, run here (MiniFrance-L)")]
                      + [("ddpm/0.02", "ours (MiniFrance-S)"), ("ddpm/1", "ours (MiniFrance-L)")],
                      _cls(PAPER12) + [(FT, "Ft Params (M)")], row_label=_t4_label, delta=True, class_columns=True,
                      paper_only=("SETR", "SegFormer-B4", "PFNet", "MCS", "ConvNeXt-B", "LSKNet-T-FPN"),
-                     notes=["SOTA rows are the paper's published numbers (they are not re-run here)."]),
+                     notes=["SOTA rows are the paper's published numbers; \"SegFormer-B4, run here\" is method segformer "
+                            "(MiT-B4 + all-MLP decoder, fully fine-tuned by this sweep; smoke: a pico MiT)."]),
     "table5": Layout("table5", "Table 5. Per-class IoU (%) on the GID validation set: ours beside the published state of the art",
                      "sweeps/sota_gid.yaml", "pairs", _table5,
-                     [(k, k) for k in ("SETR-M", "SegFormer-B4", "PFNet", "MCS", "MA3E", "ConvNeXt-B", "LSKNet-T-FPN")] + [("ddpm", "ours")],
+                     [(k, k) for k in ("SETR-M", "SegFormer-B4", "PFNet", "MCS", "MA3E", "ConvNeXt-B", "LSKNet-T-FPN")]
+                     + [("segformer", "SegFormer-B4, run here"), ("ddpm", "ours")],
                      _cls(GID15) + [(FT, "Ft Params (M)")], row_label=method_label, delta=True, class_columns=True,
                      paper_dataset="gid",
                      paper_only=("SETR-M", "SegFormer-B4", "PFNet", "MCS", "MA3E", "ConvNeXt-B", "LSKNet-T-FPN"),
-                     notes=["SOTA rows are the paper's published numbers (they are not re-run here)."]),
+                     notes=["SOTA rows are the paper's published numbers; \"SegFormer-B4, run here\" is method segformer "
+                            "(MiT-B4 + all-MLP decoder, fully fine-tuned by this sweep; smoke: a pico MiT)."]),
     "fig9": Layout("fig9", "Figure 9. Pre-training strategies: mIoU (%) at 2 % labels", "sweeps/pretrain_strategy.yaml", "beside",
                    _fig9, list(STRATEGIES.items()), [("mIoU", "mIoU")], row_label=lambda k: STRATEGIES.get(k, k),
                    extra_columns=False, figure=True),
