@@ -46,7 +46,7 @@ def main() -> None:
         add("ConvNeXt-B", "convnext_imagenet", ConvNextEncoder(ConvNextSpec(size="base"), 3, "x", imagenet=False), None, "upernet",
             "upernet", upernet)
         cfg = mae_config(MaeSpec(size="base"), 256, 3)
-        for name, key in (("MAE ViT-B/16", "mae"), ("ScaleMAE ViT-B/16", "scalemae")):
+        for name, key in (("MAE ViT-B/16", "mae"), ("ScaleMAE ViT-B/16", "scalemae"), ("MA3E ViT-B/16", "ma3e")):
             enc = VitEncoder(cfg, (3, 5, 7, 11), "x")
             add(name, key, enc, SimplePyramid(enc.feature_info), "mlp", "upernet", upernet)
         for preset in ("sr3", "ho256"):

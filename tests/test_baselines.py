@@ -17,15 +17,15 @@ from rsseg_baselines import convnext, vit
 from rsseg_baselines.convnext import ConvNextEncoder, ConvNextSpec
 from rsseg_baselines.vit import MaeObjective, MaeSpec, ScaleMaeObjective, ScaleMaeSpec, SimplePyramid, VitEncoder
 
-from conftest import tiny_run
+from conftest import tiny_run, train_objective
 
 
 def test_methods_are_plugins_and_listed():
     methods = registry()
-    assert {"ddpm", "convnext_random", "convnext_imagenet", "mae", "scalemae", "segformer"} <= set(methods)
+    assert {"ddpm", "convnext_random", "convnext_imagenet", "mae", "scalemae", "ma3e", "segformer"} <= set(methods)
     res = CliRunner().invoke(app, ["methods"])
     assert res.exit_code == 0
-    for name in ("convnext_random", "convnext_imagenet", "mae", "scalemae", "segformer", "ddpm"):
+    for name in ("convnext_random", "convnext_imagenet", "mae", "scalemae", "ma3e", "segformer", "ddpm"):
         assert name in res.output
     assert "rsseg_baselines" in res.output  # where each comes from
 
@@ -144,35 +144,12 @@ def test_two_bands_reconstruct_the_image():
     torch.testing.assert_close(up + high, x)
 
 
-@pytest.fixture(scope="module")
-def synthetic_tiles(tmp_path_factory):
-    from rsseg.data import tiles
-    from rsseg.data.dataset import TileDataset, TileReader
-    from rsseg.workdir import Workdir
-
-    wd = Workdir.resolve(tmp_path_factory.mktemp("mae")).ensure()
-    run = tiny_run()
-    index = tiles.build(run.data, wd)
-    s = index.scenes
-    ds = TileDataset(TileReader(s.scenes, s.table, s.bands, s.value_range), index.split("train"))
-    return torch.stack([ds[i]["image"] for i in range(min(32, len(ds)))])
-
-
 @pytest.mark.parametrize("kind", ["mae", "scalemae"])
 def test_pretraining_loss_goes_down_on_synthetic_tiles(synthetic_tiles, kind):
     torch.manual_seed(0)
     obj = (MaeObjective(MaeSpec(size="pico"), 32, 3) if kind == "mae"
            else ScaleMaeObjective(ScaleMaeSpec(size="pico"), 32, 3, gsd=1.0))
-    opt = torch.optim.AdamW(obj.network.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
-    for step in range(200):
-        idx = torch.randint(0, synthetic_tiles.shape[0], (8,), generator=gen)
-        loss, _ = obj.loss(obj.network, synthetic_tiles[idx], gen)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = [loss for loss, _ in train_objective(obj, synthetic_tiles, 200)]
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     # (MAE's norm-pix target has unit variance per patch: predicting the patch mean scores ~1.0.)
     assert last < 0.85 * first, (first, last)

@@ -335,7 +335,7 @@ def test_label_ratio_smoke_with_baselines_fills_table3(tmp_path, ray_cluster):
     wd = Workdir.resolve(tmp_path / "w").ensure()
     shrink = [s for s in SHRINK if "finetune.val_max_tiles" not in s] + [
         "space.seed={grid: [0]}", "base.mae.optim.warmup_iterations=5", "base.scalemae.optim.warmup_iterations=5",
-        "base.finetune.upernet.channels=16"]
+        "base.ma3e.optim.warmup_iterations=5", "base.finetune.upernet.channels=16"]
     # (a dotted space key cannot be --set: shrink the label-ratio axis in a copy of the file)
     text = (REPO / "sweeps" / "label_ratio.yaml").read_text()
     assert "data.label_ratio: {grid: [0.02, 0.4, 1.0]}" in text
@@ -345,14 +345,14 @@ def test_label_ratio_smoke_with_baselines_fills_table3(tmp_path, ray_cluster):
     result = run_sweep(loaded, wd, progress=False)
     uri = tracking.resolve_uri(None, wd)
     kids = children(uri, "label_ratio", result.parent_run_id)
-    assert len(kids) == 8 and all(k.info.status == "FINISHED" for k in kids), [(k.data.tags.get("method"), k.data.tags.get("error")) for k in kids]
+    assert len(kids) == 10 and all(k.info.status == "FINISHED" for k in kids), [(k.data.tags.get("method"), k.data.tags.get("error")) for k in kids]
     params = {(k.data.tags["method"], k.data.tags["frozen"]): k.data.metrics["params/trainable"] for k in kids}
-    for m in ("convnext_random", "mae", "scalemae", "ddpm"):
+    for m in ("convnext_random", "mae", "scalemae", "ma3e", "ddpm"):
         assert params[(m, "true")] < params[(m, "false")], m  # fine-tuning trains the encoder too
     assert {k.data.tags["head"] for k in kids if k.data.tags["method"] == "mae"} == {"mlp", "upernet"}
     report = build_all(uri, tmp_path / "tables")
     t3 = report.built["table3"]
-    for m in ("convnext_random", "mae", "scalemae", "ddpm"):
+    for m in ("convnext_random", "mae", "scalemae", "ma3e", "ddpm"):
         for setting in ("frozen", "finetuned"):
             assert t3.cell(f"{m}/{setting}", "0.02").n == 1, (m, setting)
             assert t3.cell(f"{m}/{setting}", "ft_params_M").n == 1

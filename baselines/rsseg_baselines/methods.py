@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from rsseg.methods import Method
 from rsseg_baselines.convnext import ConvNextSpec
+from rsseg_baselines.ma3e import Ma3eSpec
 from rsseg_baselines.segformer import SegformerSpec
 from rsseg_baselines.vit import MaeSpec, ScaleMaeSpec
 
@@ -57,6 +58,18 @@ SCALEMAE = replace(
     objective="rsseg_baselines.vit:build_scalemae_objective",
     pretrain_keys=MAE.pretrain_keys + ("gsd", "reference_gsd"),
     importers=(("scalemae", "rsseg_baselines.vit:import_scalemae"),),  # the release .pth (ViT-L/16, timm keys)
+)
+MA3E = replace(
+    MAE,
+    name="ma3e",
+    summary="MA3E: MAE with one randomly rotated crop per tile, an angle embedding on its tokens and an optimal-transport "
+            "loss over it (Sinkhorn); pre-trained by the platform",
+    label="MA3E",
+    block="ma3e", spec=Ma3eSpec,
+    objective="rsseg_baselines.ma3e:build_objective",
+    pretrain_keys=MAE.pretrain_keys + ("window", "angle_range", "window_mask_ratio", "sinkhorn_eps", "sinkhorn_iterations"),
+    checks="rsseg_baselines.ma3e:check",
+    needs_pretraining_fn=None, unavailable=None, importers=(),  # no importer for its release (yet): always pre-trained here
 )
 SEGFORMER = Method(
     name="segformer",

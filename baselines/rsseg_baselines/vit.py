@@ -290,11 +290,11 @@ class VitEncoder(nn.Module):
 
 def load_vit(vit, state: dict[str, torch.Tensor], prefix: str, fixed_positions: bool = False) -> None:
     """Encoder weights out of a pre-training state dict: only the decoder (and ScaleMAE's low-band
-    head) may be left over; nothing of the encoder may be missing (but the fixed sin-cos position
+    head, MA3E's angle embedding) may be left over; nothing of the encoder may be missing (but the fixed sin-cos position
     table, when it is rebuilt for another tile size)."""
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     leftover = sorted(k for k in state if not k.startswith(prefix))
-    allowed = ("decoder.", "mae.decoder.", "low_pred.")
+    allowed = ("decoder.", "mae.decoder.", "low_pred.", "angle_embed")
     bad = [k for k in leftover if not k.startswith(allowed)]
     missing, unexpected = vit.load_state_dict(sub, strict=False)
     if fixed_positions:
@@ -337,7 +337,8 @@ def build_encoder(run, pretrained) -> VitEncoder:
     model = state["model"]
     if rebuild:
         model = {k: v for k, v in model.items() if not k.endswith("embeddings.position_embeddings")}
-    load_vit(enc.vit, model, "mae.vit." if desc["kind"] == "scalemae" else "vit.", fixed_positions=rebuild)
+    # ScaleMAE's and MA3E's networks wrap ViTMAEForPreTraining as .mae (a head or embedding beside it)
+    load_vit(enc.vit, model, "mae.vit." if desc["kind"] in ("scalemae", "ma3e") else "vit.", fixed_positions=rebuild)
     if rebuild:
         _fill(enc.vit.embeddings.position_embeddings, scale)
     return enc

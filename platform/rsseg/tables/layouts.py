@@ -197,9 +197,7 @@ LAYOUTS: dict[str, Layout] = {
                      "sweeps/label_ratio.yaml", "beside", _table3,
                      [(k, _t3_label(k)) for k in T3_ROWS], [(k, v) for k, v in RATIOS.items()] + [(FT, "Ft Params (M)")],
                      row_label=_t3_label, extra_columns=False,
-                     paper_only=("ma3e/frozen", "ma3e/finetuned"),
-                     notes=["MA3E: published numbers only (not implemented yet).",
-                            "IN-init needs ImageNet ConvNeXt-B weights on local disk (RSSEG_CONVNEXT_WEIGHTS); the smoke "
+                     notes=["IN-init needs ImageNet ConvNeXt-B weights on local disk (RSSEG_CONVNEXT_WEIGHTS); the smoke "
                             "profile leaves it out (there are none for its pico ConvNeXt).",
                             "Ft Params: ours are the trainable parameters of our runs (smoke: pico/tiny networks); "
                             "the paper's differ by architecture size, heads and neck (see docs/benchmarks.md)."]),
