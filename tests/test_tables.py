@@ -44,7 +44,9 @@ def store(tmp_path_factory):
     # a run of the same table on another profile: never mixed in
     _run(c, "noise_ablation", **t2, profile="paper", dataset="minifrance", trial_key="k4", end=0, metrics={"test/mIoU": 0.99})
     # another table: Table 3, ours frozen at 2 %
-    _run(c, "label_ratio", table="table3", trial_key="k5", end=6, metrics={"test/mIoU": 0.5, "params/trainable": 16_300_000})
+    # (from an uncommitted tree: the footer must keep provenance's +dirty)
+    _run(c, "label_ratio", table="table3", trial_key="k5", end=6, git_commit="abc1234def5678+dirty",
+         metrics={"test/mIoU": 0.5, "params/trainable": 16_300_000})
     # figures: pre-training strategies and homogeneous share
     for i, (share, v) in enumerate([("0", 0.40), ("0.1", 0.45), ("1", 0.43)]):
         _run(c, "pretrain_strategy", table="fig9", homogeneous_share=share, trial_key=f"f9{i}", end=10 + i, metrics={"test/mIoU": v})
@@ -102,6 +104,8 @@ def test_table3_and_params_and_latex(report):
 
 
 def test_table_provenance_names_runs_and_paper(report):
+    assert "git commit(s) abc1234def56+dirty;" in (report.out / "table3.md").read_text()
+    assert "git commit(s) abc1234def56;" in (report.out / "table2.md").read_text()
     md = (report.out / "table4.md").read_text()
     # nothing of ours yet: our rows are skeletons, the SOTA rows are the paper's
     assert "| ours (MiniFrance-S) (ours) | — |" in md and "| SETR (paper) | 58.4 |" in md

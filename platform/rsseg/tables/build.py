@@ -125,7 +125,8 @@ def footer(b: Built, runs, others, skipped: dict) -> list[str]:
                      "procedural scenes and tiny networks; they test the pipeline and the method's relative behaviour and are "
                      "NOT comparable to the paper's values beside them.")
     if runs.height:
-        commits = sorted({c[:12] for c in runs["git_commit"].to_list() if c})
+        # short hash, keeping provenance's "+dirty": a number from an uncommitted tree must say so
+        commits = sorted({c[:12] + ("+dirty" if c.endswith("+dirty") else "") for c in runs["git_commit"].to_list() if c})
         ends = runs["end_time"]
         when = lambda ms: dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")  # noqa: E731
         seeds = sorted({s for s in runs["seed"].to_list() if s != ""}, key=lambda s: int(s) if s.isdigit() else 0)
