@@ -139,6 +139,20 @@ def test_a_window_that_does_not_fit_is_one_line_naming_the_key(tmp_path):
     assert not [p for p in (tmp_path / "w").rglob("*") if p.suffix in (".pt", ".safetensors")]  # nothing trained, nothing saved
 
 
+def test_a_masking_split_that_cannot_be_made_is_refused_at_the_edge(tmp_path):
+    """mask_ratio 0.9 keeps int(16 * 0.1) = 1 patch, window_mask_ratio 0.25 wants 3 of its 4: one
+    line naming the key, from the run file, before any pre-training (and in the loop's own check)."""
+    from rsseg.runspec import load_run
+
+    f = tmp_path / "r.yaml"
+    f.write_text("method: ma3e\nma3e: {size: pico, window: 2, mask_ratio: 0.9, window_mask_ratio: 0.25}\ndata: {tile_size: 32}\n")
+    with pytest.raises(ConfigError, match=r"^.*r.yaml: ma3e.window_mask_ratio: keeping 3 of 4 window patches leaves -2 of the 1 "
+                                          r"visible patches \(mask_ratio 0.9\) for a background of 12$"):
+        load_run(f)
+    with pytest.raises(ConfigError, match=r"^ma3e.window_mask_ratio: keeping 3 of 4"):
+        ma3e.masking_noise(ma3e.window_tokens(torch.tensor([[1, 1]]), 4, 2), 0.9, 0.25, torch.Generator().manual_seed(0))
+
+
 def test_ma3e_has_no_public_weights_and_pretrains_here():
     from pydantic import ValidationError
 

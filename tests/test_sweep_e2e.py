@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -451,10 +452,14 @@ def test_head_search_optuna_asha_on_the_shared_pretraining(noise_ablation):
     pre_exp = c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT).experiment_id
     pretrainings = len(c.search_runs([pre_exp]))
     loaded = load_sweep(REPO / "sweeps" / "head_search.yaml", "smoke", SHRINK + ["search.num_samples=4"])
-    assert loaded.spec.search.algorithm == "optuna" and loaded.spec.search.asha is not None
     result = run_sweep(loaded, wd, progress=False)
     kids = children(uri, "head_search", result.parent_run_id)
+    assert c.get_run(result.parent_run_id).data.params["algorithm"] == "optuna"  # what the driver ran
     assert len(kids) == 4 and {k.info.status for k in kids} <= {"FINISHED", "KILLED"}
+    # sampled by Optuna from the file's distributions: lr log-uniform in [5e-5, 3e-3], timesteps a categorical
+    assert all(5e-5 <= float(k.data.params["finetune.lr"]) <= 3e-3 for k in kids)
+    drawn = {tuple(int(t) for t in re.findall(r"\d+", k.data.tags["space.ddpm.features.timesteps"])) for k in kids}
+    assert drawn and drawn <= {(100, 50), (150, 100, 50), (200, 100, 50)}
     assert all("early_stopped" in k.data.tags for k in kids if k.info.status == "KILLED")
     assert len({k.data.params["finetune.lr"] for k in kids}) == 4
     assert {k.data.params["finetune.mlp.fuse_hidden"] for k in kids} <= {"64", "128", "256"}

@@ -138,17 +138,25 @@ def rotate_windows(images: torch.Tensor, corners: torch.Tensor, angles: torch.Te
     return torch.where(inside, rotated.to(images.dtype), images)
 
 
+def masking_problem(length: int, n_window: int, mask_ratio: float, window_mask_ratio: float) -> str | None:
+    """Why the visible patches cannot be split between window and background (None: they can):
+    MAE keeps int(L (1 - mask_ratio)) patches, int(n_w (1 - window_mask_ratio)) of them in the window."""
+    keep, keep_w = int(length * (1 - mask_ratio)), int(n_window * (1 - window_mask_ratio))
+    if 0 <= keep - keep_w <= length - n_window:
+        return None
+    return (f"keeping {keep_w} of {n_window} window patches leaves {keep - keep_w} of the {keep} visible patches "
+            f"(mask_ratio {mask_ratio}) for a background of {length - n_window}")
+
+
 def masking_noise(in_window: torch.Tensor, mask_ratio: float, window_mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
     """(B, L) window membership -> (B, L) noise for ViTMAE's random_masking (lowest kept): exactly
     int(n_w (1 - window_mask_ratio)) window patches and the rest of MAE's int(L (1 - mask_ratio))
     kept patches from the background get noise in [0, 1); every other patch in [1, 2)."""
     b, length = in_window.shape
-    keep = int(length * (1 - mask_ratio))
     n_w = int(in_window[0].sum())
-    keep_w = int(n_w * (1 - window_mask_ratio))
-    if not 0 <= keep - keep_w <= length - n_w:
-        raise ConfigError(f"ma3e.window_mask_ratio: keeping {keep_w} of {n_w} window patches leaves {keep - keep_w} of the "
-                          f"{keep} visible patches for a background of {length - n_w}")
+    if (problem := masking_problem(length, n_w, mask_ratio, window_mask_ratio)):
+        raise ConfigError(f"ma3e.window_mask_ratio: {problem}")
+    keep, keep_w = int(length * (1 - mask_ratio)), int(n_w * (1 - window_mask_ratio))
     u = torch.rand((b, length), generator=generator).to(in_window.device)
     # rank within each group: the keep_w lowest-u window patches and the (keep - keep_w) lowest-u background ones
     big = 2.0
@@ -251,11 +259,15 @@ class Ma3eObjective(MaeObjective):
 
 
 def check(run) -> list[tuple[str, str]]:
-    """The window against this run's tile (a field validator does not see the tile size)."""
+    """The window and the masking split against this run's tile (a field validator does not see the tile size)."""
     spec = run.ma3e
     patch = SIZES[spec.size]["patch_size"]
-    problem = window_problem(spec.window, run.data.tile_size // patch)
-    return [("ma3e.window", f"{problem}; data.tile_size {run.data.tile_size}, patch {patch}")] if problem else []
+    grid = run.data.tile_size // patch
+    if (problem := window_problem(spec.window, grid)):
+        return [("ma3e.window", f"{problem}; data.tile_size {run.data.tile_size}, patch {patch}")]
+    if (problem := masking_problem(grid * grid, spec.window ** 2, spec.mask_ratio, spec.window_mask_ratio)):
+        return [("ma3e.window_mask_ratio", problem)]
+    return []
 
 
 def build_objective(run, in_channels: int) -> Ma3eObjective:

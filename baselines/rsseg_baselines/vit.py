@@ -337,8 +337,10 @@ def build_encoder(run, pretrained) -> VitEncoder:
     model = state["model"]
     if rebuild:
         model = {k: v for k, v in model.items() if not k.endswith("embeddings.position_embeddings")}
-    # ScaleMAE's and MA3E's networks wrap ViTMAEForPreTraining as .mae (a head or embedding beside it)
-    load_vit(enc.vit, model, "mae.vit." if desc["kind"] in ("scalemae", "ma3e") else "vit.", fixed_positions=rebuild)
+    # where the encoder sits: ViTMAEForPreTraining's "vit." (MAE), or "mae.vit." in the networks that
+    # wrap it with a head or an embedding beside it (ScaleMAE, MA3E)
+    prefix = "mae.vit." if any(k.startswith("mae.vit.") for k in model) else "vit."
+    load_vit(enc.vit, model, prefix, fixed_positions=rebuild)
     if rebuild:
         _fill(enc.vit.embeddings.position_embeddings, scale)
     return enc

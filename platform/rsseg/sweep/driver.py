@@ -416,7 +416,7 @@ def _top_up(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, client, 
     return [tuner.fit() for tuner in _tuners(plan, context, workdir, names, False, progress, slots=missing, topup=round_)]
 
 
-def best_trial(result: SweepResult, metric: str, mode: str) -> dict[str, Any] | None:
+def best_trial(result: SweepResult, mode: str) -> dict[str, Any] | None:
     """The finished trial with the best value of the search metric (what Optuna / ASHA optimise),
     or None when no finished trial reported it."""
     scored = [t for t in result.trials if t["status"] == "FINISHED" and t.get("score") is not None]
@@ -428,7 +428,7 @@ def best_trial(result: SweepResult, metric: str, mode: str) -> dict[str, Any] | 
 def _record_best_trial(parent_run, result: SweepResult, metric: str, mode: str) -> None:
     """On the parent run: which trial won the search (its run, trial id and values) and its score,
     so that a searched sweep's answer is read off one run."""
-    best = best_trial(result, metric, mode)
+    best = best_trial(result, mode)
     if best is None:
         return
     parent_run.set_tags({"best_run_id": best["run_id"], "best_trial_id": best["trial_id"] or "",
