@@ -76,8 +76,8 @@ def main() -> None:
     timings = {}
     online = finetune.run(load_run(spec, "smoke", ["finetune.augment.stretch=false", "finetune.cache.enabled=false"]).spec, wd, pretrained=pretrained)
     timings["online (no cache)"] = online.seconds
-    enc = finetune.prepare(run, wd, pretrained).encoder
-    shutil.rmtree(wd.cache / "features" / enc.cache_id, ignore_errors=True)
+    cached = finetune.prepare(run, wd, pretrained).cached
+    shutil.rmtree(wd.cache / "features" / cached.cache_id, ignore_errors=True)
     cold = finetune.run(run, wd, pretrained=pretrained)
     timings["cold cache (computes and writes)"] = cold.seconds
     warm = finetune.run(run, wd, pretrained=pretrained)

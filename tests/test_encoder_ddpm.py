@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rsseg.cache import CachedEncoder, FeatureCache
+from rsseg.cache import CachedEncoder, FeatureCache, cache_key
 from rsseg.methods.ddpm.spec import DdpmFeaturesSpec, NoiseScheduleSpec
 from rsseg.encoders import check_contract
 from rsseg.methods.ddpm.encoder import DdpmEncoder, available_maps
@@ -152,7 +152,7 @@ def test_cache_hit_equals_recomputation_and_respects_budget(tmp_path):
     cached = CachedEncoder(enc, FeatureCache.open(tmp_path / "c", budget_gb=1))
     first = cached(x, keys, variants)  # misses: 3 tiles x 2 timesteps, computed and stored (one file each)
     assert (cached.cache.stats.misses, cached.cache.stats.computed, cached.cache.stats.writes) == (6, 6, 6)
-    assert len(list((tmp_path / "c" / enc.cache_id).rglob("*.npz"))) == 6
+    assert len(list((tmp_path / "c" / cache_key(enc, "fp32")).rglob("*.npz"))) == 6
     again = CachedEncoder(enc, FeatureCache.open(tmp_path / "c", budget_gb=1))  # another run, same keys
     second = again(x, keys, variants)
     assert again.cache.stats.hits == 6 and again.cache.stats.computed == 0 and again.cache.stats.tiles_computed == 0
@@ -178,7 +178,7 @@ def test_a_tile_computes_only_the_timesteps_it_lacks(tmp_path, monkeypatch):
     one = encoder(timesteps=[50])
     CachedEncoder(one, FeatureCache.open(tmp_path / "c", budget_gb=1))(x, keys, variants)
     both = encoder(timesteps=[100, 50])
-    assert both.cache_id == one.cache_id  # the features' identity does not include the timestep set
+    assert cache_key(both, "fp32") == cache_key(one, "fp32")  # the features' identity does not include the timestep set
     calls = []
     original = both.forward
     monkeypatch.setattr(both, "forward", lambda *a, **k: calls.append(k.get("parts")) or original(*a, **k))
@@ -198,7 +198,7 @@ def test_a_key_claimed_by_another_process_is_waited_for_not_recomputed(tmp_path)
 
     enc = encoder(timesteps=[50])
     cache = FeatureCache.open(tmp_path / "c", budget_gb=1)
-    claim = cache.path(enc.cache_id, "t50", "s:0:0", 0).with_name("s_0_0~v0.npz.claim")
+    claim = cache.path(cache_key(enc, "fp32"), "t50", "s:0:0", 0).with_name("s_0_0~v0.npz.claim")
     claim.parent.mkdir(parents=True)
     claim.write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # a live claim of another host
     x = torch.randn(1, 3, 64, 64)
@@ -207,7 +207,7 @@ def test_a_key_claimed_by_another_process_is_waited_for_not_recomputed(tmp_path)
 
     def other_process_finishes():
         time.sleep(0.3)
-        cache.put(enc.cache_id, "t50", "s:0:0", 0, [m[0] for m in maps])
+        cache.put(cache_key(enc, "fp32"), "t50", "s:0:0", 0, [m[0] for m in maps])
         claim.unlink()
 
     threading.Thread(target=other_process_finishes).start()
@@ -217,7 +217,7 @@ def test_a_key_claimed_by_another_process_is_waited_for_not_recomputed(tmp_path)
     assert torch.equal(out[0], maps[0][:1].to(torch.float16).float())
     # a claim whose process is gone (this host) is taken over
     claim.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": 2**22 + 12345}))
-    cache.path(enc.cache_id, "t50", "s:0:0", 0).unlink()
+    cache.path(cache_key(enc, "fp32"), "t50", "s:0:0", 0).unlink()
     again = CachedEncoder(enc, FeatureCache.open(tmp_path / "c", budget_gb=1))
     again(x, ["s:0:0"], [0])
     assert again.cache.stats.computed == 1 and not claim.exists()
@@ -231,7 +231,7 @@ def test_noise_differs_by_augmentation_variant_in_the_cache_key(tmp_path):
     cached(x, ["s:0:0"], [0])
     cached(x, ["s:0:0"], [5])
     assert cache.stats.misses == 2
-    assert cache.path(enc.cache_id, "t50", "s:0:0", 5).exists()
+    assert cache.path(cache_key(enc, "fp32"), "t50", "s:0:0", 5).exists()
 
 
 def test_a_full_disk_turns_the_cache_off_and_features_are_computed_online(full_disk, tmp_path):
@@ -246,3 +246,57 @@ def test_a_full_disk_turns_the_cache_off_and_features_are_computed_online(full_d
     assert not [p for p in (full_disk / "cache").rglob("*") if p.is_file()]  # nothing half-written left
     again = cached(x, keys, variants)  # later batches: no more write attempts, same features
     assert all(torch.equal(a, b) for a, b in zip(again, out))
+
+
+def test_the_cache_key_covers_what_a_stored_array_depends_on(monkeypatch):
+    """Each field that changes what a (tile, timestep) file holds changes the key; the timestep set
+    does not (each timestep is a part of its own, shared by every run that uses it)."""
+    import rsseg.cache
+
+    key = cache_key(encoder(timesteps=[50]), "fp32")
+    assert cache_key(encoder(timesteps=[100, 50]), "fp32") == key
+    changed = {
+        "precision (bf16 on a GPU)": cache_key(encoder(timesteps=[50]), "bf16"),
+        "maps": cache_key(encoder(timesteps=[50], maps=[-1]), "fp32"),
+        "resolutions": cache_key(encoder(timesteps=[50], resolutions=[16]), "fp32"),
+        "side": cache_key(encoder(timesteps=[50], side="encoder"), "fp32"),
+        "noise seed": cache_key(encoder(timesteps=[50], noise_seed=1), "fp32"),
+    }
+    other = encoder(timesteps=[50])
+    other.weights_id = "other weights"
+    changed["weights"] = cache_key(other, "fp32")
+    monkeypatch.setattr(rsseg.cache, "FEATURE_CODE_VERSION", rsseg.cache.FEATURE_CODE_VERSION + 1)
+    changed["feature code version"] = cache_key(encoder(timesteps=[50]), "fp32")
+    assert all(k != key for k in changed.values()) and len(set(changed.values())) == len(changed), changed
+
+
+def test_features_of_other_maps_are_never_served_from_the_cache(workdir):
+    """The crash of a run after another that cached other maps of the same weights (all maps,
+    then ``maps: [-1]``): the second run computes its own features."""
+    from conftest import tiny_run
+    from rsseg import finetune
+
+    def run(maps):
+        return tiny_run(ddpm={"features": {"weights": "random", "timesteps": [50], "maps": maps}},
+                        finetune={"iterations": 2, "eval_every": 2, "augment": {"stretch": False}})
+
+    everything = finetune.run(run(None), workdir)
+    last_only = finetune.run(run([-1]), workdir)
+    assert everything.cache["cache/parts_computed"] > 0 and last_only.cache["cache/parts_computed"] > 0
+    assert last_only.trainable_params < everything.trainable_params
+
+
+def test_a_stored_array_of_another_shape_is_a_miss_with_a_warning(tmp_path, caplog):
+    """Whatever wrote it (an older feature code, a hand-made file): maps that are not what this
+    encoder computes are recomputed, never used and never a crash."""
+    enc = encoder(timesteps=[50])
+    x = torch.randn(1, 3, 64, 64)
+    cache = FeatureCache.open(tmp_path / "c", budget_gb=1)
+    key = cache_key(enc, "fp32")
+    cache.put(key, "t50", "s:0:0", 0, [torch.zeros(5, 4, 4)])  # one map of the wrong shape
+    cached = CachedEncoder(enc, cache)
+    with caplog.at_level("WARNING", logger="rsseg.cache"):
+        maps = cached(x, ["s:0:0"], [0])
+    assert cached.cache.stats.hits == 0 and cached.cache.stats.computed == 1
+    assert "holds maps [(5, 4, 4)], this encoder computes" in caplog.text
+    check_contract(enc, x, maps)

@@ -88,6 +88,7 @@ def test_paper_dry_run_shows_device_gpu_share_preset_params_and_pretraining(work
     plan = make_plan(load_sweep(REPO / "sweeps" / "noise_ablation.yaml", "paper"))
     assert {t.pretrain_fingerprint for t in plan.trials} == {plan.pretrainings[0].fingerprint}
     assert plan.trials[0].run["ddpm"]["schedule"]["train_steps"] == 2000 and plan.trials[0].run["runtime"]["device"] == "cuda"
+    assert plan.trials[0].run["runtime"]["loader_workers"] == 4  # a GPU is not left waiting on synchronous window reads
     assert not list(workdir.root.glob("**/*.db"))
 
 
@@ -142,6 +143,27 @@ def test_train_worker_requests_always_fit_on_one_node(monkeypatch):
         raycluster.worker_resources(PretrainRuntimeSpec(workers=1, cpus_per_worker=2), "auto")
     with pytest.raises(ConfigError, match=r"runtime.device: cuda, but the Ray cluster has no GPU"):
         raycluster.worker_resources(PretrainRuntimeSpec(), "cuda")
+
+
+def test_gpu_capacity_is_checked_for_all_workers_of_all_concurrent_pretrainings(monkeypatch):
+    """workers x GPUs per worker (x concurrent pre-trainings) against the cluster's GPUs, before
+    anything waits for GPUs that will never come."""
+    from rsseg import raycluster
+    from rsseg.config.specs import PretrainRuntimeSpec
+
+    monkeypatch.setattr(raycluster, "total_cpus", lambda: 16.0)
+    monkeypatch.setattr(raycluster, "total_gpus", lambda: 1.0)
+    monkeypatch.setattr(raycluster, "largest_node", lambda r="CPU": 16.0 if r == "CPU" else 1.0)  # one 1-GPU machine
+    one = raycluster.worker_resources(PretrainRuntimeSpec(workers=1), "cuda")
+    assert (one.gpus, one.cpus) == (1.0, 16.0)
+    with pytest.raises(ConfigError, match=r"^pretrain.runtime.workers: 2 workers x 1 GPU need 2 GPUs, the Ray cluster has 1; "
+                                          r"use --workers 1 \(or --set pretrain.runtime.workers=1\)$"):
+        raycluster.worker_resources(PretrainRuntimeSpec(workers=2), "cuda")
+    with pytest.raises(ConfigError, match=r"1 workers x 1 GPU x 2 concurrent pre-trainings need 2 GPUs, the Ray cluster has 1"):
+        raycluster.worker_resources(PretrainRuntimeSpec(workers=1), "cuda", concurrent=2)
+    assert raycluster.concurrent_pretrainings(PretrainRuntimeSpec(workers=1), "cuda", 3) == 1  # the sweep runs them one by one
+    half = raycluster.worker_resources(PretrainRuntimeSpec(workers=2, gpus_per_worker=0.5), "cuda")  # two workers share it
+    assert half.gpus == 0.5
 
 
 def test_every_run_tags_what_its_timesteps_mean():

@@ -214,12 +214,15 @@ class Ma3eObjective(MaeObjective):
         self.network = Ma3eNet(self.config)
 
     def _forward(self, net, images: torch.Tensor, generator: torch.Generator):
+        """(composite, (B, L) window membership on the host, predictions, mask). The window and the
+        masking are drawn on the host and moved once: counting or selecting on the device would
+        make the host wait for it."""
         s, p = self.spec, self.config.patch_size
         corners, angles = sample_windows(images.shape[0], self.grid, s.window, s.angle_range, generator)
-        in_window = window_tokens(corners, self.grid, s.window).to(images.device)
+        in_window = window_tokens(corners, self.grid, s.window)
         composite = rotate_windows(images, corners, angles, s.window, p)
-        noise = masking_noise(in_window, s.mask_ratio, s.window_mask_ratio, generator)
-        pred, mask = net(composite, noise, in_window)
+        noise = masking_noise(in_window, s.mask_ratio, s.window_mask_ratio, generator).to(images.device)
+        pred, mask = net(composite, noise, in_window.to(images.device))
         return composite, in_window, pred.float(), mask
 
     def loss(self, net, images, generator):
@@ -228,16 +231,17 @@ class Ma3eObjective(MaeObjective):
         target = patchify(images.float(), self.config.patch_size)  # (B, L, p*p*C), the tile before rotation
         if s.norm_pix_loss:
             target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-        background = mask * (~in_window).float()  # masked background patches
+        background = mask * (~in_window).to(mask.device, mask.dtype)  # masked background patches
         per_patch = ((pred - target) ** 2).mean(-1)
         bg_loss = (per_patch * background).sum() / background.sum().clamp_min(1)
-        b, n_w = in_window.shape[0], int(in_window[0].sum())
-        d = pred.shape[-1]
-        win_pred = pred[in_window].reshape(b, n_w, d)  # (B, n_w, D), the window's patches in row-major order
-        win_target = target[in_window].reshape(b, n_w, d)
+        b, n_w, d = in_window.shape[0], s.window**2, pred.shape[-1]
+        # (B, n_w) the window's patch indices in row-major order, found on the host
+        where = in_window.nonzero()[:, 1].reshape(b, n_w)[..., None].expand(b, n_w, d).to(pred.device)
+        win_pred = pred.gather(1, where)  # (B, n_w, D)
+        win_target = target.gather(1, where)
         window_loss = ot_loss(win_pred, win_target, s.sinkhorn_eps, s.sinkhorn_iterations)
-        return bg_loss + window_loss, {"loss_background": float(bg_loss.detach()), "loss_ot": float(window_loss.detach()),
-                                       "masked_fraction": float(mask.detach().float().mean())}
+        return bg_loss + window_loss, {"loss_background": bg_loss.detach(), "loss_ot": window_loss.detach(),
+                                       "masked_fraction": mask.detach().float().mean()}
 
     @torch.no_grad()
     def artifacts(self, net, images, generator, out_dir: Path, *, samples: int = 0, sample_steps: int = 0) -> list[Path]:

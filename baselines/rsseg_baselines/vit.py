@@ -171,7 +171,8 @@ class MaeObjective:
 
     def loss(self, net, images, generator):
         out = net(pixel_values=images, noise=self.noise(images, generator))
-        return out.loss.float(), {"masked_fraction": float(out.mask.detach().float().mean())}
+        # logged terms stay device tensors: the trainer reads them back once per flush
+        return out.loss.float(), {"masked_fraction": out.mask.detach().float().mean()}
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.name, "config": self.config.to_dict(), "spec": self.spec.model_dump(mode="json")}
@@ -218,7 +219,7 @@ class ScaleMaeObjective(MaeObjective):
         l_high = ((high_pred.float() - high_t) ** 2).mean(-1)
         n = mask.sum()
         low_loss, high_loss = (l_low * mask).sum() / n, (l_high * mask).sum() / n
-        return low_loss + high_loss, {"loss_low": float(low_loss.detach()), "loss_high": float(high_loss.detach())}
+        return low_loss + high_loss, {"loss_low": low_loss.detach(), "loss_high": high_loss.detach()}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "gsd": self.gsd, "scale": self.scale}

@@ -6,8 +6,11 @@ of the DDPM, the whole network of the other encoders. Files:
 ``<workdir>/cache/features/<cache_id>/<part>/<tile>~v<variant>.npz``, every map of that
 (tile, part) in one file, float16 at native resolution, so every run and sweep trial that needs
 the same key shares it and a tile computes only the parts it lacks (one batched forward of them).
-``cache_id`` covers the pre-training fingerprint, the weights (EMA / raw), the side and the noise
-seed.
+``cache_id`` (`cache_key`) covers what the encoder says its features depend on (its own
+``cache_id``: the pre-training fingerprint, the weights (EMA / raw), the side and the noise seed),
+which maps a part stores (the map groups of ``feature_info``, not the timesteps: a timestep is a
+part of its own and is shared by every run that uses it), the arithmetic that computed them
+(bf16 autocast on a GPU, float32 on a CPU) and the version of the feature code.
 
 Writes are a temporary file renamed onto the final name, without fsync: a reader sees the whole
 file or none, and a file left empty or torn by a power loss fails to load, which reads as a miss
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import socket
 import time
@@ -46,8 +50,20 @@ import torch
 
 from rsseg.encoders import parts_of
 
+log = logging.getLogger(__name__)
 STALE_CLAIM_S = 600.0
 WAIT_POLL_S = 0.05
+# bump when the feature code changes what it computes for the same weights and tile
+FEATURE_CODE_VERSION = 2
+
+
+def cache_key(encoder, compute_precision: str) -> str:
+    """The cache id of an encoder's features computed with ``compute_precision`` (bf16 | fp32)."""
+    from rsseg.provenance import fingerprint
+
+    maps = sorted({(fi.group, fi.channels, fi.stride) for fi in encoder.feature_info})
+    return fingerprint({"encoder": encoder.cache_id, "maps": [list(m) for m in maps], "precision": compute_precision,
+                        "version": FEATURE_CODE_VERSION})
 
 
 def _safe(name: str) -> str:
@@ -229,23 +245,40 @@ class CachedEncoder:
     or — for the keys this process claims — from one batched forward of exactly the missing parts,
     stored afterwards; keys another process is computing are waited for."""
 
-    def __init__(self, encoder, cache: FeatureCache):
+    def __init__(self, encoder, cache: FeatureCache, cache_id: str | None = None):
+        """``cache_id``: `cache_key` of the encoder at the run's precision (float32 when not given)."""
         if encoder.cache_id is None:
             raise ValueError("encoder features are not cacheable (trainable weights or fresh noise)")
         self.encoder = encoder
         self.cache = cache
-        self.cache_id = encoder.cache_id
+        self.cache_id = cache_id or cache_key(encoder, "fp32")
         self.parts = parts_of(encoder.feature_info)
         self.members = {part: [i for i, fi in enumerate(encoder.feature_info) if fi.part == part] for part in self.parts}
         self.extract_s = 0.0  # seconds spent in the encoder (tiles/s of extraction)
 
+    def _read(self, part: str, tile: str, variant: int, size: tuple[int, int]) -> list[torch.Tensor] | None:
+        """The stored maps of a key, or None (a miss) when absent or not what this encoder computes:
+        a file whose maps' count, shape or dtype disagrees is never used (a warning says so)."""
+        maps = self.cache.get(self.cache_id, part, tile, variant)
+        if maps is None:
+            return None
+        info = [self.encoder.feature_info[i] for i in self.members[part]]
+        want = [(fi.channels, size[0] // fi.stride, size[1] // fi.stride) for fi in info]
+        got = [tuple(m.shape) for m in maps]
+        if got != want or any(m.dtype != torch.float16 for m in maps):
+            log.warning("feature cache %s: %s of %s holds maps %s, this encoder computes %s; recomputing",
+                        self.cache_id, part, tile, got, want)
+            return None
+        return maps
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, keys: Sequence[str], variants: Sequence[int]) -> list[torch.Tensor]:
         b = images.shape[0]
+        size = tuple(images.shape[-2:])
         have: dict[tuple[int, str], list[torch.Tensor]] = {}
         for i, (k, v) in enumerate(zip(keys, variants)):
             for part in self.parts:
-                maps = self.cache.get(self.cache_id, part, k, int(v))
+                maps = self._read(part, k, int(v), size)
                 if maps is not None:
                     have[(i, part)] = maps
         missing = [(i, part) for i in range(b) for part in self.parts if (i, part) not in have]
@@ -262,7 +295,7 @@ class CachedEncoder:
             still, online = [], []
             for key in waiting:
                 i, part = key
-                maps = self.cache.get(self.cache_id, part, keys[i], int(variants[i]))
+                maps = self._read(part, keys[i], int(variants[i]), size)
                 if maps is not None:
                     have[key] = maps
                     self.cache.stats.waited += 1

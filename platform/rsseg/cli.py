@@ -318,7 +318,9 @@ def sweep_cmd(
     file: Path = typer.Argument(..., help="A sweep file, e.g. sweeps/noise_ablation.yaml."),
     profile: Optional[str] = ProfileOpt,
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a key of the sweep file: --set base.finetune.iterations=50 --set search.max_concurrent=1."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded plan and start nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded plan, its estimated device-hours per stage, and start nothing."),
+    rates: Optional[Path] = typer.Option(None, "--rates", help="With --dry-run: per-stage rates measured by bench/gpu_check.py --rates FILE "
+                                                              "(default: an assumed GPU, said in the output)."),
     resume: bool = typer.Option(False, "--resume", help="Continue this sweep's last invocation after its driver died."),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address (default: a local cluster)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default sqlite in the workdir)."),
@@ -327,14 +329,20 @@ def sweep_cmd(
     from rsseg.runspec import load_sweep
     from rsseg.sweep import plan as planning
 
+    if rates is not None and not dry_run:
+        from rsseg.errors import ConfigError
+
+        raise ConfigError(f"--rates {rates}: only read by --dry-run (the device-hours estimate)")
     loaded = load_sweep(file, profile, set_ or [])
     if dry_run:
-        from rsseg.sweep import passes
+        from rsseg.sweep import cost, passes
         from rsseg.workdir import Workdir
 
+        bill = cost.load_rates(rates)
         plan = planning.make_plan(loaded)
         typer.echo(planning.describe(plan), nl=False)
         typer.echo(passes.describe(passes.count(plan, Workdir.resolve())))
+        typer.echo(cost.describe(plan, Workdir.resolve(), bill), nl=False)
         return
     from rsseg.sweep.driver import run_sweep, summary_table
 

@@ -11,6 +11,7 @@ the noise maths stays float32 either way (methods/ddpm/noise.py).
 from __future__ import annotations
 
 import os
+import time
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -57,9 +58,15 @@ def resolve(setting: str = "auto") -> torch.device:
     return torch.device("cuda") if has_cuda else torch.device("cpu")
 
 
+def compute_precision(device: torch.device, precision: str = "auto") -> str:
+    """The arithmetic a run's networks use: ``bf16`` (autocast) on CUDA with ``auto`` / ``bf16``,
+    ``fp32`` on the CPU or with ``fp32``."""
+    return "bf16" if device.type == "cuda" and precision in ("auto", "bf16") else "fp32"
+
+
 def autocast(device: torch.device, precision: str = "auto") -> AbstractContextManager:
     """bf16 autocast on CUDA (``auto`` / ``bf16``), nothing on the CPU or with ``fp32``."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
+    if compute_precision(device, precision) == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
@@ -84,3 +91,39 @@ def check_sweep_resources(device_setting: str, gpus_per_trial: float, cluster_gp
     if cluster_gpus is not None and gpus_per_trial > 0 and cluster_gpus == 0:
         raise ConfigError(f"search.resources.gpu: each trial reserves {gpus_per_trial:g} GPU but the Ray cluster has none; "
                           "run on a GPU cluster (--address) or set --set search.resources.gpu=0 --set base.runtime.device=cpu")
+
+
+class Stopwatch:
+    """Seconds of device work in timed blocks, without making the host wait for the device at
+    each block: on CUDA a pair of events per block, summed when `seconds` is read (one wait then);
+    elsewhere the host's clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list = []
+        self.total = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.pending.append([start, None])
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.pending[-1][1] = end
+        else:
+            self.total += time.perf_counter() - self._t0
+
+    @property
+    def seconds(self) -> float:
+        if self.pending:
+            self.pending[-1][1].synchronize()
+            self.total += sum(start.elapsed_time(end) for start, end in self.pending) / 1000.0
+            self.pending = []
+        return self.total

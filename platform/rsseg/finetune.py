@@ -83,9 +83,14 @@ class Prepared:
     device: torch.device = torch.device("cpu")
     precision: str = "auto"
     loader_workers: int = 0
-    extract_s: float = 0.0  # seconds in the encoder forward (uncached runs; the cache keeps its own)
     tiles_extracted: int = 0
     pretrained: Any = None  # the pre-training the encoder came from (None: random or imported weights)
+    stopwatch: Any = None  # device time in the encoder forward (uncached runs; the cache keeps its own)
+
+    def __post_init__(self):
+        from rsseg.device import Stopwatch
+
+        self.stopwatch = self.stopwatch or Stopwatch(self.device)
 
     def loader(self, ds, batches):
         """Batches of ``ds`` in the given index lists, read ahead by DataLoader workers and pinned
@@ -97,7 +102,7 @@ class Prepared:
 
     def extraction_rate(self) -> float | None:
         """Tiles per second through the encoder (None when nothing was extracted)."""
-        seconds = self.cached.extract_s if self.cached is not None else self.extract_s
+        seconds = self.cached.extract_s if self.cached is not None else self.stopwatch.seconds
         tiles = self.cached.cache.stats.tiles_computed if self.cached is not None else self.tiles_extracted
         return tiles / seconds if tiles and seconds > 0 else None
 
@@ -119,9 +124,9 @@ def validation_tiles(run, index):
 
 
 def prepare(run, workdir: Workdir, pretrained=None) -> Prepared:
-    from rsseg.cache import CachedEncoder, FeatureCache
+    from rsseg.cache import CachedEncoder, FeatureCache, cache_key
     from rsseg.data import tiles
-    from rsseg.device import resolve
+    from rsseg.device import compute_precision, resolve
     from rsseg.data.dataset import TileDataset, TileReader
     from rsseg.errors import DataError
     from rsseg.heads import NeckHead, build_head
@@ -154,18 +159,16 @@ def prepare(run, workdir: Workdir, pretrained=None) -> Prepared:
     head.to(device)
     cached = None
     if ft.frozen and ft.cache.enabled and encoder.cache_id is not None:
-        cached = CachedEncoder(encoder, FeatureCache.open(workdir.cache / "features", ft.cache.budget_gb, encoder.cache_id))
+        key = cache_key(encoder, compute_precision(device, run.runtime.precision))
+        cached = CachedEncoder(encoder, FeatureCache.open(workdir.cache / "features", ft.cache.budget_gb, key), key)
     return Prepared(index, reader, train, val, test, encoder, head, head_name, ft.frozen, cached, index.table,
                     device=device, precision=run.runtime.precision, loader_workers=run.runtime.loader_workers, pretrained=pretrained)
 
 
 def _encode(p: Prepared, images: torch.Tensor, keys, variants) -> list[torch.Tensor]:
-    """The encoder forward on the device (timed for the run's extraction rate)."""
-    t0 = time.perf_counter()
-    out = p.encoder(images, keys, variants)
-    if p.device.type == "cuda":
-        torch.cuda.synchronize(p.device)
-    p.extract_s += time.perf_counter() - t0
+    """The encoder forward on the device (timed, without waiting for it, for the run's extraction rate)."""
+    with p.stopwatch:
+        out = p.encoder(images, keys, variants)
     p.tiles_extracted += images.shape[0]
     return out
 
@@ -213,11 +216,10 @@ def evaluate(p: Prepared, ds, batch_size: int, keep: int = 0) -> tuple[SegMetric
         for batch in p.loader(ds, batches):
             with autocast(p.device, p.precision):
                 logits = p.head(_features(p, batch, ds), batch["image"].shape[-2:])
-            pred = logits.argmax(1).cpu()
-            cm.update(pred, batch["mask"])
-            for j in range(len(pred)):
-                if len(kept) < keep:
-                    kept.append((batch["image"][j], batch["mask"][j], pred[j]))
+            pred = logits.argmax(1)
+            cm.update(pred, batch["mask"].to(p.device, non_blocking=True))  # counted on the device, read once
+            for j in range(min(len(pred), keep - len(kept))):
+                kept.append((batch["image"][j], batch["mask"][j], pred[j].cpu()))
     p.head.train()
     if not p.frozen:
         p.encoder.train()
@@ -225,9 +227,17 @@ def evaluate(p: Prepared, ds, batch_size: int, keep: int = 0) -> tuple[SegMetric
 
 
 class Finetuner:
-    """The training loop of one run; `run` below reads it top to bottom."""
+    """The training loop of one run; `run` below reads it top to bottom.
+
+    A step's loss stays on the device (`rsseg.scalars.DeviceScalars`) and is read back every
+    ``FLUSH_EVERY`` iterations and before each validation: one host synchronisation per flush
+    rather than one per step, and a non-finite loss still stops the run before it is validated,
+    reported or saved."""
+
+    FLUSH_EVERY = 50
 
     def __init__(self, run, p: Prepared, tracker=None):
+        from rsseg.scalars import DeviceScalars
         from rsseg.tracking import MetricBuffer
 
         self.run, self.p, self.ft = run, p, run.finetune
@@ -239,6 +249,7 @@ class Finetuner:
         self.phase = schedule.Phase("finetune", 0, self.ft.iterations)
         self.tracker = tracker
         self.metrics = MetricBuffer(tracker)
+        self.scalars = DeviceScalars(watch=("train/loss",))
         self.start, self.val_history = 0, []
         self.seconds = {"train_s": 0.0, "eval_s": 0.0}
 
@@ -277,18 +288,31 @@ class Finetuner:
             features = _features(p, batch, p.train)
             logits = p.head(features, batch["image"].shape[-2:])
             loss = p.head.loss(features, logits, batch["mask"].to(p.device, non_blocking=True))
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"fine-tuning loss is {loss.item()} at iteration {it + 1} (lr {lr:g})")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         self.seconds["train_s"] += time.perf_counter() - t0
-        self.metrics.add(it + 1, {"train/loss": float(loss.detach()), "train/lr": lr})
+        self.scalars.add(it + 1, {"train/loss": loss.detach(), "train/lr": lr})
+        if len(self.scalars) >= self.FLUSH_EVERY:
+            self.read_scalars()
+
+    def read_scalars(self) -> None:
+        """The kept losses to the host (one synchronisation) and into the metric buffer."""
+        from rsseg.scalars import NonFinite
+
+        try:
+            points = self.scalars.read()
+        except NonFinite as exc:
+            lr = schedule.lr_at(exc.step - 1, self.optim, self.ft.iterations)
+            raise NonFiniteLoss(f"fine-tuning loss is {exc.value} at iteration {exc.step} (lr {lr:g})") from None
+        for step, values in points:
+            self.metrics.add(step, values)
 
     def due(self, done: int) -> bool:
         return done % self.ft.eval_every == 0 or done == self.ft.iterations
 
     def validate(self, done: int) -> dict[str, float]:
+        self.read_scalars()
         t0 = time.perf_counter()
         val, _ = evaluate(self.p, self.p.val, self.ft.eval_batch_size)
         self.seconds["eval_s"] += time.perf_counter() - t0
@@ -304,6 +328,7 @@ class Finetuner:
                               "val_history": self.val_history, "encoder": None if self.p.frozen else self.p.encoder.state_dict()})
 
     def test(self) -> tuple[SegMetrics, list[tuple]]:
+        self.read_scalars()
         self.metrics.flush()
         t0 = time.perf_counter()
         metrics, kept = evaluate(self.p, self.p.test, self.ft.eval_batch_size, keep=self.ft.log_predictions)

@@ -20,27 +20,54 @@ from rsseg.labels import IGNORE_INDEX
 
 
 class ConfusionMatrix:
-    """``matrix[true, pred]`` pixel counts over everything `update` has seen."""
+    """``matrix[true, pred]`` pixel counts over everything `update` has seen.
+
+    Counted where the predictions are (a GPU's evaluation never waits for the device per batch:
+    no boolean selection, no bincount, whose output size CUDA reads back from the device);
+    `compute` reads the counts back once. A target outside the class range is counted and
+    reported there."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.counts: torch.Tensor | None = None  # (C*C + 1,) on the predictions' device; the last slot: the rest
+        self.span: torch.Tensor | None = None  # (2,) smallest and largest labelled target seen
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        pred = pred.reshape(-1).to("cpu", torch.int64)
-        target = target.reshape(-1).to("cpu", torch.int64)
-        keep = target != self.ignore_index
-        pred, target = pred[keep], target[keep]
+        c = self.num_classes
+        pred = pred.reshape(-1).to(torch.int64)
+        target = target.reshape(-1).to(pred.device, torch.int64)
         if target.numel() == 0:
             return
-        if int(target.max()) >= self.num_classes or int(target.min()) < 0:
-            raise ValueError(f"target class {int(target.max())} outside 0..{self.num_classes - 1}")
-        idx = target * self.num_classes + pred
-        self.matrix += torch.bincount(idx, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
+        keep = target != self.ignore_index
+        if self.counts is None:
+            self.counts = torch.zeros(c * c + 1, dtype=torch.int64, device=pred.device)
+            self.span = torch.zeros(2, dtype=torch.int64, device=pred.device)
+        lo, hi = torch.aminmax(torch.where(keep, target, 0))
+        self.span = torch.stack([torch.minimum(self.span[0], lo), torch.maximum(self.span[1], hi)])
+        idx = torch.where(keep & (target >= 0) & (target < c), target * c + pred, c * c)
+        self.counts.index_add_(0, idx, torch.ones_like(idx))
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """(C, C) counts on the host."""
+        c = self.num_classes
+        if self.counts is None:
+            return torch.zeros(c, c, dtype=torch.int64)
+        lo, hi = self.span.tolist()
+        if hi >= c or lo < 0:
+            raise ValueError(f"target class {hi if hi >= c else lo} outside 0..{c - 1}")
+        return self.counts[: c * c].cpu().reshape(c, c)
 
     def merge(self, other: "ConfusionMatrix") -> None:
-        self.matrix += other.matrix
+        if other.counts is None:
+            return
+        if self.counts is None:
+            self.counts, self.span = other.counts.clone(), other.span.clone()
+            return
+        self.counts += other.counts.to(self.counts.device)
+        o = other.span.to(self.span.device)
+        self.span = torch.stack([torch.minimum(self.span[0], o[0]), torch.maximum(self.span[1], o[1])])
 
     def compute(self) -> "SegMetrics":
         return SegMetrics.from_matrix(self.matrix.numpy())

@@ -238,6 +238,12 @@ def worker_resources(runtime, device: str, concurrent: int = 1) -> WorkerResourc
                           f"(largest: {largest_node('GPU'):g})")
     if device == "cpu" and gpus > 0:
         raise ConfigError(f"runtime.device: cpu, but pretrain.runtime.gpus_per_worker is {gpus:g}")
+    if gpus > 0 and workers * gpus * concurrent > cluster_gpus:  # all workers of all concurrent pre-trainings at once
+        fit = int(cluster_gpus // gpus)
+        during = f" x {concurrent} concurrent pre-trainings" if concurrent > 1 else ""
+        raise ConfigError(f"pretrain.runtime.workers: {workers} workers x {gpus:g} GPU{during} need {workers * gpus * concurrent:g} GPUs, "
+                          f"the Ray cluster has {cluster_gpus:g}; use --workers {max(1, fit // concurrent)} (or "
+                          f"--set pretrain.runtime.workers={max(1, fit // concurrent)})")
     cpus = runtime.cpus_per_worker
     if cpus is None:
         if cluster_cpus < workers * concurrent:

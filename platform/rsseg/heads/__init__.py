@@ -63,10 +63,11 @@ def concat_levels(features: list[torch.Tensor], levels: "OrderedDict[int, list[i
 
 
 def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over labelled pixels; zero (with a graph) for an all-ignored batch."""
-    if (mask != IGNORE_INDEX).sum() == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX)
+    """Cross-entropy over labelled pixels; zero (with a graph) for an all-ignored batch. The sum
+    divided by the number of labelled pixels (at least 1) rather than a branch on that number:
+    a branch on a device value makes the host wait for the device at every step."""
+    total = F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (mask != IGNORE_INDEX).sum().clamp_min(1)
 
 
 class SegHead(torch.nn.Module):

@@ -13,7 +13,6 @@ from torch import nn
 
 from rsseg.encoders import FeatureInfo
 from rsseg.heads import SegHead, by_stride, concat_levels, level_channels, segmentation_loss
-from rsseg.labels import IGNORE_INDEX
 
 AUX_WEIGHT = 0.4
 
@@ -61,8 +60,8 @@ class UperNetSegHead(SegHead):
     def loss(self, features: list[torch.Tensor], logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Cross-entropy plus the FCN auxiliary head's, weighted 0.4 (mmsegmentation's recipe)."""
         loss = segmentation_loss(logits, mask)
-        if self.auxiliary is not None and (mask != IGNORE_INDEX).any():
-            loss = loss + AUX_WEIGHT * F.cross_entropy(self.auxiliary_logits(features, mask.shape[-2:]), mask, ignore_index=IGNORE_INDEX)
+        if self.auxiliary is not None:
+            loss = loss + AUX_WEIGHT * segmentation_loss(self.auxiliary_logits(features, mask.shape[-2:]), mask)
         return loss
 
 

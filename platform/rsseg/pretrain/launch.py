@@ -107,11 +107,10 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
     store.write_spec(sdir, run, identity(run))
     _check_space(run, sdir, int(homogeneous_ds[0]["image"].shape[0]))
     uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, workdir)
+    raycluster.init()
+    res = raycluster.worker_resources(runtime, run.runtime.device, concurrent)  # before the MLflow run: a refusal leaves none
     lin = lineage(run)
     mlrun = _open_run(run, workdir, uri, profile, (tags or {}) | ({"trunk_note": lin.why} if lin.why else {}))
-
-    raycluster.init()
-    res = raycluster.worker_resources(runtime, run.runtime.device, concurrent)
     mlrun.set_tags({"device": "cuda" if res.use_gpu else "cpu", "workers": str(workers),
                     "resources_per_worker": ", ".join(f"{k} {v:g}" for k, v in res.as_dict().items())})
     plan = TrainPlan(

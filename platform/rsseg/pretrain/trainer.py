@@ -3,13 +3,19 @@
 ``Trainer.fit()`` reads top to bottom: resume -> a loop of ``step()`` -> ``save()``. Around the
 step, small collaborators do one job each:
 
-- `Ema` — rank 0's exponential moving average of the weights (the usual choice for features);
+- `Ema` — rank 0's exponential moving average of the weights (the usual choice for features),
+  built once the network is on its device, so its shadow lives there too;
 - `rsseg.device.autocast` — bf16 autocast on CUDA, fp32 elsewhere (the noise maths stays float32);
 - `Checkpoints` — rank 0 writes an atomic checkpoint every K steps (model, EMA, optimiser, step,
-  data position, RNG states, resolved spec, git commit) into the fingerprint's store, and a
-  restarted worker group resumes from the newest *valid* one;
-- `tracking.MetricBuffer` — loss / lr / images/s to MLflow in batches (rank 0), shared with
-  fine-tuning, and a progress file the driver displays;
+  data position, RNG states of the host and the GPU, resolved spec, git commit) into the
+  fingerprint's store, and a restarted worker group resumes from the newest *valid* one;
+- `rsseg.scalars.DeviceScalars` — each step's loss (averaged over the ranks on the device:
+  NCCL reduces device tensors only) and logged terms stay on the device and are read back once
+  per ``log_every`` steps (one host synchronisation), where a non-finite loss is caught before
+  anything is saved; `tracking.MetricBuffer` then logs them to MLflow in batches (rank 0) and a
+  progress file shows them to the driver;
+- `Group` — what the worker needs from its worker group: Ray Train's (`RayGroup`: DDP set up by
+  Ray, reports and checkpoints registered with it) or none (`LocalGroup`: the GPU check, tests);
 - `Fault` — a test hook that kills one worker once at a step.
 
 Each worker draws its share of every global batch from the step number alone
@@ -31,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -91,6 +97,10 @@ class Ema:
     """Exponential moving average of a network's weights (buffers too), with the usual warm-up
     decay_t = min(decay, (1 + t) / (10 + t)) so short runs are not stuck at the init.
 
+    The shadow is a float32 copy made where the network's weights are: build it after the
+    network is moved to its device (a shadow left on the host made every CUDA step add device
+    weights into host tensors). One multi-tensor op per update rather than one per weight.
+
     Kept instead of diffusers' EMAModel: that one skips the first update (decay 0 at step 1) and
     computes s - (1 - d)(s - p) on parameters only, which changes the numbers of every checkpoint."""
 
@@ -103,17 +113,28 @@ class Ema:
     def update(self, net: torch.nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        shadow, live = [], []
         for k, v in net.state_dict().items():
             if v.dtype.is_floating_point:
-                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+                shadow.append(self.shadow[k])
+                live.append(v.detach().float())
             else:
                 self.shadow[k].copy_(v)
+        torch._foreach_mul_(shadow, d)
+        torch._foreach_add_(shadow, live, alpha=1 - d)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shadow": self.shadow, "updates": self.updates, "decay": self.decay}
+        """The shadow on the host (a checkpoint loads on any machine)."""
+        return {"shadow": {k: v.detach().cpu() for k, v in self.shadow.items()}, "updates": self.updates, "decay": self.decay}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.shadow = {k: v.float() for k, v in state["shadow"].items()}
+        """Copied into the shadow, which stays on the network's device."""
+        theirs = state["shadow"]
+        if set(theirs) != set(self.shadow):
+            odd = sorted(set(theirs) ^ set(self.shadow))
+            raise CheckpointError(f"the checkpoint's EMA weights are another network's ({len(odd)} keys differ, e.g. {odd[0]!r})")
+        for k, v in theirs.items():
+            self.shadow[k].copy_(v)
         self.updates = int(state["updates"])
 
     def copy_into(self, net: torch.nn.Module) -> torch.nn.Module:
@@ -125,16 +146,21 @@ class Ema:
         return view
 
 
-def rng_states() -> dict[str, Any]:
+def rng_states(device: torch.device | None = None) -> dict[str, Any]:
     """Global RNG states as tensors and ints (loadable with ``weights_only=True``). The training
-    step itself draws from per-step generators; these cover any library that uses the globals."""
+    step itself draws its noise from per-step generators; these cover the rest: dropout (sr3's
+    0.2) draws from the generator of the device it runs on, so on a GPU the CUDA generators'
+    states are saved too, or a resumed run would drop other units than an uninterrupted one."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {
+    states = {
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
         "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
     }
+    if device is not None and device.type == "cuda":
+        states["cuda"] = list(torch.cuda.get_rng_state_all())
+    return states
 
 
 def restore_rng(states: dict[str, Any]) -> None:
@@ -143,6 +169,21 @@ def restore_rng(states: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     p = states["python"]
     random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss"]))
+    if states.get("cuda") and torch.cuda.is_available():
+        for index, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)
+
+
+def mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of a 0-dim tensor over the ranks, reduced where it is: NCCL has no host backend,
+    and moving it to the host first would also wait for the device at every step."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    total = value.detach().float().clone()
+    dist.all_reduce(total)
+    return total / world
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -188,9 +229,10 @@ class _StepBatches(torch.utils.data.Sampler):
 
 
 def batches(data: dict, phases: list[schedule.Phase], start: int, end: int, seed: int, batch: int, rank: int, world: int,
-            loader_workers: int):
+            loader_workers: int, pin: bool = False):
     """(step, phase, data position, images) for steps [start, end), phase by phase; with
-    ``loader_workers`` > 0 the windows are read ahead in DataLoader worker processes."""
+    ``loader_workers`` > 0 the windows are read ahead in DataLoader worker processes. ``pin``:
+    page-locked batches, so their copy to a GPU does not wait for the device."""
     from rsseg.data.dataset import collate
 
     for phase in phases:
@@ -201,11 +243,73 @@ def batches(data: dict, phases: list[schedule.Phase], start: int, end: int, seed
         ds = data[phase.name]
         sampler = _StepBatches(seed, phase, first, last, len(ds), batch, rank, world)
         if loader_workers:
-            loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=loader_workers, collate_fn=collate)
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=loader_workers, collate_fn=collate,
+                                                 pin_memory=pin)
         else:
             loader = (collate([ds[k] for k in keys]) for keys in sampler)
         for local, b in zip(range(first, last), loader):
-            yield phase.start + local, phase, schedule.position(phase, local, len(ds), batch), b["image"]
+            images = b["image"].pin_memory() if pin and not loader_workers else b["image"]
+            yield phase.start + local, phase, schedule.position(phase, local, len(ds), batch), images
+
+
+class Group(Protocol):
+    """What a worker needs from its worker group (the Trainer's only link to Ray)."""
+
+    def prepare(self, net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``net`` on ``device`` (moved in place), wrapped for data parallelism where there is some."""
+
+    def node(self) -> str:
+        """The node this worker runs on."""
+
+    def report(self, metrics: dict[str, float], ckpt_path: Path | None) -> None:
+        """Tell the group manager a step is done (with the checkpoint rank 0 wrote, if any)."""
+
+
+class RayGroup:
+    """Ray Train's worker group: DDP set up by Ray, reports (and checkpoint pointers) to it."""
+
+    def prepare(self, net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(net)
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def report(self, metrics: dict[str, float], ckpt_path: Path | None) -> None:
+        """Every rank reports; rank 0 attaches a pointer to the checkpoint it just wrote, so a
+        worker failure restarts the group from there (Ray Train FailureConfig)."""
+        import ray.train
+
+        if ckpt_path is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, "pointer.json").write_text(json.dumps({"path": str(ckpt_path), "step": metrics["step"]}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+class LocalGroup:
+    """No worker-group manager: one process, or a ``torch.distributed`` group the caller set up
+    (then DDP). Reports go nowhere; checkpoints are in the store all the same."""
+
+    def prepare(self, net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        import torch.distributed as dist
+
+        net.to(device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        return net
+
+    def node(self) -> str:
+        import socket
+
+        return socket.gethostname()
+
+    def report(self, metrics: dict[str, float], ckpt_path: Path | None) -> None:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -214,20 +318,22 @@ def batches(data: dict, phases: list[schedule.Phase], start: int, end: int, seed
 class Trainer:
     """One worker's share of a pre-training (Ray Train: DDP over gloo on CPU, NCCL on GPU)."""
 
-    def __init__(self, plan: TrainPlan, rank: int, world: int, device: torch.device):
-        from rsseg.pretrain.data import pretrain_datasets
+    def __init__(self, plan: TrainPlan, rank: int, world: int, device: torch.device, *, group: Group | None = None,
+                 data: dict[str, Any] | None = None):
+        """``data``: the {"archive", "homogeneous"} tile datasets, read from the run's imagery when
+        not given. Without an MLflow run in the plan (``mlflow_run_id`` empty) nothing is tracked."""
         from rsseg.runspec import parse_run
-        from rsseg.tracking import MetricBuffer, Run
-        from rsseg.workdir import Workdir
+        from rsseg.scalars import DeviceScalars
+        from rsseg.tracking import MetricBuffer
 
         self.plan, self.rank, self.world, self.device = plan, rank, world, device
+        self.group = group or LocalGroup()
         self.run = parse_run(plan.run)
         self.runtime = self.run.pretrain.runtime
         self.total = sum(plan.counts)
         self.end = min(self.total, plan.stop_after) if plan.stop_after is not None else self.total
         self.phases = schedule.phases(*plan.counts)
-        archive, homogeneous = pretrain_datasets(self.run, Workdir.resolve(plan.workdir))
-        self.data = {"archive": archive, "homogeneous": homogeneous}
+        self.data = data if data is not None else self._read_data()
         self.sdir = store.StoreDir(Path(plan.store_root))
         self.checkpoints = Checkpoints(self.sdir, plan.fingerprint, self.runtime.keep_checkpoints)
 
@@ -235,19 +341,34 @@ class Trainer:
         self.objective = self.run.plugin.build_objective(self.run, plan.in_channels)
         self.net = self.objective.network
         self.optim = self.objective.optim
-        self.ema = Ema(self.net, self.run.pretrain.ema.decay) if (rank == 0 and self.run.pretrain.ema.enabled) else None
-        self.tracker = Run(plan.tracking_uri, plan.mlflow_run_id, "") if rank == 0 else None
+        self.ema: Ema | None = None  # built in fit(), once the network is on its device
+        self.tracker = self._tracker() if rank == 0 else None
         self.metrics = MetricBuffer(self.tracker, (self.tracker.last_step("loss") if self.tracker else None) or -1)
+        self.scalars = DeviceScalars(watch=("loss",))
         self.start, self.position = 0, None
         self.trunk_start = 0  # the step this pre-training started from (a trunk point, or 0)
 
+    def _read_data(self) -> dict[str, Any]:
+        from rsseg.pretrain.data import pretrain_datasets
+        from rsseg.workdir import Workdir
+
+        archive, homogeneous = pretrain_datasets(self.run, Workdir.resolve(self.plan.workdir))
+        return {"archive": archive, "homogeneous": homogeneous}
+
+    def _tracker(self):
+        from rsseg.tracking import Run
+
+        return Run(self.plan.tracking_uri, self.plan.mlflow_run_id, "") if self.plan.mlflow_run_id else None
+
     # -- fit = resume -> steps -> save -----------------------------------------------------------
     def fit(self) -> None:
-        import ray.train.torch
-
         state = self.resume()
         self.record_group()
-        self.model = ray.train.torch.prepare_model(self.net)
+        self.model = self.group.prepare(self.net, self.device)
+        if self.rank == 0 and self.run.pretrain.ema.enabled:
+            self.ema = Ema(self.net, self.run.pretrain.ema.decay)  # the network is on its device now
+            if state is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.optim.lr, betas=tuple(self.optim.betas),
                                      weight_decay=self.optim.weight_decay)
         if state is not None:
@@ -258,7 +379,7 @@ class Trainer:
         self.t0 = time.perf_counter()
         for step, phase, position, images in batches(self.data, self.phases, self.start, self.end, self.run.pretrain.seed,
                                                      self.run.pretrain.batch_size, self.rank, self.world,
-                                                     self.run.runtime.loader_workers):
+                                                     self.run.runtime.loader_workers, pin=self.device.type == "cuda"):
             self.position = position
             loss, lr, logs = self.step(step, images.to(self.device, non_blocking=True))
             self.after_step(step + 1, phase, loss, lr, logs)
@@ -285,8 +406,6 @@ class Trainer:
             self.load_init(self.run.pretrain.init)
         if state is not None:
             self.net.load_state_dict(state["model"])
-            if self.ema is not None and state.get("ema") is not None:
-                self.ema.load_state_dict(state["ema"])
             restore_rng(state["rng"])
             if self.rank == 0:
                 log.info("resuming %s at step %d", self.sdir.root.name, self.start)
@@ -311,18 +430,15 @@ class Trainer:
             what = f"UNet {', '.join(diff)}" if diff else f"schedule {theirs.get('schedule')} vs {ours.get('schedule')}"
             raise ConfigError(f"pretrain.init: the imported weights {name!r} are another network than this run's ({what} differ); "
                               "use the preset and schedule they came with (ddpm.unet.preset: sr3, ddpm.schedule.preset: ddpm_cd)")
-        self.net.load_state_dict(state["model"])
-        if self.ema is not None:
-            self.ema = Ema(self.net, self.run.pretrain.ema.decay)
+        self.net.load_state_dict(state["model"])  # the EMA, built in fit(), starts from these weights
 
     def record_group(self) -> None:
         """Rank 0 tags the run with the node of every worker of this (re)started group and logs
         where the group started and how many steps a restart redid (those after the checkpoint it
         resumed from, already logged before the failure)."""
-        import ray
         import torch.distributed as dist
 
-        node = ray.get_runtime_context().get_node_id()
+        node = self.group.node()
         nodes = [node] * self.world
         if self.world > 1:
             dist.all_gather_object(nodes, node)
@@ -332,10 +448,9 @@ class Trainer:
             redone = max(0, self.metrics.logged_up_to - self.start) if self.start or self.metrics.logged_up_to > 0 else 0
             self.tracker.log_metrics({"train/group_start": self.start, "train/steps_redone": redone}, step=self.start)
 
-    def step(self, step: int, images: torch.Tensor) -> tuple[torch.Tensor, float, dict[str, float]]:
-        """One optimisation step at global step ``step``; returns (mean loss over ranks, lr, logs)."""
-        import torch.distributed as dist
-
+    def step(self, step: int, images: torch.Tensor) -> tuple[torch.Tensor, float, dict[str, Any]]:
+        """One optimisation step at global step ``step``; returns (the loss averaged over the
+        ranks, lr, the objective's logged terms): device tensors, read at the next flush."""
         lr = schedule.lr_at(step, self.optim, self.total)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -344,20 +459,14 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.optim.grad_clip:
-            logs = {**logs, "grad_norm": float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip))}
+            logs = {**logs, "grad_norm": torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)}
         self.opt.step()
         if self.ema is not None:
             self.ema.update(self.net)
         fault = self.plan.fault
         if fault is not None and step == fault.step and self.rank == fault.rank:
             self._inject(fault, step)
-        mean = loss.detach().float().reshape(1).cpu()
-        if self.world > 1:
-            dist.all_reduce(mean)
-            mean /= self.world
-        if not torch.isfinite(mean).all():
-            raise FloatingPointError(f"pre-training loss is {mean.item()} at step {step + 1}")
-        return mean, lr, logs
+        return mean_over_ranks(loss.detach().float(), self.world), lr, logs
 
     def _inject(self, fault: Fault, step: int) -> None:
         if fault.kind == "disk_full":
@@ -369,15 +478,19 @@ class Trainer:
             Path(fault.marker).write_text(f"worker {self.rank} killed at step {step}\n")
             os._exit(1)
 
-    def after_step(self, done: int, phase: schedule.Phase, loss: torch.Tensor, lr: float, logs: dict[str, float]) -> None:
-        """Metrics every step; every ``log_every`` / ``checkpoint_every`` steps and at the end: flush
-        them, write the progress file, checkpoint (rank 0) and report to Ray Train (every rank)."""
-        point = {"loss": float(loss), "lr": lr, "phase": 0.0 if phase.name == "archive" else 1.0, **logs}
-        self.metrics.add(done, point)
+    def after_step(self, done: int, phase: schedule.Phase, loss: torch.Tensor, lr: float, logs: dict[str, Any]) -> None:
+        """The step's scalars are kept (on the device); every ``log_every`` / ``checkpoint_every``
+        steps, at a trunk point and at the end they are read (one host synchronisation, which
+        also stops a non-finite loss before anything is saved), then: MLflow, the progress file,
+        the checkpoint (rank 0) and the report to the worker group (every rank)."""
+        self.scalars.add(done, {"loss": loss, "lr": lr, "phase": 0.0 if phase.name == "archive" else 1.0, **logs})
+        due_checkpoint = done % self.runtime.checkpoint_every == 0 or done == self.end
+        due_log = done % self.runtime.log_every == 0 or due_checkpoint
+        if not (due_log or self.trunk_point_due(done)):
+            return
+        point = self.read_scalars()
         self.leave_trunk_point(done)
-        is_last = done == self.end
-        due_checkpoint = done % self.runtime.checkpoint_every == 0 or is_last
-        if not (done % self.runtime.log_every == 0 or due_checkpoint):
+        if not due_log:
             return
         now = time.perf_counter()
         t_last, step_last = self.clock
@@ -388,13 +501,31 @@ class Trainer:
             self.metrics.flush()
             self.write_progress(done, point, ips, phase, now)
         ckpt = self.checkpoints.save(done, self.state(done)) if (self.rank == 0 and due_checkpoint) else None
-        self.report({"step": done, "loss": point["loss"], "lr": lr, "images_per_s": ips}, ckpt)
+        self.group.report({"step": done, "loss": point["loss"], "lr": point["lr"], "images_per_s": ips}, ckpt)
+
+    def read_scalars(self) -> dict[str, float]:
+        """The kept scalars to the host and into the metric buffer; the newest step's values."""
+        from rsseg.scalars import NonFinite
+
+        try:
+            points = self.scalars.read()
+        except NonFinite as exc:
+            raise FloatingPointError(f"pre-training {exc}") from None
+        for step, values in points:
+            self.metrics.add(step, values)
+        return points[-1][1]
+
+    def trunk_point_due(self, done: int) -> bool:
+        """Whether a trunk point is left after step ``done`` (every rank flushes there alike, so a
+        non-finite loss stops all of them at the same step)."""
+        plan = self.plan
+        return plan.trunk is not None and done in plan.switch_steps and done <= plan.counts[0]
 
     def leave_trunk_point(self, done: int) -> None:
         """Rank 0, after step ``done`` of the archive phase: the full training state as the
         trunk's point at that step, when a planned run switches there and it is not stored yet."""
         plan = self.plan
-        if self.rank != 0 or plan.trunk is None or done not in plan.switch_steps or done > plan.counts[0]:
+        if self.rank != 0 or not self.trunk_point_due(done):
             return
         tdir = Path(plan.trunk_root)
         try:
@@ -413,7 +544,7 @@ class Trainer:
         with tempfile.TemporaryDirectory() as d:
             paths = self.objective.artifacts(view, images, torch.Generator().manual_seed(0), Path(d),
                                              samples=self.runtime.samples, sample_steps=self.runtime.sample_steps)
-            for p in paths:
+            for p in paths if self.tracker is not None else ():
                 self.tracker.log_artifact(p, "samples")
         store.finalize(self.sdir, self.state(self.total), self.plan.mlflow_run_id)
 
@@ -425,7 +556,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "step": step,
             "data_position": self.position.as_dict(),
-            "rng": rng_states(),
+            "rng": rng_states(self.device),
             "objective": self.objective.describe(),
             "spec": self.plan.run,
             "fingerprint": self.plan.fingerprint,
@@ -442,18 +573,6 @@ class Trainer:
         atomic_write_text(self.sdir.progress, json.dumps({"step": done, "total": self.total, "loss": point["loss"], "lr": point["lr"],
                                                           "images_per_s": ips, "eta_s": eta, "phase": phase.name}))
 
-    def report(self, metrics: dict[str, float], ckpt_path: Path | None) -> None:
-        """Every rank reports; rank 0 attaches a pointer to the checkpoint it just wrote, so a
-        worker failure restarts the group from there (Ray Train FailureConfig)."""
-        import ray.train
-
-        if ckpt_path is None:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            Path(d, "pointer.json").write_text(json.dumps({"path": str(ckpt_path), "step": metrics["step"]}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
 
 def worker_loop(config: dict[str, Any]) -> None:
     """The Ray Train entry point of every worker."""
@@ -463,4 +582,4 @@ def worker_loop(config: dict[str, Any]) -> None:
     plan = TrainPlan.from_dict(config["plan"])
     ctx = ray.train.get_context()
     torch.set_num_threads(plan.threads)
-    Trainer(plan, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()).fit()
+    Trainer(plan, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), group=RayGroup()).fit()

@@ -103,9 +103,10 @@ def count(plan, workdir) -> PassCount | None:
             return None
         cached, stretched, val, test, evaluated = trial_keys(run, index)
         ts = run.ddpm.features.timesteps
-        # the cache is shared by the trials of one set of weights and noise (the encoder's cache_id)
-        group = distinct.setdefault((run.pretrain_fingerprint if run.needs_pretraining else run.ddpm.features.weights,
-                                     run.ddpm.features.side, run.ddpm.features.noise_seed), set())
+        # the cache is shared by the trials of one set of weights, noise and stored maps (rsseg.cache.cache_key)
+        f = run.ddpm.features
+        group = distinct.setdefault((run.pretrain_fingerprint if run.needs_pretraining else f.weights, f.side, f.noise_seed,
+                                     tuple(f.resolutions), tuple(f.maps or ())), set())
         val_test = val + test
         for t in ts:
             group.update((tile, v, t) for tile, v in cached)

@@ -261,6 +261,16 @@ def _check_searched_pretraining(search_axes: dict[str, Axis], trials: list[Plann
 def trunk_plan(plan: "SweepPlan", workdir=None) -> list[str]:
     """The dry run's lines on trunks: per shared archive phase, its branch points and the
     iterations to train, and the sweep's total against training every pre-training alone."""
+    return _pretraining_work(plan, workdir)[0]
+
+
+def pretraining_work(plan: "SweepPlan", workdir=None) -> list[tuple[Any, int]]:
+    """(a run of the pre-training, iterations still to train) for each trunk and each
+    pre-training trained on its own: what the sweep's pre-training stage computes."""
+    return _pretraining_work(plan, workdir)[1]
+
+
+def _pretraining_work(plan: "SweepPlan", workdir=None) -> tuple[list[str], list[tuple[Any, int]]]:
     from rsseg.pretrain import store
     from rsseg.pretrain.identity import lineage
     from rsseg.workdir import Workdir
@@ -276,7 +286,7 @@ def trunk_plan(plan: "SweepPlan", workdir=None) -> list[str]:
             groups.setdefault(lin.trunk, []).append((p, lin))
         else:
             solo.append((p, lin.why))
-    lines, total = [], 0
+    lines, total, work = [], 0, []
     for trunk, members in groups.items():
         method = members[0][0].spec.method
         longest = max(lin.switch for _, lin in members)
@@ -287,17 +297,19 @@ def trunk_plan(plan: "SweepPlan", workdir=None) -> list[str]:
             continue
         branch_its = sum(lin.homogeneous for _, lin in members)
         total += (longest - start) + branch_its
+        work.append((members[0][0].spec, (longest - start) + branch_its))
         points = sorted({lin.switch for _, lin in members})
         lines.append(f"  trunk {trunk}  archive to step {longest:,}" + (f" (from its point at {start:,} in the store)" if start else "")
                      + f"; branch points {', '.join(f'{x:,}' for x in points)}; {longest - start:,} to train")
         lines.append(f"    {len(members)} pre-training(s) on it (the longest trains it first): {branch_its:,} iterations after their switch")
     for p, why in solo:
         total += p.spec.pretrain.iterations.n_total
+        work.append((p.spec, p.spec.pretrain.iterations.n_total))
         lines.append(f"  on its own  {p.fingerprint}  {p.spec.pretrain.iterations.n_total:,} iterations ({why})")
     if not todo:
-        return []
+        return [], []
     head = [f"pre-training iterations to train: {total:,} (training each of the {len(todo)} alone: {naive:,})"]
-    return head + lines
+    return head + lines, work
 
 
 def _fmt(v: Any) -> str:
