@@ -10,7 +10,8 @@
 #   make bench                    benchmarks, appended to docs/benchmarks.md
 #   make eval-smoke               the method's evidence on the synthetic data (3 seeds), appended there too
 #
-# GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"; first on a GPU
+# machine: python bench/gpu_check.py (docs/gpu.md)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -56,6 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cache_cost.py
 	$(BIN)/python bench/predict_scale.py
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/host_syncs.py
 
 eval-smoke: $(STAMP)
 	$(BIN)/python bench/eval_smoke.py
