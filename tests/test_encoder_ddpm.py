@@ -300,3 +300,14 @@ def test_a_stored_array_of_another_shape_is_a_miss_with_a_warning(tmp_path, capl
     assert cached.cache.stats.hits == 0 and cached.cache.stats.computed == 1
     assert "holds maps [(5, 4, 4)], this encoder computes" in caplog.text
     check_contract(enc, x, maps)
+
+
+def test_features_read_ddpm_cds_way_first_map_per_level_full_resolution_included():
+    """docs/sr3.md's DDPM-CD reading: the first decoder map of each of the 5 levels, 1/1 included."""
+    enc = encoder("sr3", 32, maps=[0], resolutions=[16, 8, 4, 2, 1], noise="fresh", timesteps=[50])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = enc(x)
+    check_contract(enc, x, feats)
+    assert [fi.stride for fi in enc.feature_info] == [16, 8, 4, 2, 1] and all(fi.group.endswith(".0") for fi in enc.feature_info)
+    assert enc.cache_id is None  # fresh noise: computed every call

@@ -39,10 +39,11 @@ def test_sr3_weights_map_onto_the_sr3_preset_exactly(init_conv):
         torch.testing.assert_close(net(x, g).sample, ref(x, g), rtol=1e-4, atol=1e-5)
 
 
-def gen_pth(tmp_path, name="I190000_E97_gen.pth", mutate=None):
-    """A DDPM-CD-format generator checkpoint: denoise_fn.<UNet keys> + the schedule's buffers."""
-    state = {f"denoise_fn.{k}": v for k, v in sr3_state().state_dict().items()}
-    betas = torch.linspace(1e-6, 1e-2, 2000, dtype=torch.float64)
+def gen_pth(tmp_path, name="I190000_E97_gen.pth", mutate=None, net=None, betas=None):
+    """A DDPM-CD-format generator checkpoint: denoise_fn.<UNet keys> + the schedule's buffers
+    (DDPM-CD saves its GaussianDiffusion's state dict: both)."""
+    state = {f"denoise_fn.{k}": v for k, v in (net or sr3_state()).state_dict().items()}
+    betas = torch.linspace(1e-6, 1e-2, 2000, dtype=torch.float64) if betas is None else betas
     alphas_cumprod = torch.cumprod(1 - betas, 0)
     state.update({"betas": betas.float(), "alphas_cumprod": alphas_cumprod.float(), "sqrt_alphas_cumprod": alphas_cumprod.sqrt().float()})
     if mutate:
@@ -58,8 +59,9 @@ def test_ddpm_cd_checkpoint_imports_once_with_its_schedule_and_lists(tmp_path, w
     again, new_again = import_weights(path, "ddpm-cd", "ddpm_cd_ge", workdir)
     assert new and not new_again and first.fingerprint == again.fingerprint and first.fingerprint.startswith("import-")
     state = first.load()
-    assert state["objective"]["schedule"] == {"preset": None, "kind": "linear", "train_steps": 2000, "beta_start": 1e-6,
+    assert state["objective"]["schedule"] == {"preset": "ddpm_cd", "kind": "linear", "train_steps": 2000, "beta_start": 1e-6,
                                               "beta_end": 1e-2}
+    assert state["trained_schedule"] == {"kind": "linear", "train_steps": 2000, "beta_start": 1e-6, "beta_end": 1e-2}
     assert state["objective"]["unet"]["conditioning"]["kind"] == "noise_level" and state["source"]["format"] == "ddpm-cd"
     out = CliRunner().invoke(app, ["--workdir", str(workdir.root), "weights", "list"])
     assert out.exit_code == 0 and "ddpm_cd_ge" in out.output and "ddpm-cd" in out.output and str(path) in out.output
@@ -126,3 +128,114 @@ def test_imported_weights_give_frozen_features_by_name_with_their_schedule(tmp_p
     wrong = run.model_copy(update={"ddpm": run.ddpm.model_copy(update={"schedule": type(run.ddpm.schedule)()})})
     with pytest.raises(ConfigError, match=r"ddpm.schedule: the imported weights 'ge' were trained with a linear schedule 1e-06 -> 0.01 over 2000"):
         finetune.prepare(wrong, workdir)
+
+
+# ---------------------------------------------------------------------------------------------- DDPM-CD's release as it is
+
+
+def test_ddpm_cds_released_network_maps_onto_the_128_wide_preset():
+    """DDPM-CD's config since 2022-04-25 (inner channel 128, multipliers 1, 2, 4, 8, 8, attention
+    at 16², 256 px): its state dict (shapes only, on the meta device) converts onto sr3_ddpm_cd."""
+    from rsseg.methods.ddpm.unet import unet_config
+
+    with torch.device("meta"):
+        release = SR3UNet(inner_channel=128, channel_mults=(1, 2, 4, 8, 8), attn_res=(16,), image_size=256, dropout=0.2)
+    cfg, state = convert_sr3(release.state_dict())
+    preset = unet_config("sr3_ddpm_cd")
+    assert {k: cfg[k] for k in preset} == preset
+    with torch.device("meta"):
+        assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in build_unet(preset).parameters()) == 391_066_499
+
+
+def wide(norm_groups=32, seed=3):
+    """A 128-wide SR3 (the release's inner channel and embedding sizes, fewer levels' width to stay small)."""
+    return randomise(SR3UNet(inner_channel=128, channel_mults=(1, 1, 1, 2, 2), attn_res=(4,), image_size=64, norm_groups=norm_groups),
+                     seed).eval()
+
+
+def test_a_128_wide_release_with_cosine_betas_imports_and_computes_what_sr3_computes(tmp_path, workdir):
+    from rsseg.methods.ddpm.weights import cosine_betas
+
+    ref = wide()
+    path = gen_pth(tmp_path, net=ref, betas=cosine_betas(2000).float())
+    out = CliRunner().invoke(app, ["--workdir", str(workdir.root), "weights", "import", str(path), "--format", "ddpm-cd", "--name", "rel"])
+    assert out.exit_code == 0, out.output
+    assert "network: SR3, inner channel 128, channels 128, 128, 128, 256, 256" in out.output
+    assert "GroupNorm: 32 groups assumed" in out.output and "--norm-groups N" in out.output
+    assert "schedule in the checkpoint: cosine over 2000 steps" in out.output
+    assert "schedule for its features: linear 1e-06 -> 0.01 over 2000 steps (DDPM-CD's change-detection schedule" in out.output
+    state = torch.load(workdir.checkpoints / "imported" / "rel" / "final.pt", weights_only=True)
+    assert state["objective"]["schedule"]["kind"] == "linear" and state["trained_schedule"]["kind"] == "cosine"
+    assert state["objective"]["unet"]["time_embedding_dim"] == 128 and state["objective"]["unet"]["conditioning"]["mlp_hidden"] == 512
+    net = build_unet(state["objective"]["unet"]).eval()
+    net.load_state_dict(state["model"])
+    x, g = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)), torch.tensor([0.97, 0.31])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, g).sample, ref(x, g), rtol=1e-4, atol=1e-5)
+    # its saved schedule, when asked for: the same file read another way is other weights
+    found, new = import_weights(path, "ddpm-cd", "rel_cosine", workdir, {"schedule": "checkpoint"})
+    assert new and found.fingerprint != import_weights(path, "ddpm-cd", "rel", workdir)[0].fingerprint
+    assert found.load()["objective"]["schedule"]["kind"] == "cosine"
+
+
+def test_norm_groups_are_given_on_import_not_guessed(tmp_path, workdir):
+    """A state dict cannot say its GroupNorm groups: a 16-group network imported with the
+    default 32 computes something else (the notes said what was assumed); --norm-groups 16 matches."""
+    ref = wide(norm_groups=16)
+    path = gen_pth(tmp_path, net=ref)
+    x, g = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)), torch.tensor([0.9])
+    outputs = {}
+    for name, options in (("assumed", {}), ("given", {"norm_groups": 16})):
+        state = import_weights(path, "ddpm-cd", name, workdir, options)[0].load()
+        net = build_unet(state["objective"]["unet"]).eval()
+        net.load_state_dict(state["model"])
+        with torch.no_grad():
+            outputs[name] = net(x, g).sample
+        assert any(("16 groups (given)" if options else "32 groups assumed") in n for n in state["notes"])
+    with torch.no_grad():
+        expected = ref(x, g)
+    torch.testing.assert_close(outputs["given"], expected, rtol=1e-4, atol=1e-5)
+    assert (outputs["assumed"] - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("fmt, options, message", [
+    ("diffusers", {"norm_groups": 16}, r"--norm-groups: the diffusers format does not read it"),
+    ("ddpm-cd", {"schedule": "quadratic"}, r"--schedule 'quadratic': expected checkpoint or one of ddpm, ddpm_cd"),
+    ("ddpm-cd", {"norm_groups": 7}, r"--norm-groups 7: does not divide the checkpoint's 32 channels"),
+])
+def test_import_options_are_checked_in_one_line(fmt, options, message, tmp_path, workdir):
+    with pytest.raises((ConfigError, CheckpointError), match=message):
+        import_weights(gen_pth(tmp_path), fmt, "x", workdir, options)
+
+
+def test_pretraining_continues_from_the_128_wide_release_on_the_runs_schedule(tmp_path, workdir):
+    """pretrain.init: the network is the imported one (128 wide, whatever ddpm.unet says), its
+    weights the starting point, the run's own (linear) schedule, a fingerprint that covers the
+    import; a few steps run and the plan counts the imported network's parameters."""
+    from rsseg.methods.ddpm.weights import cosine_betas
+    from rsseg.pretrain import store
+    from rsseg.pretrain.trainer import Trainer, TrainPlan
+
+    ref = wide()
+    import_weights(gen_pth(tmp_path, net=ref, betas=cosine_betas(2000).float()), "ddpm-cd", "rel", workdir)
+    run = tiny_run(data={"tile_size": 64}, ddpm={"unet": {"preset": "sr3"}, "schedule": {"preset": "ddpm_cd"}},
+                   pretrain={"init": "rel", "iterations": {"archive": 0, "homogeneous": 4}, "batch_size": 2, "ema": {"enabled": True},
+                             "runtime": {"workers": 1, "checkpoint_every": 4, "log_every": 4, "samples": 0}})
+    assert run.pretrain_fingerprint != tiny_run(data={"tile_size": 64}, ddpm={"unet": {"preset": "sr3"}},
+                                                pretrain={"iterations": {"archive": 0, "homogeneous": 4}}).pretrain_fingerprint
+    encoder, _ = run.plugin.parameter_counts(run, 3, 7)
+    assert encoder == sum(p.numel() for p in build_unet(store.imported_objective(workdir, "rel")["unet"]).parameters())
+    sdir = store.StoreDir.for_run(run, workdir)
+    plan = TrainPlan(fingerprint=run.pretrain_fingerprint, store_root=str(sdir.root), workdir=str(workdir.root),
+                     run=run.model_dump(mode="json"), in_channels=3, counts=run.pretrain.iterations.counts(), tracking_uri="", mlflow_run_id="")
+    trainer = Trainer(plan, 0, 1, torch.device("cpu"))
+    imported = store.find_imported(workdir, "rel").load()
+    assert trainer.resume() is None  # nothing to resume: the starting point is the release
+    assert all(torch.equal(trainer.net.state_dict()[k], v) for k, v in imported["model"].items())
+    trainer.fit()
+    final = store.find(run, workdir).load()
+    assert final["objective"]["unet"]["block_out_channels"] == [128, 128, 128, 256, 256] and final["step"] == 4
+    assert final["objective"]["schedule"]["kind"] == "linear"  # the run's, not the release's cosine
+    assert set(final["model"]) == set(imported["model"])
+    drift = max((final["model"][k] - v).abs().max().item() for k, v in imported["model"].items())
+    assert 0 < drift < 0.05  # 4 AdamW steps (lr <= 1e-3) away from the release

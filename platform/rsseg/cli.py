@@ -361,12 +361,21 @@ def weights_import(
     path: Path = typer.Argument(..., help="A DDPM-CD *_gen.pth, or a diffusers UNet2DModel directory."),
     fmt: str = typer.Option(..., "--format", help="ddpm-cd | diffusers (what the installed methods read)."),
     name: str = typer.Option(..., "--name", help="The name runs use: ddpm.features.weights=NAME or pretrain.init=NAME."),
+    norm_groups: Optional[int] = typer.Option(None, "--norm-groups", min=1, help="ddpm-cd: the network's GroupNorm groups "
+                                              "(a state dict cannot say; default DDPM-CD's 32)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="ddpm-cd: the schedule its features are read under: "
+                                           "ddpm_cd (default: DDPM-CD's change-detection one), ddpm, or checkpoint (its saved betas)."),
 ) -> None:
     """Convert released weights once into the checkpoint store (fingerprinted by the file's hash)."""
     from rsseg.weights import import_weights
 
-    found, new = import_weights(path, fmt, name, _workdir())
+    from rsseg.pretrain import store
+
+    wd = _workdir()
+    found, new = import_weights(path, fmt, name, wd, {"norm_groups": norm_groups, "schedule": schedule})
     typer.echo(f"{'imported' if new else 'already imported'}: {name} ({found.method}, {found.fingerprint}) -> {found.path}")
+    for note in next((r.get("notes", []) for r in store.list_imported(wd) if r.get("name") == name), []):
+        typer.echo(f"  {note}")
 
 
 @weights_app.command("list")

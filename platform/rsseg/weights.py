@@ -39,8 +39,30 @@ def source_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_weights(path: Path, fmt: str, name: str, workdir: Workdir | None = None) -> tuple[object, bool]:
-    """Convert ``path`` once into the store as ``name``; returns (Pretrained, newly imported)."""
+def import_options(fmt: str, ref: str, options: dict[str, object]) -> dict[str, object]:
+    """The options given for this import (None: not given), checked against what the format's
+    converter reads (``--norm-groups`` and ``--schedule`` for ddpm-cd)."""
+    import inspect
+
+    from rsseg.imports import load_object
+
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    accepted = set(inspect.signature(load_object(ref)).parameters) - {"path"}
+    for key in given:
+        if key not in accepted:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag}: the {fmt} format does not read it" + (f" (it reads {', '.join('--' + a.replace('_', '-') for a in sorted(accepted))})"
+                                                                              if accepted else ""))
+    return given
+
+
+def import_weights(path: Path, fmt: str, name: str, workdir: Workdir | None = None,
+                   options: dict[str, object] | None = None) -> tuple[object, bool]:
+    """Convert ``path`` once into the store as ``name``; returns (Pretrained, newly imported).
+    ``options`` go to the format's converter (e.g. ``norm_groups``, ``schedule``); given ones are
+    part of the import's identity (its fingerprint), as the file is."""
+    import json
+
     from rsseg.imports import load_object
     from rsseg.pretrain import store
 
@@ -50,19 +72,22 @@ def import_weights(path: Path, fmt: str, name: str, workdir: Workdir | None = No
         raise ConfigError(f"--format {fmt!r}: unknown weights format; expected one of {', '.join(sorted(known))}")
     if not NAME_RE.match(name) or name in RESERVED:
         raise ConfigError(f"--name {name!r}: expected letters, digits, '.', '_' or '-' (and not {', '.join(RESERVED)})")
+    method, ref = known[fmt]
+    given = import_options(fmt, ref, options or {})
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise CheckpointError(f"{path}: weights not found")
     sha = source_hash(path)
+    if given:  # the same file read another way is other weights
+        sha = hashlib.sha256((sha + json.dumps(given, sort_keys=True)).encode()).hexdigest()
     existing = store.imported_fingerprint(workdir, name)
     if existing is not None:
         if existing == "import-" + sha[:16]:
             return store.find_imported(workdir, name), False
         raise CheckpointError(f"--name {name!r}: other weights are already imported under this name ({existing}); "
                               "choose another --name")
-    method, ref = known[fmt]
-    state = load_object(ref)(path)
-    return store.write_imported(workdir, name, method, state, {"source": str(path), "format": fmt, "sha256": sha}), True
+    state = load_object(ref)(path, **given)
+    return store.write_imported(workdir, name, method, state, {"source": str(path), "format": fmt, "sha256": sha, "options": given}), True
 
 
 def imported(name: str, workdir: Workdir | None = None):

@@ -291,8 +291,24 @@ def write_imported(workdir: Workdir, name: str, method: str, state: dict[str, An
     sdir = imported_dir(workdir, name)
     fp = "import-" + source["sha256"][:16]
     save(sdir.final, {**state, "fingerprint": fp, "method": method, "source": source, **stamp()}, fp, 0)
-    atomic_write_text(sdir.done, json.dumps({"fingerprint": fp, "method": method, "name": name, **source, **stamp()}, indent=2))
+    # the network and schedule beside the weights: planning reads them without loading the file
+    about = {k: state[k] for k in ("objective", "trained_schedule", "notes") if state.get(k) is not None}
+    atomic_write_text(sdir.done, json.dumps({"fingerprint": fp, "method": method, "name": name, **source, **about, **stamp()}, indent=2))
     return Pretrained(sdir.final, fp, method, None)
+
+
+def imported_objective(workdir: Workdir, name: str) -> dict[str, Any] | None:
+    """The network and schedule (``objective``) of imported weights, or None when not imported;
+    read from DONE.json (an import made before it was written there: from final.pt)."""
+    sdir = imported_dir(workdir, name)
+    try:
+        done = json.loads(sdir.done.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if "objective" in done:
+        return done["objective"]
+    found = find_imported(workdir, name)
+    return found.load()["objective"] if found is not None else None
 
 
 def list_imported(workdir: Workdir) -> list[dict[str, Any]]:

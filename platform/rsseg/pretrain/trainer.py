@@ -418,19 +418,17 @@ class Trainer:
         from rsseg.workdir import Workdir
 
         state = imported(name, Workdir.resolve(self.plan.workdir)).load()
-
-        def comparable(desc: dict[str, Any]) -> dict[str, Any]:
-            unet = {k: v for k, v in desc.get("unet", {}).items() if k != "sample_size"}
-            schedule = {k: v for k, v in desc.get("schedule", {}).items() if k != "preset"}
-            return {**desc, "unet": unet, "schedule": schedule}
-
-        theirs, ours = comparable(state["objective"]), comparable(self.objective.describe())
+        # the objective's network is built from the imported weights' (methods.ddpm.network); what
+        # can still differ is the bands: the data's against those the weights take
+        theirs = {k: v for k, v in state["objective"]["unet"].items() if k != "sample_size"}
+        ours = {k: v for k, v in self.objective.describe()["unet"].items() if k != "sample_size"}
         if theirs != ours:
-            diff = sorted(k for k in set(theirs["unet"]) | set(ours["unet"]) if theirs["unet"].get(k) != ours["unet"].get(k))
-            what = f"UNet {', '.join(diff)}" if diff else f"schedule {theirs.get('schedule')} vs {ours.get('schedule')}"
-            raise ConfigError(f"pretrain.init: the imported weights {name!r} are another network than this run's ({what} differ); "
-                              "use the preset and schedule they came with (ddpm.unet.preset: sr3, ddpm.schedule.preset: ddpm_cd)")
+            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            raise ConfigError(f"pretrain.init: the imported weights {name!r} are another network than this run's "
+                              f"({', '.join(f'{k} {theirs.get(k)} vs {ours.get(k)}' for k in diff)})")
         self.net.load_state_dict(state["model"])  # the EMA, built in fit(), starts from these weights
+        if self.tracker is not None:  # continued on the run's own schedule, whatever the release was trained with
+            self.tracker.set_tags({"init_trained_schedule": str(state.get("trained_schedule") or state["objective"]["schedule"])})
 
     def record_group(self) -> None:
         """Rank 0 tags the run with the node of every worker of this (re)started group and logs

@@ -23,7 +23,7 @@ def tags(run) -> dict[str, object]:
         "timesteps": ",".join(str(t) for t in f.timesteps),
         "side": f.side,
         "resolutions": ",".join(str(r) for r in f.resolutions),
-        "unet": run.ddpm.unet.preset,
+        "unet": network_name(run),  # the preset, or "imported NAME" when the network is the imported weights
         "noise": f.noise,
         # what the timestep numbers mean under this run's schedule (Table 2's footer shows it)
         "sqrt_abar": ",".join(f"{t}={s:.4f}" for t, s in signal_scales(run).items()),
@@ -32,12 +32,42 @@ def tags(run) -> dict[str, object]:
     }
 
 
+def network(run, in_channels: int | None = None, sample_size: int | None = None) -> dict:
+    """The UNet config a run trains or reads: the imported weights' own network when the run's
+    features (``ddpm.features.weights``) or its starting point (``pretrain.init``) name imported
+    weights — their width, levels, embedding and GroupNorm groups, as imported (DDPM-CD's release
+    is 128 wide, the ``sr3`` preset 64) — else ``ddpm.unet``'s preset with its overrides.
+    ``in_channels``: the data's bands (checked against the imported network's; default 3)."""
+    from rsseg.errors import ConfigError
+    from rsseg.methods.ddpm.unet import unet_config
+    from rsseg.pretrain.store import imported_objective
+    from rsseg.workdir import Workdir
+
+    size = sample_size or run.data.tile_size
+    name = run.ddpm.features.imported or run.pretrain.init
+    objective = imported_objective(Workdir.resolve(), name) if name else None
+    if objective is None:
+        return unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides, in_channels=in_channels or 3, sample_size=size)
+    theirs = objective["unet"]["in_channels"]
+    if in_channels is not None and in_channels != theirs:
+        key = "ddpm.features.weights" if run.ddpm.features.imported else "pretrain.init"
+        raise ConfigError(f"{key}: the imported weights {name!r} take {theirs} bands, this run's data has {in_channels} "
+                          "(data.bands selects which)")
+    return {**objective["unet"], "sample_size": size}
+
+
+def network_name(run) -> str:
+    """The preset, or the imported weights whose network the run uses."""
+    name = run.ddpm.features.imported or run.pretrain.init
+    return f"imported {name}" if name else run.ddpm.unet.preset
+
+
 def signal_scales(run) -> dict[int, float]:
     """sqrt(abar_t) of the run's feature timesteps under its schedule and conditioning."""
     from rsseg.methods.ddpm.noise import ForwardProcess
-    from rsseg.methods.ddpm.unet import conditioning_of, unet_config
+    from rsseg.methods.ddpm.unet import conditioning_of
 
-    process = ForwardProcess(run.ddpm.schedule, conditioning_of(unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides)))
+    process = ForwardProcess(run.ddpm.schedule, conditioning_of(network(run)))
     return {t: process.signal(t) for t in run.ddpm.features.timesteps}
 
 
@@ -57,11 +87,11 @@ def checks(run) -> list[tuple[str, str]]:
 def network_checks(run) -> list[tuple[str, str]]:
     """What the UNet can take and give, from its config alone (no network is built): the tile size
     must survive its L-1 halvings, the feature resolutions and map indexes must exist."""
-    from rsseg.methods.ddpm.unet import levels, min_input_multiple, unet_config
+    from rsseg.methods.ddpm.unet import levels, min_input_multiple
 
-    cfg = unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides)
+    cfg = network(run)
     problems = []
-    m, tile, preset = min_input_multiple(cfg), run.data.tile_size, run.ddpm.unet.preset
+    m, tile, preset = min_input_multiple(cfg), run.data.tile_size, network_name(run)
     if tile % m:
         lower, upper = max(m, tile // m * m), (tile // m + 1) * m
         problems.append(("data.tile_size", f"{tile} is not a multiple of {m}: the {preset} UNet halves its input {levels(cfg) - 1} "
@@ -82,35 +112,27 @@ def network_checks(run) -> list[tuple[str, str]]:
 def max_timestep(run) -> int:
     """The largest feature timestep: T - 1 for a timestep-conditioned UNet, T for an SR3 one
     (DDPM-CD's t indexes sqrt_alphas_cumprod_prev, 0..T)."""
-    from rsseg.methods.ddpm.unet import conditioning_of, unet_config
+    from rsseg.methods.ddpm.unet import conditioning_of
 
-    cfg = unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides)
+    cfg = network(run)
     T = run.ddpm.schedule.train_steps
     return T - 1 if conditioning_of(cfg) == "timestep" else T
 
 
 def preflight(run) -> list[tuple[str, str]]:
-    """Before a sweep starts: imported weights a run uses must be its network and schedule."""
+    """Before a sweep starts: frozen features from imported weights are read under the schedule
+    they were imported with (timestep numbers mean its noise levels). A pre-training that starts
+    from imported weights (``pretrain.init``) trains their network on the run's own schedule."""
     from rsseg.methods.ddpm.noise import schedules_match
-    from rsseg.methods.ddpm.unet import jsonable, unet_config
-    from rsseg.pretrain.store import find_imported
+    from rsseg.pretrain.store import imported_objective
     from rsseg.workdir import Workdir
 
-    problems = []
-    for key, name in (("ddpm.features.weights", run.ddpm.features.imported), ("pretrain.init", run.pretrain.init)):
-        found = find_imported(Workdir.resolve(), name) if name else None
-        if found is None:
-            continue
-        theirs = found.load()["objective"]
-        if not schedules_match(theirs["schedule"], run.ddpm.schedule):
-            problems.append((key, f"the imported weights {name!r} come with another schedule ({theirs['schedule']}); set "
-                                  "ddpm.schedule to it (e.g. ddpm.schedule.preset: ddpm_cd)"))
-        if key == "pretrain.init":
-            ours = jsonable(unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides, in_channels=theirs["unet"]["in_channels"]))
-            diff = sorted(k for k in set(ours) | set(theirs["unet"]) if k != "sample_size" and ours.get(k) != theirs["unet"].get(k))
-            if diff:
-                problems.append((key, f"the imported weights {name!r} are another network than ddpm.unet ({', '.join(diff)} differ)"))
-    return problems
+    name = run.ddpm.features.imported
+    theirs = imported_objective(Workdir.resolve(), name) if name else None
+    if theirs is not None and not schedules_match(theirs["schedule"], run.ddpm.schedule):
+        return [("ddpm.features.weights", f"the imported weights {name!r} are read under another schedule ({theirs['schedule']}); "
+                                          "set ddpm.schedule to it (e.g. ddpm.schedule.preset: ddpm_cd)")]
+    return []
 
 
 def needs_pretraining(run) -> bool:

@@ -260,7 +260,8 @@ def build_encoder(run, pretrained) -> DdpmEncoder:
 
 def skeleton(run, in_channels: int) -> DdpmEncoder:
     """The run's encoder with untrained weights (the caller builds it on the meta device)."""
-    from rsseg.methods.ddpm.unet import build_unet, conditioning_of, unet_config
+    from rsseg.methods.ddpm import network
+    from rsseg.methods.ddpm.unet import build_unet, conditioning_of
 
-    cfg = unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides, in_channels=in_channels, sample_size=run.data.tile_size)
+    cfg = network(run, in_channels)
     return DdpmEncoder(build_unet(cfg), run.ddpm.schedule, run.ddpm.features, "skeleton", conditioning=conditioning_of(cfg))

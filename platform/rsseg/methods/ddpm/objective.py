@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from rsseg.config.specs import OptimSpec
 from rsseg.methods.ddpm.noise import ForwardProcess, build_scheduler
 from rsseg.methods.ddpm.spec import NoiseScheduleSpec
-from rsseg.methods.ddpm.unet import build_unet, conditioning_of, jsonable, unet_config
+from rsseg.methods.ddpm.unet import build_unet, conditioning_of, jsonable
 
 PAPER_TIMESTEPS = (50, 100, 150, 200)
 
@@ -77,6 +77,8 @@ class DdpmObjective:
 
 
 def build_objective(run, in_channels: int) -> DdpmObjective:
-    spec = run.ddpm
-    cfg = unet_config(spec.unet.preset, spec.unet.overrides, in_channels=in_channels, sample_size=run.data.tile_size)
-    return DdpmObjective(cfg, spec.schedule, spec.optim)
+    """The run's UNet (the preset's, or the network of the imported weights ``pretrain.init``
+    starts from) on the run's own schedule."""
+    from rsseg.methods.ddpm import network
+
+    return DdpmObjective(network(run, in_channels), run.ddpm.schedule, run.ddpm.optim)

@@ -3,14 +3,19 @@
 - ``tiny``: CPU tests and the smoke profile; five levels so that 1/16 ... 1/2 maps exist, two
   layers per block so that the decoder has three maps per level as in the paper.
 - ``ho256``: Ho et al.'s 256 x 256 model (google/ddpm-*-256): 113.7 M parameters.
-- ``sr3``: the paper's network, DDPM-CD's SR3 UNet (``config/ddpm_train.json`` and
-  ``model/sr3_modules/unet.py``): inner channel 64, multipliers (1, 2, 4, 8, 8), two resnets per
-  level (three per level in the decoder), attention at 16^2 with one head, dropout 0.2, GroupNorm
-  32, conditioned on the continuous noise level sqrt(abar) through a sin/cos encoding and a
-  64 -> 256 -> 64 MLP (time embedding 64 wide), added to each resnet *without* an activation.
-  97.8 M parameters at 3 bands; the paper's 12 decoder maps are 3 maps x 4 levels at 1/16 ... 1/2
-  (or, the reading that reproduces its 16.3 M segmentor, one map x 3 timesteps x 4 levels).
-  docs/sr3.md says what differs from DDPM-CD's own module.
+- ``sr3``: the paper's network: DDPM-CD's SR3 UNet (``model/sr3_modules/unet.py``) at inner
+  channel 64, multipliers (1, 2, 4, 8, 8), two resnets per level (three per level in the
+  decoder), attention at 16^2 with one head, dropout 0.2, GroupNorm 32, conditioned on the
+  continuous noise level sqrt(abar) through a sin/cos encoding and a 64 -> 256 -> 64 MLP (time
+  embedding 64 wide), added to each resnet *without* an activation. 97.8 M parameters at 3
+  bands: the size the paper's Ft Params imply (107.5 - 16.3 = 91.2 M). Inner channel 64 is
+  DDPM-CD's ``config/ddpm_train.json`` only up to its commit 9329b33 (2022-04-23); the paper's
+  12 decoder maps are 3 maps x 4 levels at 1/16 ... 1/2 (or, the reading that reproduces its
+  16.3 M segmentor, one map x 3 timesteps x 4 levels).
+- ``sr3_ddpm_cd``: the same UNet at inner channel 128 (multipliers (1, 2, 4, 8, 8): 128 ... 1024),
+  DDPM-CD's config since 2022-04-25 and the shape of its released model (I190000_E97, trained
+  with a cosine schedule since 2022-04-26): ~391 M parameters.
+  docs/sr3.md says what differs from DDPM-CD's own module, and the config history.
 
 A config is UNet2DModel's arguments plus, for SR3-style networks, a ``conditioning`` entry
 (`build_unet` applies it after constructing the diffusers model).
@@ -53,6 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         conditioning={"kind": "noise_level", "mlp_hidden_mult": 4, "skip_time_act": True},
     ),
 }
+PRESETS["sr3_ddpm_cd"] = {**PRESETS["sr3"], "block_out_channels": (128, 256, 512, 1024, 1024)}
 
 # UNet2DModel's constructor arguments (diffusers 0.42), for validating free-form overrides
 # without importing diffusers.

@@ -108,14 +108,19 @@ def _sr3_layout(state: dict[str, torch.Tensor]) -> dict[str, Any]:
             "mlp_hidden": int(state["noise_level_mlp.1.weight"].shape[0])}
 
 
-def sr3_unet_config(layout: dict[str, Any], sample_size: int = 256) -> dict[str, Any]:
-    """The ``sr3`` preset's config with the checkpoint's channels and attention levels."""
+def sr3_unet_config(layout: dict[str, Any], sample_size: int = 256, norm_groups: int = 32) -> dict[str, Any]:
+    """The ``sr3`` preset's config with the checkpoint's channels, attention levels, embedding
+    sizes and (given: a state dict cannot say) GroupNorm groups."""
     from rsseg.methods.ddpm.unet import unet_config
 
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in layout["attends"])
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(layout["attends"]))
+    bad = [c for c in layout["channels"] if c % norm_groups]
+    if bad:
+        raise ConfigError(f"--norm-groups {norm_groups}: does not divide the checkpoint's {bad[0]} channels")
     cfg = unet_config("sr3", {"block_out_channels": list(layout["channels"]), "down_block_types": list(down),
-                              "up_block_types": list(up)}, in_channels=layout["in_channels"], sample_size=sample_size)
+                              "up_block_types": list(up), "norm_num_groups": norm_groups},
+                      in_channels=layout["in_channels"], sample_size=sample_size)
     cfg["out_channels"] = layout["out_channels"]
     cfg["conditioning"] = {**cfg["conditioning"], "mlp_hidden": layout["mlp_hidden"]}
     return cfg
@@ -207,12 +212,12 @@ def _listed(keys: list[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def convert_sr3(state: dict[str, torch.Tensor], sample_size: int = 256) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def convert_sr3(state: dict[str, torch.Tensor], sample_size: int = 256, norm_groups: int = 32) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """SR3 (DDPM-CD) UNet weights -> (the sr3 preset's UNet2DModel config, its state dict)."""
     from rsseg.methods.ddpm.unet import build_unet
 
     layout = _sr3_layout(state)
-    cfg = sr3_unet_config(layout, sample_size)
+    cfg = sr3_unet_config(layout, sample_size, norm_groups)
     with torch.device("meta"):
         target = build_unet(cfg).state_dict()
     mapping = sr3_key_map(layout)
@@ -247,18 +252,63 @@ def convert_sr3(state: dict[str, torch.Tensor], sample_size: int = 256) -> tuple
     return cfg, out
 
 
+def cosine_betas(steps: int, s: float = 8e-3) -> torch.Tensor:
+    """SR3's / DDPM-CD's ``make_beta_schedule("cosine")`` (Nichol & Dhariwal): float64 (steps,)."""
+    import math
+
+    t = torch.arange(steps + 1, dtype=torch.float64) / steps + s
+    alphas = torch.cos(t / (1 + s) * math.pi / 2).pow(2)
+    alphas = alphas / alphas[0]
+    return (1 - alphas[1:] / alphas[:-1]).clamp(max=0.999)
+
+
 def schedule_from_betas(betas: torch.Tensor) -> dict[str, Any]:
-    """A linear schedule (the only kind DDPM-CD trains with) from its stored betas."""
+    """What schedule a checkpoint's stored betas are: linear (with its ends), cosine, or another
+    (``kind: other``). Stored as float32: 6 significant digits give back the configured values."""
     b = betas.double()
-    linear = torch.linspace(float(b[0]), float(b[-1]), len(b), dtype=torch.float64)
-    if not torch.allclose(b, linear, rtol=1e-6, atol=1e-12):
-        raise ConfigError("the weights' betas are not a linear schedule; give ddpm.schedule yourself (import the UNet as diffusers)")
-    # stored as float32: 6 significant digits give back the configured values (1e-6, 1e-2)
-    return {"kind": "linear", "train_steps": len(b), "beta_start": float(f"{float(b[0]):.6g}"), "beta_end": float(f"{float(b[-1]):.6g}")}
+    n = len(b)
+    ends = {"train_steps": n, "beta_start": float(f"{float(b[0]):.6g}"), "beta_end": float(f"{float(b[-1]):.6g}")}
+    if torch.allclose(b, torch.linspace(float(b[0]), float(b[-1]), n, dtype=torch.float64), rtol=1e-6, atol=1e-12):
+        return {"kind": "linear", **ends}
+    if torch.allclose(b, cosine_betas(n), rtol=1e-4, atol=1e-7):
+        return {"kind": "cosine", **ends}
+    return {"kind": "other", **ends}
 
 
-def import_ddpm_cd(path: Path) -> dict[str, Any]:
-    """A DDPM-CD ``*_gen.pth`` -> the store's final-state form (model, objective, schedule)."""
+def _describe(schedule: dict[str, Any]) -> str:
+    if schedule["kind"] == "cosine":
+        return f"cosine over {schedule['train_steps']} steps"
+    return f"{schedule['kind']} {schedule['beta_start']:g} -> {schedule['beta_end']:g} over {schedule['train_steps']} steps"
+
+
+# DDPM-CD's change-detection configs (config/levir.json, ...) extract features from its released
+# model under this schedule, recomputed, whatever betas the checkpoint saved.
+CD_SCHEDULE = "ddpm_cd"
+
+
+def features_schedule(found: dict[str, Any] | None, choice: str) -> dict[str, Any]:
+    """The schedule imported weights are read under: a named preset (default DDPM-CD's change
+    detection one), or ``checkpoint``: the one the checkpoint's betas are (linear or cosine)."""
+    from rsseg.methods.ddpm.spec import SCHEDULE_PRESETS, NoiseScheduleSpec
+
+    if choice == "checkpoint":
+        if found is None or found["kind"] == "other":
+            what = "no betas" if found is None else "betas that are neither linear nor cosine"
+            raise ConfigError(f"--schedule checkpoint: the checkpoint has {what}; name a schedule ({', '.join(SCHEDULE_PRESETS)})")
+        return NoiseScheduleSpec(**found).model_dump(mode="json")
+    if choice not in SCHEDULE_PRESETS:
+        raise ConfigError(f"--schedule {choice!r}: expected checkpoint or one of {', '.join(SCHEDULE_PRESETS)}")
+    return NoiseScheduleSpec(preset=choice).model_dump(mode="json")
+
+
+def import_ddpm_cd(path: Path, norm_groups: int | None = None, schedule: str | None = None) -> dict[str, Any]:
+    """A DDPM-CD ``*_gen.pth`` -> the store's final-state form (model, objective, schedule).
+
+    The network is built from the checkpoint's shapes (width, multipliers, attention levels,
+    embedding sizes; 64 or 128 wide); GroupNorm groups cannot be read from a state dict
+    (``norm_groups``, default DDPM-CD's 32, said in the notes). The features' schedule is
+    DDPM-CD's change-detection one unless ``schedule`` names another; the one the checkpoint's
+    betas are is kept beside it (``trained_schedule``) and said in the notes."""
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file reads the same to the user
@@ -266,17 +316,24 @@ def import_ddpm_cd(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors (DDPM-CD's *_gen.pth)")
     state = {k.removeprefix("denoise_fn."): v for k, v in raw.items()}
-    schedule = schedule_from_betas(state["betas"]) if "betas" in state else None
+    found = schedule_from_betas(state["betas"]) if "betas" in state else None
     unet_state = {k: v for k, v in state.items() if k not in SR3_SCHEDULE_BUFFERS}
+    groups = norm_groups or 32
     try:
-        cfg, converted = convert_sr3(unet_state)
+        cfg, converted = convert_sr3(unet_state, norm_groups=groups)
+        used = features_schedule(found, schedule or CD_SCHEDULE)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    from rsseg.methods.ddpm.spec import NoiseScheduleSpec
-
-    schedule = NoiseScheduleSpec(**schedule) if schedule else NoiseScheduleSpec(preset="ddpm_cd")
-    return {"model": converted, "ema": None, "imported": True,
-            "objective": {"kind": "ddpm", "unet": _jsonable(cfg), "schedule": schedule.model_dump(mode="json")}}
+    width = cfg["block_out_channels"]
+    notes = [f"network: SR3, inner channel {width[0]}, channels {', '.join(map(str, width))}, "
+             f"{sum(v.numel() for v in converted.values()) / 1e6:.1f} M parameters",
+             f"GroupNorm: {groups} groups" + (" (given)" if norm_groups else " assumed (DDPM-CD's norm_groups; a state dict cannot say "
+                                                                           "it: --norm-groups N if the network was trained with another)"),
+             f"schedule in the checkpoint: {_describe(found) if found else 'none (no betas saved)'}",
+             f"schedule for its features: {_describe(used)}" + (" (DDPM-CD's change-detection schedule; --schedule checkpoint "
+                                                                 "or a preset for another)" if not schedule else " (given)")]
+    return {"model": converted, "ema": None, "imported": True, "trained_schedule": found, "notes": notes,
+            "objective": {"kind": "ddpm", "unet": _jsonable(cfg), "schedule": used}}
 
 
 # ---------------------------------------------------------------------------------------------- diffusers directories
