@@ -174,3 +174,21 @@ def test_evaluate_scores_whole_labelled_scenes_into_an_mlflow_run(trained):
     runs = c.search_runs([c.get_experiment_by_name("rsseg-evaluate").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and 0 <= runs[0].data.metrics["mIoU"] <= 1
     assert runs[0].data.tags["kind"] == "evaluate" and runs[0].data.tags["evaluated_dataset"] == "synthetic"
+
+
+def test_best_is_chosen_on_validation_never_on_test(workdir):
+    """``best:<experiment>``: the run with the highest validation mIoU, whatever its test mIoU."""
+    from rsseg.models import best_run
+
+    uri = tracking.resolve_uri(None, workdir)
+    tracking.init_store(uri)
+    ids = {}
+    for name, val, test in (("test winner", 0.50, 0.90), ("validation winner", 0.80, 0.60), ("unfinished", 0.95, 0.95)):
+        run = tracking.start_run(uri, "choose", name, tags={"kind": "finetune"}, workdir=workdir)
+        run.log_metrics({"val/mIoU": val, "test/mIoU": test}, step=1)
+        if name != "unfinished":
+            run.end("FINISHED")
+        ids[name] = run.run_id
+    assert best_run("choose", workdir) == ids["validation winner"]
+    with pytest.raises(CheckpointError, match=r"best:nothing: no MLflow experiment 'nothing'"):
+        best_run("nothing", workdir)

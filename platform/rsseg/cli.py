@@ -426,7 +426,7 @@ def models_list() -> None:
                    f"{'fine-tuned' if r['finetuned'] else 'frozen':<10} test mIoU {100 * r['mIoU']:.1f} %")
 
 
-ModelArg = typer.Argument(..., help="runs:/<run id>, best:<experiment> (its best test mIoU) or a saved model directory.")
+ModelArg = typer.Argument(..., help="runs:/<run id>, best:<experiment> (its best validation mIoU) or a saved model directory.")
 DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda (default: the model's runtime.device).")
 
 

@@ -128,7 +128,8 @@ class LoadedModel:
 
 def resolve_model_dir(ref: str, workdir: Workdir, tracking_uri: str | None = None) -> Path:
     """``runs:/<run id>`` (the work directory's copy, else MLflow's artifact), ``best:<experiment>``
-    (its finished run with the highest test mIoU) or a saved model directory."""
+    (its finished run with the highest validation mIoU: chosen on validation, never on test) or a
+    saved model directory."""
     from rsseg import tracking
 
     if ref.startswith("best:"):
@@ -156,6 +157,9 @@ def resolve_model_dir(ref: str, workdir: Workdir, tracking_uri: str | None = Non
     return path
 
 
+VAL_METRIC = "val/mIoU"
+
+
 def best_run(experiment: str, workdir: Workdir, tracking_uri: str | None = None) -> str:
     from rsseg import tracking
 
@@ -164,10 +168,12 @@ def best_run(experiment: str, workdir: Workdir, tracking_uri: str | None = None)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         raise CheckpointError(f"best:{experiment}: no MLflow experiment {experiment!r} in {uri}")
+    # the validation split chooses (its last evaluation, what a sweep's search metric is); the test
+    # split only reports: choosing on it would leak the test set into the choice
     runs = c.search_runs([exp.experiment_id], filter_string="tags.kind = 'finetune' and attributes.status = 'FINISHED'",
-                         order_by=["metrics.`test/mIoU` DESC"], max_results=1)
-    if not runs or "test/mIoU" not in runs[0].data.metrics:
-        raise CheckpointError(f"best:{experiment}: no finished fine-tuning run with a test mIoU in {experiment!r}")
+                         order_by=[f"metrics.`{VAL_METRIC}` DESC", "attributes.start_time DESC"], max_results=1)
+    if not runs or VAL_METRIC not in runs[0].data.metrics:
+        raise CheckpointError(f"best:{experiment}: no finished fine-tuning run with a validation mIoU ({VAL_METRIC}) in {experiment!r}")
     return runs[0].info.run_id
 
 
