@@ -46,6 +46,21 @@ def test_too_little_free_space_fails_before_anything_starts(workdir, monkeypatch
     assert exp is None or not c.search_runs([exp.experiment_id])  # no MLflow run opened
 
 
+def test_more_workers_than_the_cluster_holds_is_refused_before_an_mlflow_run_opens(workdir, monkeypatch):
+    """One line, and no MLflow run left RUNNING (the refusal used to come after the run was opened)."""
+    from rsseg import raycluster, tracking
+
+    monkeypatch.setattr(raycluster, "init", lambda *a, **k: None)  # a 2-CPU cluster, no Ray started
+    monkeypatch.setattr(raycluster, "total_cpus", lambda: 2.0)
+    monkeypatch.setattr(raycluster, "total_gpus", lambda: 0.0)
+    monkeypatch.setattr(raycluster, "largest_node", lambda r="CPU": 2.0 if r == "CPU" else 0.0)
+    with pytest.raises(ConfigError, match=r"^pretrain.runtime.workers: 8 workers need 8 CPUs, the Ray cluster has 2$"):
+        launch.train(tiny_run(pretrain={"batch_size": 8, "runtime": {"workers": 8}}), workdir)
+    c = tracking.client(tracking.resolve_uri(None, workdir))
+    exp = c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT)
+    assert exp is None or not c.search_runs([exp.experiment_id])
+
+
 def test_errors_no_retry_can_fix_are_recognised_through_wrappers():
     import errno
 
