@@ -209,3 +209,13 @@ def test_ui_on_a_taken_port_is_one_line_exit_2(tmp_path):
         port = s.getsockname()[1]
         line = one_error_line(runner.invoke(app, ["--workdir", str(tmp_path / "w"), "ui", "--port", str(port)]))
     assert line == f"error: --port {port}: 127.0.0.1:{port} is not free (Address already in use); choose another --port"
+
+
+@pytest.mark.parametrize("command", [["tables", "--out", "t"], ["predict", "best:noise_ablation", "scene.tif", "--out", "o"], ["ui", "--port", "5999"]])
+def test_a_damaged_mlflow_store_is_one_line_not_a_traceback(command, tmp_path):
+    wd = tmp_path / "w"
+    wd.mkdir()
+    (wd / "mlflow.db").write_text("garbage: not a database")
+    out = CliRunner().invoke(app, ["--workdir", str(wd), *command])
+    assert out.exit_code == 2 and out.output.count("\n") == 1, out.output
+    assert out.output.startswith(f"error: MLflow store {wd / 'mlflow.db'}: not a SQLite database (a damaged or foreign file); move it aside")

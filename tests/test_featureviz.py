@@ -85,3 +85,6 @@ def test_viz_cli_bad_timesteps_is_one_line(tmp_path):
     assert res.exit_code == 2 and res.output.strip() == "error: --timesteps: '0,x' is not a comma-separated list of integers"
     res = CliRunner().invoke(app, ["--workdir", str(tmp_path), "viz", "sweeps/finetune.yaml", "--timesteps", "0,5000"])
     assert res.exit_code == 2 and "--timesteps: 5000 is outside the schedule's 0..2000" in res.output
+    res = CliRunner().invoke(app, ["--workdir", str(tmp_path), "viz", "sweeps/finetune.yaml", "--timesteps=-10,50"])
+    assert res.exit_code == 2 and res.output.strip() == ("error: --timesteps: '-10,50': expected non-negative timesteps such as "
+                                                         "0,50,100,150 (0 = the clean image)")

@@ -296,6 +296,8 @@ def viz_cmd(
         ts = [int(t) for t in timesteps.split(",") if t.strip()]
     except ValueError:
         raise ConfigError(f"--timesteps: {timesteps!r} is not a comma-separated list of integers") from None
+    if not ts or min(ts) < 0:
+        raise ConfigError(f"--timesteps: {timesteps!r}: expected non-negative timesteps such as 0,50,100,150 (0 = the clean image)")
     run = load_run(spec, profile, set_ or []).spec
     from rsseg.methods.ddpm import max_timestep
 

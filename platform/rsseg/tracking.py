@@ -75,11 +75,33 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(f"MLflow store {uri}: cannot create {parent} ({exc.strerror})") from None
         if not os.access(parent, os.W_OK):
             raise TrackingError(f"MLflow store {uri}: {parent} is not writable")
+        check_sqlite_file(uri)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_sqlite_file(uri: str) -> None:
+    """A SQLite store's file is a SQLite database (or absent, or empty: a new store), else one line
+    instead of SQLAlchemy's hundred-line ``file is not a database``."""
+    path = _sqlite_path(uri)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TrackingError(f"MLflow store {path}: cannot be read ({exc.strerror})") from None
+    if head and head != SQLITE_HEADER:
+        raise TrackingError(f"MLflow store {path}: not a SQLite database (a damaged or foreign file); move it aside, and a new "
+                            "store is made there, or point --tracking-uri / MLFLOW_TRACKING_URI at another")
 
 
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if is_sqlite(uri):
+        check_sqlite_file(uri)
     return MlflowClient(tracking_uri=uri)
 
 
