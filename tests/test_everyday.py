@@ -219,3 +219,19 @@ def test_a_damaged_mlflow_store_is_one_line_not_a_traceback(command, tmp_path):
     out = CliRunner().invoke(app, ["--workdir", str(wd), *command])
     assert out.exit_code == 2 and out.output.count("\n") == 1, out.output
     assert out.output.startswith(f"error: MLflow store {wd / 'mlflow.db'}: not a SQLite database (a damaged or foreign file); move it aside")
+
+
+def test_an_address_where_no_ray_cluster_answers_is_one_line(monkeypatch):
+    import ray
+
+    from rsseg import raycluster
+    from rsseg.errors import ConfigError
+
+    def refuse(address=None, **kwargs):
+        raise ConnectionError(f"ray client connection timeout\nretrying {address}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConfigError, match=r"^--address ray://127.0.0.1:10999: no Ray cluster answers there \(ray client connection "
+                                          r"timeout\); start one \(`ray start --head`\) or fix --address / RAY_ADDRESS$"):
+        raycluster.init("ray://127.0.0.1:10999")

@@ -144,6 +144,12 @@ def test_bad_input_is_one_line_each(trained, tmp_path):
         load_model("runs:/0123456789abcdef", wd)
     res = CliRunner().invoke(app, ["--workdir", str(wd.root), "predict", "runs:/nosuchrun", str(RGB_BYTE), "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and res.output.startswith("error: runs:/nosuchrun: no run 'nosuchrun'")
+    run_ref = f"runs:/{tracker.run_id}"
+    a_file = tmp_path / "ok.tif"
+    res = CliRunner().invoke(app, ["--workdir", str(wd.root), "predict", run_ref, str(RGB_BYTE), "-o", str(a_file)])
+    assert res.exit_code == 2 and res.output == f"error: --out {a_file}: a file; expected a directory for the class maps (it is created if missing)\n"
+    res = CliRunner().invoke(app, ["--workdir", str(wd.root), "predict", run_ref, "dataset:abc", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and res.output.startswith("error: dataset:abc: expected dataset:N") and res.output.count("\n") == 1
 
 
 def test_a_model_whose_encoder_weights_are_missing_names_the_fingerprint(trained, tmp_path):

@@ -450,6 +450,13 @@ def predict_cmd(
     from rsseg.predict import predict_scene, quicklook as make_quicklook, scenes_of
     from rsseg.progress import done
 
+    from rsseg.errors import DataError
+
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: a file; expected a directory for the class maps (it is created if missing)")
+    bad = [s for s in scenes if s.startswith("dataset:") and not s.split(":", 1)[1].isdigit()]
+    if bad:
+        raise DataError(f"{bad[0]}: expected dataset:N, N the number of a labelled scene of the model's dataset (0, 1, ...)")
     wd = _workdir()
     loaded = load_model(model, wd, device=device, tracking_uri=tracking_uri)
     paths = []

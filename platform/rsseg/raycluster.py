@@ -64,6 +64,10 @@ def init(address: str | None = None, num_cpus: int | None = None, warm: tuple[st
         kwargs["runtime_env"] = {"env_vars": env}
     try:
         ray.init(address=address, **kwargs)
+    except ConnectionError as exc:  # ray:// or host:port where no cluster answers
+        reason = (str(exc).strip().splitlines() or ["no answer"])[0][:200]
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({reason}); start one (`ray start --head`) "
+                          "or fix --address / RAY_ADDRESS") from None
     finally:
         if warmer is not None:
             warmer.join()
