@@ -130,3 +130,26 @@ def test_active_config_keeps_only_the_blocks_the_run_uses():
     assert "upernet" in tuned["finetune"] and "mlp" not in tuned["finetune"]
     random = RunSpec(method="convnext_random").active_config()
     assert "pretrain" not in random
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    from rsseg.runspec import load_run
+
+    f = tmp_path / "dup.yaml"
+    f.write_text("name: x\nmethod: ddpm\nfinetune:\n  iterations: 10\n  lr: 1.0e-3\n  iterations: 20\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 6: invalid YAML: key 'iterations' is given twice \(first at line 4\)"):
+        load_run(f)
+
+
+def test_a_sweep_names_one_of_the_tables_the_platform_builds(tmp_path):
+    from conftest import REPO
+    from rsseg.config.specs import PAPER_TABLES
+    from rsseg.runspec import load_sweep
+    from rsseg.tables.layouts import LAYOUTS
+
+    assert set(PAPER_TABLES) == set(LAYOUTS)  # the schema's vocabulary is the tables' layouts
+    f = tmp_path / "s.yaml"
+    f.write_text((REPO / "sweeps" / "noise_ablation.yaml").read_text().replace("table: table2", "table: table9"))
+    with pytest.raises(ConfigError, match=r"s.yaml: table: unknown table 'table9': expected one of table1, .*fig10 \(or no table\); "
+                                          r"did you mean 'table5'\?"):
+        load_sweep(f, "smoke")

@@ -43,7 +43,19 @@ def _replace_constructor(loader: yaml.SafeLoader, node: yaml.Node) -> Replace:
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first at line {seen[key].line + 1}); YAML would keep the "
+                                    "last one silently", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_constructor("!replace", _replace_constructor)

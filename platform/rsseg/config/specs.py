@@ -396,10 +396,25 @@ class SearchSpec(Strict):
         return self
 
 
+# The paper's tables and figures the platform builds (rsseg.tables.layouts has one layout each)
+PAPER_TABLES = ("table1", "table2", "table3", "table4", "table5", "fig9", "fig10")
+
+
 class SweepSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    table: str | None = Field(None, description="which paper table/figure the runs fill (tag table=...)")
+    table: str | None = Field(None, description="which paper table/figure the runs fill (tag table=...); none for a search")
     description: str = ""
     base: dict[str, Any] = Field(default_factory=dict, description="one trial's spec (validated as a RunSpec)")
     space: dict[str, Axis] = Field(default_factory=dict)
     search: SearchSpec = SearchSpec()
+
+    @field_validator("table")
+    @classmethod
+    def _known_table(cls, v: str | None) -> str | None:
+        if v is not None and v not in PAPER_TABLES:
+            import difflib
+
+            close = difflib.get_close_matches(v, PAPER_TABLES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown table {v!r}: expected one of {', '.join(PAPER_TABLES)} (or no table){hint}")
+        return v
