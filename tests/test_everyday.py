@@ -235,3 +235,22 @@ def test_an_address_where_no_ray_cluster_answers_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"^--address ray://127.0.0.1:10999: no Ray cluster answers there \(ray client connection "
                                           r"timeout\); start one \(`ray start --head`\) or fix --address / RAY_ADDRESS$"):
         raycluster.init("ray://127.0.0.1:10999")
+
+
+def test_ui_with_a_thousand_workers_is_refused_in_one_line(tmp_path):
+    import os
+
+    out = CliRunner().invoke(app, ["--workdir", str(tmp_path), "ui", "--workers", "1000"])
+    cap = max(4, 2 * (os.cpu_count() or 1))
+    assert out.exit_code == 2 and out.output == f"error: --workers 1000: at most {cap} on this machine ({os.cpu_count()} CPUs); the UI needs 1-2\n"
+
+
+def test_a_tracking_uri_given_as_a_path_names_the_store_file_or_its_folder(tmp_path, monkeypatch):
+    from rsseg import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_uri(str(tmp_path / "x" / "store.db")) == f"sqlite:///{tmp_path / 'x' / 'store.db'}"
+    assert tracking.resolve_uri(str(tmp_path / "x")) == f"sqlite:///{tmp_path / 'x' / 'mlflow.db'}"
+    existing = tmp_path / "my-store"
+    existing.write_bytes(b"")
+    assert tracking.resolve_uri(str(existing)) == f"sqlite:///{existing}"

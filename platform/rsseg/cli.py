@@ -555,8 +555,14 @@ def ui_cmd(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="Show this store or server instead of the workdir's."),
 ) -> None:
     """The MLflow UI on the work directory's store (or the URL of a shared server)."""
-    from rsseg import ui
+    import os
 
+    from rsseg import ui
+    from rsseg.errors import ConfigError
+
+    cap = max(4, 2 * (os.cpu_count() or 1))  # a UI for a few people: more processes only take memory
+    if workers > cap:
+        raise ConfigError(f"--workers {workers}: at most {cap} on this machine ({os.cpu_count()} CPUs); the UI needs 1-2")
     status = ui.serve(_workdir(), port=port, tracking_uri=tracking_uri, host=host, workers=workers)
     if status:
         raise typer.Exit(code=status if 0 < status < 256 else 1)

@@ -44,7 +44,9 @@ def resolve_uri(explicit: str | None = None, workdir: Workdir | None = None) -> 
         if not path.is_absolute():
             uri = f"sqlite:///{path.resolve()}"
     elif "://" not in uri:  # a bare path: a file store is refused by MLflow 3.17; use SQLite there
-        uri = f"sqlite:///{(Path(uri).resolve() / 'mlflow.db')}"
+        path = Path(uri).expanduser().resolve()
+        # a store file (store.db, or any existing file) is that SQLite database; a folder holds mlflow.db
+        uri = f"sqlite:///{path if path.suffix == '.db' or path.is_file() else path / 'mlflow.db'}"
     return uri
 
 
