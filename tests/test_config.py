@@ -84,7 +84,7 @@ def test_profile_merges_and_replace_swaps_a_block(tmp_path):
     assert loaded.base.data.label_ratio == 0.02  # schema default, not the file's
     assert loaded.base.finetune.iterations == 5 and loaded.base.finetune.batch_size == 8  # merged
     assert loaded.spec.search.max_concurrent == 1
-    with pytest.raises(ConfigError, match=r"profile .nope. not found \(looked for .*\); available: .*tiny"):
+    with pytest.raises(ConfigError, match=r"profile .nope. not found \(looked for .*\) \(profiles: .*tiny"):
         load_sweep(sweep, profile="nope")
 
 

@@ -89,7 +89,7 @@ def test_a_dry_run_writes_nothing(tmp_path):
 
 def test_tables_with_an_unknown_profile_lists_the_profiles(tmp_path):
     line = one_error_line(runner.invoke(app, ["--workdir", str(tmp_path / "w"), "tables", "--profile", "smok", "--out", str(tmp_path / "t")]))
-    assert line.startswith("error: --profile 'smok': profile 'smok' not found") and line.endswith("available: paper, small, smoke")
+    assert line.startswith("error: --profile 'smok': profile 'smok' not found") and line.endswith("did you mean 'smoke'? (profiles: paper, small, smoke)")
     assert not (tmp_path / "t").exists()
 
 

@@ -49,9 +49,13 @@ def find_profile(name: str, near: str | os.PathLike | None = None) -> Path:
     for c in candidates:
         if c.is_file():
             return c.resolve()
+    import difflib
+
     searched = ", ".join(str(c) for c in dict.fromkeys(candidates))
-    available = sorted({p.stem for c in candidates for p in c.parent.glob("*.yaml")} if candidates else [])
-    hint = f"; available: {', '.join(available)}" if available else ""
+    # profiles are the files of a profiles/ folder (a sweep file beside the sweep is not one)
+    available = sorted({p.stem for c in candidates if c.parent.name == "profiles" for p in c.parent.glob("*.yaml")})
+    close = difflib.get_close_matches(name, available, n=1)
+    hint = (f"; did you mean {close[0]!r}?" if close else "") + (f" (profiles: {', '.join(available)})" if available else "")
     raise ConfigError(f"profile {name!r} not found (looked for {searched}){hint}")
 
 
