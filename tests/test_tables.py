@@ -80,7 +80,7 @@ def test_table2_cells_aggregate_seeds_exclude_failed_and_rerun(report):
     assert "| t = [150, 100, 50] (ours) | 85.0 ± 7.1 | — |" in md
     assert md.count("| t = [150, 100, 50] (ours) |") == 1
     row = next(l for l in md.splitlines() if l.startswith("| t = [150, 100, 50] (ours)"))
-    assert row.endswith("| 72.0 ± 2.8 | +29.3 | 2 |")
+    assert row.endswith("| 72.0 ± 2.8 | 2 |") and "Δ" not in md  # ours - paper means nothing on synthetic data
     assert "| t = [0] (ours) | 70.0 |" in md and "| t = [0] (paper) | 59.4 | 39.3 |" in md
     assert "Not counted: 1 failed run(s)." in md
     assert "Not shown: 1 run(s) with profile paper, dataset minifrance" in md
@@ -89,6 +89,12 @@ def test_table2_cells_aggregate_seeds_exclude_failed_and_rerun(report):
     # some rows of ours are still empty: the footer names the command with the profile these runs used
     assert "`platform sweep sweeps/noise_ablation.yaml --profile smoke` fills the table" in md
     assert report.built["table2"].n_runs == 3
+
+
+def test_the_difference_to_the_paper_is_shown_for_runs_on_the_papers_dataset(store, tmp_path):
+    md = (build_all(store, tmp_path, profile="paper").out / "table2.md").read_text()
+    row = next(l for l in md.splitlines() if l.startswith("| t = [150, 100, 50] (ours)"))
+    assert "| mIoU | Δ mIoU | n |" in md and row.endswith("| 99.0 | +56.3 | 1 |")  # MiniFrance, paper profile
 
 
 def test_table3_and_params_and_latex(report):

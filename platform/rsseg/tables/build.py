@@ -37,6 +37,7 @@ class Built:
     footer: list[str]
     n_runs: int
     group: dict[str, str] = field(default_factory=dict)
+    synthetic: bool = False  # our numbers come from the built-in synthetic data
 
     def cell(self, row: str, col: str) -> Cell:
         return self.ours.get((row, col), Cell())
@@ -111,7 +112,8 @@ def build_one(layout: Layout, frame, skipped: dict, *, profile: str | None = Non
             columns = [c for c in columns if c[0] not in ("mIoU", FT)] + tail
     if layout.class_columns and not layout.shows_paper(shown):
         rows = [r for r in rows if r[0] not in layout.paper_only]
-    built = Built(layout, rows, columns, ours, paper, [], runs.height, group)
+    synthetic = group.get("dataset") == "synthetic" or (runs.height and "synthetic" in set(runs["dataset"].to_list()))
+    built = Built(layout, rows, columns, ours, paper, [], runs.height, group, bool(synthetic))
     built.footer = footer(built, runs, others, skipped)
     return built
 
@@ -120,7 +122,7 @@ def footer(b: Built, runs, others, skipped: dict) -> list[str]:
     import polars as pl
 
     lay, lines = b.layout, []
-    if b.group.get("dataset") == "synthetic" or (runs.height and "synthetic" in set(runs["dataset"].to_list())):
+    if b.synthetic:
         lines.append(f"**Synthetic data** (profile `{b.group.get('profile') or 'none'}`): these numbers come from the built-in "
                      "procedural scenes and tiny networks; they test the pipeline and the method's relative behaviour and are "
                      "NOT comparable to the paper's values beside them.")
@@ -198,7 +200,8 @@ def grid(b: Built) -> tuple[list[str], list[list[str]]]:
     """Header and body rows of the table as strings (shared by Markdown and LaTeX)."""
     lay = b.layout
     if lay.style == "pairs":
-        delta = lay.delta and bool(b.paper)  # ours - paper: only beside the paper's numbers (its dataset)
+        # ours - paper: only beside the paper's numbers on its dataset (on synthetic data it means nothing)
+        delta = lay.delta and bool(b.paper) and not b.synthetic
         header = ["", *[lab for _, lab in b.columns]] + (["Δ mIoU"] if delta else []) + ["n"]
         body = []
         for rk, label in b.rows:
