@@ -167,7 +167,7 @@ def _live_group_members(pgid: int) -> list[str]:
 
 def _sweep_file(tmp_path: Path, name: str, space: str, search: str, base: str = TINY_BASE) -> Path:
     p = tmp_path / f"{name}.yaml"
-    p.write_text(f"name: {name}\ntable: test\n{base}\nspace:\n{space}\nsearch: {search}\n")
+    p.write_text(f"name: {name}\n{base}\nspace:\n{space}\nsearch: {search}\n")
     return p
 
 
