@@ -254,3 +254,23 @@ def test_a_tracking_uri_given_as_a_path_names_the_store_file_or_its_folder(tmp_p
     existing = tmp_path / "my-store"
     existing.write_bytes(b"")
     assert tracking.resolve_uri(str(existing)) == f"sqlite:///{existing}"
+
+
+def test_an_axis_is_set_by_its_kind_on_the_command_line():
+    """`--set space.seed.grid=[0]` said "input should be a valid dictionary or instance of Axis, got
+    list" (the axis key keeps its dots, so `seed.grid` was read as an axis name)."""
+    loaded = load_sweep(REPO / "sweeps" / "noise_ablation.yaml", "smoke",
+                        ["space.seed.grid=[0]", "space.ddpm.features.timesteps.grid=[[100]]"])
+    assert loaded.spec.space["seed"].grid == [0] and loaded.spec.space["ddpm.features.timesteps"].grid == [[100]]
+    whole = load_sweep(REPO / "sweeps" / "noise_ablation.yaml", "smoke", ["space.seed={grid: [0]}"])
+    assert whole.spec.space["seed"].grid == [0]
+    with pytest.raises(ConfigError, match=r"space.seed: expected an axis such as \{grid: \[...\]\} \(one of grid, cases, choice, uniform, loguniform, int\), got list \[0\]"):
+        load_sweep(REPO / "sweeps" / "noise_ablation.yaml", "smoke", ["space.seed=[0]"])
+
+
+def test_a_relative_data_root_is_made_absolute_where_the_spec_is_read(tmp_path, monkeypatch):
+    """Ray workers run in another directory: `root: my-data` reached them as a relative path and
+    the pre-training failed with "my-data/classes.yaml: class table not found"."""
+    monkeypatch.chdir(tmp_path)
+    loaded = load_sweep(REPO / "sweeps" / "noise_ablation.yaml", "small", ["base.data.root=my-data", "base.data.dataset=folder"])
+    assert loaded.base.data.root == tmp_path / "my-data"

@@ -118,13 +118,16 @@ def test_window_grid_and_weights():
     assert w.shape == (8, 8) and w.min() > 0 and w[3:5, 3:5].tolist() == [[1, 1], [1, 1]] and w[0, 0] == pytest.approx(1 / 16)
 
 
-def test_a_scene_smaller_than_a_tile_is_padded(trained, tmp_path):
+def test_a_scene_smaller_than_a_tile_is_padded(trained, tmp_path, capfd):
     wd, _, _, tracker = trained
     model = load_model(f"runs:/{tracker.run_id}", wd)
     small = write_tif(tmp_path / "small.tif", np.random.default_rng(1).integers(1, 255, (3, 40, 50)))
+    capfd.readouterr()
     r = predict_scene(model, small, tmp_path / "out")
     with rasterio.open(r.classes) as out:
         assert (out.height, out.width) == (40, 50) and (out.read(1) < 7).all()
+        assert out.colormap(1)[0][:3] == tuple(model.meta["classes"]["colors"][0])
+    assert "ERROR" not in capfd.readouterr().err  # GDAL printed "ERROR 1: TIFFSetField ..." for every map
 
 
 def test_bad_input_is_one_line_each(trained, tmp_path):
@@ -198,3 +201,74 @@ def test_best_is_chosen_on_validation_never_on_test(workdir):
     assert best_run("choose", workdir) == ids["validation winner"]
     with pytest.raises(CheckpointError, match=r"best:nothing: no MLflow experiment 'nothing'"):
         best_run("nothing", workdir)
+
+
+def _scene(path: Path, data, gsd: float | None = 0.5, dtype="uint8", nodata=None) -> Path:
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    if gsd is None:
+        return write_tif(path, data, dtype=dtype, nodata=nodata)
+    return write_tif(path, data, crs=CRS.from_epsg(32631), transform=from_origin(500000.0, 5000000.0, gsd, gsd), dtype=dtype, nodata=nodata)
+
+
+def test_other_imagery_is_read_with_bands_and_value_range_and_suspicious_input_is_warned(trained, tmp_path):
+    """--bands / --value-range for imagery unlike the training data's, and one warning line for each
+    legal but suspicious input: no CRS, 12-bit values in uint16, a value range the model was not
+    trained on, an all-nodata scene, a ground sample distance far from the training data's; a
+    scene like the training data gets none (the negative control)."""
+    wd, _, _, tracker = trained
+    model = load_model(f"runs:/{tracker.run_id}", wd)
+    assert model.meta["input"] == {"dtype": "uint8", "value_range": [0.0, 255.0], "gsd": 0.5}
+    rng = np.random.default_rng(0)
+    byte = rng.integers(1, 255, (3, 64, 64))
+    assert predict_scene(model, _scene(tmp_path / "like.tif", byte), tmp_path / "o").warnings == []
+    notes = predict_scene(model, _scene(tmp_path / "plain.tif", byte, gsd=None), tmp_path / "o").warnings
+    assert len(notes) == 1 and "plain.tif: no CRS" in notes[0]
+    twelve = _scene(tmp_path / "l8.tif", rng.integers(1, 4095, (3, 64, 64)), dtype="uint16")
+    notes = predict_scene(model, twelve, tmp_path / "o").warnings  # the model maps [0, 255]: 12-bit values clip
+    assert len(notes) == 1 and "% of sampled pixels lie outside [0, 255]" in notes[0] and notes[0].endswith("--value-range 0,4095")
+    assert predict_scene(model, twelve, tmp_path / "o", value_range=(0.0, 4095.0), overwrite=True).warnings == []
+    import copy
+
+    by_dtype = copy.copy(model)  # a model that maps its imagery by data type (no value_range of its own)
+    by_dtype.meta = {**model.meta, "value_range": None}
+    notes = predict_scene(by_dtype, twelve, tmp_path / "o", overwrite=True).warnings
+    assert len(notes) == 2 and "uint16 values are mapped from [0, 65535], the model was trained on uint8 imagery mapped from [0, 255]" in notes[0]
+    assert "uint16 values reach only 4094 (12-bit data?)" in notes[1] and notes[1].endswith("--value-range 0,4095")
+    empty = _scene(tmp_path / "empty.tif", np.zeros((3, 64, 64)), nodata=0)
+    notes = predict_scene(model, empty, tmp_path / "o").warnings
+    assert notes == [f"{empty}: every pixel is nodata, so the class map is all nodata (255)"]
+    notes = predict_scene(model, _scene(tmp_path / "landsat.tif", byte, gsd=30.0), tmp_path / "o").warnings
+    assert notes == [f"{tmp_path / 'landsat.tif'}: ground sample distance 30 m, the model was trained on 0.5 m imagery "
+                     "(60x coarser): objects appear at another scale than in training"]
+    # four bands: --bands picks three; a wrong count or spelling is one line
+    four = _scene(tmp_path / "four.tif", rng.integers(1, 255, (4, 64, 64)))
+    cli = ["--workdir", str(wd.root), "predict", f"runs:/{tracker.run_id}", str(four), "-o", str(tmp_path / "b")]
+    res = CliRunner().invoke(app, cli)
+    assert res.exit_code == 2 and res.output.strip().endswith("(choose 3 of them with --bands, e.g. --bands 1,2,3)")
+    res = CliRunner().invoke(app, cli + ["--bands", "4,3,2"])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(tmp_path / "b" / "four_classes.tif") as out:
+        assert (out.read(1) < 7).all()
+    for bad, expected in ((["--bands", "4,3"], "error: --bands 4,3: 2 band(s), the model was trained on 3"),
+                          (["--bands", "a,b,c"], "error: --bands a,b,c: expected 1-based band numbers, e.g. --bands 4,3,2"),
+                          (["--bands", "5,3,2"], f"error: {four}: has 4 band(s), so bands [5, 3, 2] cannot be read (1-based, 1..4)"),
+                          (["--value-range", "4095,0"], "error: --value-range 4095,0: expected two numbers LO,HI with LO < HI")):
+        res = CliRunner().invoke(app, cli + ["--overwrite"] + bad)
+        assert res.exit_code == 2 and res.output.startswith(expected) and res.output.count("\n") == 1, res.output
+
+
+def test_two_scenes_of_the_same_name_get_two_maps(trained, tmp_path):
+    from rsseg.predict import output_stems
+
+    wd, _, _, tracker = trained
+    a = _scene(tmp_path / "in" / "2019" / "scene.tif", np.full((3, 64, 64), 50))
+    b = _scene(tmp_path / "in" / "2020" / "scene.tif", np.full((3, 64, 64), 200))
+    assert output_stems([a, b]) == ["2019__scene", "2020__scene"] and output_stems([a]) == ["scene"]
+    with pytest.raises(DataError, match=r"scene: given twice"):
+        output_stems([a, a])
+    res = CliRunner().invoke(app, ["--workdir", str(wd.root), "predict", f"runs:/{tracker.run_id}", str(a), str(b),
+                                   "-o", str(tmp_path / "o"), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.tif")) == ["2019__scene_classes.tif", "2020__scene_classes.tif"]

@@ -174,6 +174,8 @@ def test_cli_finetune_pretrains_first_when_missing_then_reuses(tmp_path, ray_clu
     fp = run.pretrain_fingerprint
     assert f"pre-training ddpm {fp} first (not in the store yet)" in first.output
     assert f"features from pre-training {fp}" in first.output and "test mIoU" in first.output
+    # fine-tuning shows its progress (it was silent for minutes): the validations and the last iteration
+    assert "finetune iteration 2/4" in first.output and "val mIoU" in first.output and "finetune iteration 4/4" in first.output
     second = CliRunner().invoke(app, ["--workdir", str(wd), "finetune", str(spec)])
     assert second.exit_code == 0, second.output
     assert "first (not in the store yet)" not in second.output and f"features from pre-training {fp}" in second.output

@@ -100,6 +100,12 @@ def test_mlflow_ui_shows_the_runs_of_a_copied_workdir(noise_ablation, tmp_path):
     import shutil
 
     wd, loaded, result = noise_ablation
+    from typer.testing import CliRunner
+
+    from rsseg.cli import app
+
+    published = CliRunner().invoke(app, ["--workdir", str(wd.root), "tables", "--out", str(tmp_path / "tables")])
+    assert published.exit_code == 0 and "logged to MLflow: experiment 'noise_ablation', run 'tables'" in published.output, published.output
     copy = tmp_path / "copied-workdir"
     shutil.copytree(wd.root, copy, ignore=shutil.ignore_patterns("ray"))
     hidden = wd.root.with_name(wd.root.name + "-moved")
@@ -137,6 +143,26 @@ def test_mlflow_ui_shows_the_runs_of_a_copied_workdir(noise_ablation, tmp_path):
         assert {"metrics.json", "config.yaml", "predictions.png"} <= {f["path"] for f in listed["files"]}
         served = json.loads(_get(base + f"/get-artifact?path=metrics.json&run_uuid={run_id}"))
         assert served["mIoU"] == pytest.approx(metrics["test/mIoU"])
+        # the sweep's answer on its parent run, and the tables `platform tables` logged, linked from it
+        parent = json.loads(_get(base + f"/api/2.0/mlflow/runs/get?run_id={result.parent_run_id}"))["run"]
+        ptags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+        listed = {f["path"] for f in json.loads(_get(base + f"/api/2.0/mlflow/artifacts/list?run_id={result.parent_run_id}"))["files"]}
+        assert {"sweep_table.json", "sweep_chart.png"} <= listed
+        table = json.loads(_get(base + f"/get-artifact?path=sweep_table.json&run_uuid={result.parent_run_id}"))
+        assert table["columns"][:2] == ["ddpm.features.timesteps", "seed"] and len(table["data"]) == 6
+        assert sum(row[table["columns"].index("best (val)")] for row in table["data"]) == 1
+        tables_run = ptags["tables_run_id"]
+        tables_files = {f["path"] for f in json.loads(_get(base + f"/api/2.0/mlflow/artifacts/list?run_id={tables_run}&path=tables"))["files"]}
+        assert {"tables/table2.md", "tables/table2.csv", "tables/table2.tex"} <= tables_files
+        # as a user sees it: the experiment's page in a real browser (the link `platform ui` prints)
+        link = _experiment_link(proc, "noise_ablation")
+        assert link.startswith(base) and "workflowType=machine_learning" in link
+        text = _browser_text(link, "ui-noise_ablation-runs.png")
+        assert "Model training" in text and "space.ddpm.features.timesteps" in text and "val/mIoU" in text and "test/mIoU" in text
+        for run in runs:
+            m = {x["key"]: x["value"] for x in run["data"]["metrics"]}
+            assert run["info"]["run_name"] in text and str(m["val/mIoU"])[:6] in text, (run["info"]["run_name"], text[:3000])
+        assert "timesteps=[150,100,50] seed=0" in text
         # SIGTERM to `platform ui` alone stops the server it started (mlflow, uvicorn, huey)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -150,6 +176,36 @@ def test_mlflow_ui_shows_the_runs_of_a_copied_workdir(noise_ablation, tmp_path):
         proc.wait(timeout=30)
         hidden.rename(wd.root)
     assert not leftover, f"processes of the MLflow server outlived `platform ui`: {leftover}"
+
+
+ARTIFACTS = Path(os.environ.get("RSSEG_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+def _experiment_link(proc, name: str) -> str:
+    """The experiment's URL from the lines `platform ui` prints after its first."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        text = proc.stdout.readline().decode()
+        if text.split() and text.split()[0] == name:
+            return text.split()[1]
+    raise AssertionError(f"`platform ui` printed no link for {name}")
+
+
+def _browser_text(url: str, screenshot: str) -> str:
+    """The page's text after its scripts ran, in headless Chromium (Debian's, installed by .ci/run),
+    and a screenshot kept under test-artifacts/."""
+    import html
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    flags = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000", "--virtual-time-budget=30000"]
+    subprocess.run(flags + [f"--screenshot={ARTIFACTS / screenshot}", url], capture_output=True, timeout=120, check=True)
+    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
 
 
 def _live_group_members(pgid: int) -> list[str]:
@@ -480,3 +536,88 @@ def test_head_search_optuna_asha_on_the_shared_pretraining(noise_ablation):
     assert parent.data.tags["pretrain_fingerprints"] == c.get_run(first.parent_run_id).data.tags["pretrain_fingerprints"]
     store = read_runs(uri)
     assert "head_search" not in set(store.runs["experiment"].to_list()) and len(store.runs) >= 6
+
+
+def _documented_own_data_commands() -> list[list[str]]:
+    """The `platform ...` lines of docs/own-data.md's tested block, split as a shell would."""
+    import shlex
+
+    text = (REPO / "docs" / "own-data.md").read_text()
+    block = text.split("<!-- own-data commands: run by tests/test_sweep_e2e.py -->", 1)[1].split("```")[1]
+    return [shlex.split(ln)[1:] for ln in block.splitlines() if ln.startswith("platform ")]
+
+
+def test_own_data_as_documented(tmp_path, monkeypatch, ray_cluster):
+    """docs/own-data.md, as a user runs it: a copied paper sweep pointed at a folder dataset with no
+    archive imagery (its archive root `data/archive` is not there), a relative root, the
+    documented commands in order (64 px tiles in place of the doc's 256, for time). The first
+    dry run names the override, the second has no problem, the try run finishes its trial."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from rasters import write_folder_dataset
+    from rsseg.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for var in ("RSSEG_ARCHIVE", "RSSEG_WORKDIR", "RSSEG_DATA"):
+        monkeypatch.delenv(var, raising=False)
+    write_folder_dataset(tmp_path / "my-data", size=128)
+    sweep = yaml.safe_load((REPO / "sweeps" / "noise_ablation.yaml").read_text())
+    sweep["base"]["data"] = {"dataset": "folder", "root": "my-data", "tile_size": 64, "label_ratio": 0.02}
+    (tmp_path / "my_noise_ablation.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    commands = _documented_own_data_commands()
+    assert len(commands) == 4, commands
+    outputs = []
+    for args in commands:
+        args = [a.replace("256", "64") for a in args]
+        out = CliRunner().invoke(app, args)
+        outputs.append(out.output)
+        if args != commands[1]:  # the first dry run stops on its problem, as documented
+            assert out.exit_code == 0, (args, out.output[-3000:])
+    assert "pretrain.archive.root: " in outputs[1] and "--set pretrain.iterations.homogeneous_ratio=1.0" in outputs[1]
+    assert "problems" not in outputs[2] and "0 archive + 1200 homogeneous" in outputs[2]
+    assert "1 finished, 0 failed, 1 trials" in outputs[3], outputs[3][-3000:]
+    uri = tracking.resolve_uri(None, Workdir.resolve(tmp_path / "rsseg-work"))
+    kids = [r for r in tracking.client(uri).search_runs([tracking.client(uri).get_experiment_by_name("noise_ablation").experiment_id])
+            if r.data.tags.get("kind") == "finetune"]
+    assert len(kids) == 1 and kids[0].info.status == "FINISHED" and kids[0].info.run_name == "timesteps=[100] seed=0"
+
+
+def test_ctrl_c_ends_the_sweep_killed_and_prints_the_resume_command_that_finishes_it(tmp_path):
+    """Ctrl-C (SIGINT to the driver) mid-sweep: Tune's own handler used to end the fit normally, so
+    the parent run was marked FINISHED and Ray's `Tuner.restore(...)` hint was printed. Now the
+    parent and its running trials are KILLED, exit 130, and the printed command finishes the sweep."""
+    import shlex
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # the driver subprocesses start their own local clusters
+    wd = tmp_path / "w"
+    f = _sweep_file(tmp_path, "ctrlc", "  seed: {grid: [0, 1, 2]}", "{algorithm: grid, max_concurrent: 1, resources: {cpu: 1}}",
+                    base=TINY_BASE.replace("iterations: 6, eval_every: 3", "iterations: 40, eval_every: 20"))
+    exe = str(Path(sys.executable).parent / "platform")
+    env = dict(os.environ, RSSEG_RAY_LOGS="0", RSSEG_PROGRESS_SECONDS="0")
+    proc = subprocess.Popen([exe, "--workdir", str(wd), "sweep", str(f)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        for text in proc.stdout:
+            if "1 running" in text:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Tuner.restore" not in err
+    hint = [ln for ln in err.splitlines() if "continue it with: " in ln]
+    assert len(hint) == 1 and hint[0].endswith(f"sweep {f} --resume"), err[-3000:]
+    uri = tracking.resolve_uri(None, Workdir.resolve(wd))
+    assert [p.info.status for p in parents(uri, "ctrlc")] == ["KILLED"]
+    assert "RUNNING" not in {k.info.status for k in children(uri, "ctrlc")}
+    again = shlex.split(hint[0].split("continue it with: ", 1)[1])
+    out = subprocess.run([exe] + again[1:], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert [p.info.status for p in parents(uri, "ctrlc")] == ["FINISHED"]
+    assert sorted(k.info.status for k in children(uri, "ctrlc")) == ["FINISHED"] * 3

@@ -267,7 +267,10 @@ def finetune_cmd(
     pretrained = _pretrained(run, wd, address, tracking_uri=uri, profile=profile)
     if pretrained is not None:
         typer.echo(f"features from pre-training {pretrained.fingerprint} ({pretrained.path})")
-    result, tracker = runner.execute(run, wd, uri=uri, experiment=experiment, profile=profile, pretrained=pretrained)
+    result, tracker = runner.execute(run, wd, uri=uri, experiment=experiment, profile=profile, pretrained=pretrained, progress=True)
+    from rsseg.progress import done
+
+    done()
     iou = "  ".join(f"{a} {100 * v:.1f}" for a, v in zip(result.class_abbrs, result.test.iou) if v == v)
     typer.echo(f"test mIoU {100 * result.test.miou:.2f} %  pixel accuracy {100 * result.test.pixel_accuracy:.2f} %  "
                f"({result.head} head, {result.trainable_params / 1e6:.2f} M trainable parameters, {result.seconds['total_s']:.0f} s)")
@@ -348,8 +351,15 @@ def sweep_cmd(
         return
     from rsseg.sweep.driver import run_sweep, summary_table
 
-    result = run_sweep(loaded, _workdir(), address=address, tracking_uri=tracking_uri, resume=resume)
-    typer.echo(summary_table(result), nl=False)
+    try:
+        result = run_sweep(loaded, _workdir(), address=address, tracking_uri=tracking_uri, resume=resume)
+    except KeyboardInterrupt:
+        import shlex
+
+        again = ["platform"] + [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
+        typer.echo(f"interrupted: the sweep's runs are marked KILLED; continue it with: {shlex.join(again)}", err=True)
+        raise
+    typer.echo(summary_table(result, loaded.spec.search.metric, loaded.spec.search.mode), nl=False)
     if result.finished == 0:
         raise typer.Exit(code=1)
 
@@ -442,6 +452,12 @@ def predict_cmd(
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-class probabilities (uint8 x 255)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that exist."),
     quicklook: bool = typer.Option(False, "--quicklook", help="Also write a PNG of each class map with a legend."),
+    bands: Optional[str] = typer.Option(None, "--bands", metavar="B,B,B",
+                                        help="1-based bands of the scenes to read, as many as the model was trained on, e.g. 4,3,2 "
+                                             "(default: the model's)."),
+    value_range: Optional[str] = typer.Option(None, "--value-range", metavar="LO,HI",
+                                              help="Raw pixel range mapped to the model's input range, e.g. 0,4095 for 12-bit "
+                                                   "imagery (default: the model's, else the scene's data type)."),
     device: Optional[str] = DeviceOpt,
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow store holding the run."),
 ) -> None:
@@ -457,6 +473,10 @@ def predict_cmd(
     bad = [s for s in scenes if s.startswith("dataset:") and not s.split(":", 1)[1].isdigit()]
     if bad:
         raise DataError(f"{bad[0]}: expected dataset:N, N the number of a labelled scene of the model's dataset (0, 1, ...)")
+    band_list = _number_list("--bands", bands, int, "1-based band numbers, e.g. --bands 4,3,2") if bands else None
+    vrange = _number_list("--value-range", value_range, float, "two numbers LO,HI, e.g. --value-range 0,4095") if value_range else None
+    if vrange is not None and (len(vrange) != 2 or not vrange[0] < vrange[1]):
+        raise DataError(f"--value-range {value_range}: expected two numbers LO,HI with LO < HI, e.g. --value-range 0,4095")
     wd = _workdir()
     loaded = load_model(model, wd, device=device, tracking_uri=tracking_uri)
     paths = []
@@ -468,16 +488,34 @@ def predict_cmd(
             paths.append(found[int(s.split(":", 1)[1]) % len(found)].image)
         else:
             paths += scenes_of([s])
-    for scene in paths:
+    from rsseg.predict import output_stems
+
+    for scene, stem in zip(paths, output_stems(paths)):
         r = predict_scene(loaded, scene, out, overlap=overlap, batch_size=batch_size, probabilities=probabilities,
-                          overwrite=overwrite, progress=True)
+                          overwrite=overwrite, progress=True, bands=band_list, value_range=tuple(vrange) if vrange else None,
+                          stem=stem)
         done()
+        for note in r.warnings:
+            typer.echo(f"warning: {note}", err=True)
         extra = ""
         if quicklook:
             png = make_quicklook(r.classes, r.classes.with_suffix(".png"), loaded.meta["classes"]["names"], loaded.meta["classes"]["colors"])
             extra = f" + {png.name}"
         typer.echo(f"{scene} -> {r.classes}{' + ' + r.probabilities.name if r.probabilities else ''}{extra} "
                    f"({r.windows} windows, {r.windows / max(r.seconds, 1e-9):.1f} tiles/s)")
+
+
+def _number_list(option: str, text: str, kind: type, expected: str) -> list:
+    """``4,3,2`` -> [4, 3, 2]; anything else is one line naming the option."""
+    from rsseg.errors import DataError
+
+    try:
+        values = [kind(x) for x in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if not values:
+        raise DataError(f"{option} {text}: expected {expected}")
+    return values
 
 
 @app.command("evaluate")
@@ -545,6 +583,10 @@ def tables_cmd(
         group = ", ".join(f"{k} {v or 'none'}" for k, v in b.group.items())
         typer.echo(f"{tid:7s} {b.n_runs:4d} run(s), {filled:3d} cell(s) of ours" + (f"  [{group}]" if group else ""))
     typer.echo(f"wrote {len(report.files)} files to {out}/ (all tables in {out / 'tables.md'})")
+    from rsseg.tables.publish import publish
+
+    for name, run_id in publish(uri, report).items():
+        typer.echo(f"logged to MLflow: experiment {name!r}, run 'tables' {run_id}")
 
 
 @app.command("ui")

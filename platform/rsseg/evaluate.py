@@ -59,7 +59,7 @@ def evaluate_scenes(model, data, workdir, *, overlap: int | None = None, batch_s
                 labels[~valid] = cm.ignore_index
                 cm.update(torch.from_numpy(logits.argmax(axis=0)), torch.from_numpy(labels))
 
-            report = (lambda d, t, k=k: line(f"scene {k}/{len(scenes.labelled)}: {d}/{t} windows")) if progress else None
+            report = (lambda d, t, k=k: line(f"scene {k}/{len(scenes.labelled)}: {d}/{t} windows", "evaluate", final=d == t)) if progress else None
             windows += slide(model, reader, on_strip, overlap=overlap, batch_size=batch_size, progress=report)
         finally:
             reader.close()

@@ -338,7 +338,10 @@ class Finetuner:
 
 def run(run, workdir: Workdir | None = None, *, tracker=None, pretrained=None,
         on_eval: Callable[[int, dict[str, float], dict[str, Any]], None] | None = None,
-        resume_state: dict[str, Any] | None = None, on_test: Callable[[], None] | None = None) -> FinetuneResult:
+        resume_state: dict[str, Any] | None = None, on_test: Callable[[], None] | None = None,
+        progress: bool = False) -> FinetuneResult:
+    """``progress``: print the iterations, their rate and ETA, and each validation's mIoU
+    (`rsseg.progress`: in place on a terminal, throttled in a log)."""
     workdir = workdir or Workdir.resolve()
     if run.finetune.threads:
         torch.set_num_threads(run.finetune.threads)
@@ -352,12 +355,17 @@ def run(run, workdir: Workdir | None = None, *, tracker=None, pretrained=None,
     if not p.frozen:
         p.encoder.train()
     batches = loop.batches()
+    show = _progress_line(run.finetune.iterations, loop.start) if progress else None
     for it in range(loop.start, run.finetune.iterations):
         loop.train_step(it, next(batches))
         if loop.due(it + 1):
             metrics = loop.validate(it + 1)
+            if show is not None:
+                show(it + 1, metrics)
             if on_eval is not None:
                 on_eval(it + 1, metrics, loop.snapshot(it + 1))
+        elif show is not None:
+            show(it + 1, None)
     if on_test is not None:
         on_test()
     test, kept = loop.test()
@@ -371,6 +379,22 @@ def run(run, workdir: Workdir | None = None, *, tracker=None, pretrained=None,
     if tracker is not None:
         _log_final(tracker, run, result, kept, p, workdir)
     return result
+
+
+def _progress_line(total: int, start: int) -> Callable[[int, dict[str, float] | None], None]:
+    """The fine-tuning's progress line: iterations, rate (the first ones fill the feature cache,
+    so the rate climbs) and ETA; a validation's line always shows (its mIoU)."""
+    from rsseg.progress import line
+
+    t0 = time.perf_counter()
+
+    def show(done: int, metrics: dict[str, float] | None) -> None:
+        rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
+        val = f"  val mIoU {100 * metrics['val/mIoU']:.1f}" if metrics and "val/mIoU" in metrics else ""
+        line(f"finetune iteration {done}/{total}  {rate:.2f} it/s  ETA {(total - done) / max(rate, 1e-9):.0f} s{val}", "finetune",
+             final=bool(val) or done == total)
+
+    return show
 
 
 def _log_final(tracker, run, result: FinetuneResult, kept, p: Prepared, workdir: Workdir) -> None:

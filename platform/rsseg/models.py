@@ -46,6 +46,20 @@ def encoder_reference(run, pretrained) -> dict[str, Any]:
     return {"kind": "none"}
 
 
+def training_input(scenes) -> dict[str, Any]:
+    """What the training imagery looked like, for prediction's warnings about other imagery: the
+    dtype, the raw range mapped to [-1, 1] and the ground sample distance (metres, None when the
+    first labelled scene has no projected CRS)."""
+    from rsseg.data.pixels import default_value_range
+    from rsseg.data.scenes import open_raster
+
+    with open_raster(scenes.labelled[0].image) as src:
+        dtype = src.dtypes[0]
+        gsd = float(abs(src.transform.a)) if src.crs is not None and src.crs.is_projected else None
+    value_range = list(scenes.value_range) if scenes.value_range else list(default_value_range(dtype))
+    return {"dtype": dtype, "value_range": value_range, "gsd": gsd}
+
+
 def save_model(out: Path, run, prepared, result, pretrained) -> Path:
     """Write the trained model of a fine-tuning run into ``out`` (atomically)."""
     from rsseg.atomic import current_umask
@@ -64,6 +78,7 @@ def save_model(out: Path, run, prepared, result, pretrained) -> Path:
         "bands": list(prepared.index.scenes.bands) if prepared.index.scenes.bands else None,
         "in_channels": int(prepared.train[0]["image"].shape[0]),
         "value_range": list(prepared.index.scenes.value_range) if prepared.index.scenes.value_range else None,
+        "input": training_input(prepared.index.scenes),
         "tile_size": run.data.tile_size,
         "dataset": run.data.dataset,
         "test": {"mIoU": result.test.miou, "pixel_accuracy": result.test.pixel_accuracy,

@@ -76,11 +76,18 @@ class SceneReader:
         self.src = open_raster(self.path)
         count = self.src.count
         if self.bands:
-            if max(self.bands) > count:
-                raise DataError(f"{self.path}: has {count} bands, the model reads bands {self.bands}")
+            if max(self.bands) > count or min(self.bands) < 1:
+                self.src.close()
+                raise DataError(f"{self.path}: has {count} band(s), so bands {self.bands} cannot be read (1-based, 1..{count})")
+            if self.in_channels is not None and len(self.bands) != self.in_channels:
+                self.src.close()
+                raise DataError(f"--bands {','.join(map(str, self.bands))}: {len(self.bands)} band(s), the model was trained on "
+                                f"{self.in_channels}")
         elif self.in_channels is not None and count != self.in_channels:
+            self.src.close()
             raise DataError(f"{self.path}: has {count} band(s), the model was trained on {self.in_channels} "
-                            f"(set --bands to choose {self.in_channels} of them)")
+                            f"(choose {self.in_channels} of them with --bands, e.g. --bands "
+                            f"{','.join(str(b) for b in range(1, self.in_channels + 1))})")
         self.range = tuple(self.value_range) if self.value_range else default_value_range(self.src.dtypes[0])
 
     @property
@@ -231,13 +238,73 @@ def scenes_of(args: Iterable[str]) -> list[Path]:
     return out
 
 
-def output_paths(scene: Path, out_dir: Path) -> tuple[Path, Path, Path]:
+def scene_stem(scene: Path) -> str:
     stem = scene.name
     for suffix in (".jp2.tif", ".tiff", ".tif"):
         if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
+            return stem[: -len(suffix)]
+    return scene.stem
+
+
+def output_stems(scenes: list[Path]) -> list[str]:
+    """One output name per input: the scene's stem, or, where two inputs share a stem
+    (``a/x.tif``, ``b/x.tif``), its path below their common folder joined with ``__``
+    (``a__x``), so that no map overwrites another."""
+    stems = [scene_stem(s) for s in scenes]
+    clash = {s for s in stems if stems.count(s) > 1}
+    if not clash:
+        return stems
+    resolved = [s.expanduser().absolute() for s in scenes]
+    common = Path(os.path.commonpath([str(p.parent) for p in resolved]))
+    out = [("__".join(p.parent.relative_to(common).parts + (stem,)) if stem in clash else stem)
+           for p, stem in zip(resolved, stems)]
+    same = sorted({o for o in out if out.count(o) > 1})
+    if same:
+        raise DataError(f"{same[0]}: given twice (the same scene in the list more than once)")
+    return out
+
+
+def output_paths(scene: Path, out_dir: Path, stem: str | None = None) -> tuple[Path, Path, Path]:
+    stem = stem or scene_stem(scene)
     return out_dir / f"{stem}_classes.tif", out_dir / f"{stem}_probabilities.tif", out_dir / f"{stem}_classes.qml"
+
+
+GSD_FACTOR = 2.0  # a scene's ground sample distance this many times the training data's (or less) is warned about
+
+
+def input_warnings(scene: Path, reader: SceneReader, meta: dict, value_range_given: bool) -> list[str]:
+    """What is legal but suspicious about a scene for this model (one line each): no CRS, a value
+    range other than the training imagery's, 12-bit data in a 16-bit type, pixels outside the
+    range, a ground sample distance far from the training data's. A few windows are sampled."""
+    from rsseg.data import pixels
+
+    out = []
+    src = reader.src
+    if src.crs is None:
+        out.append(f"{scene}: no CRS (a JPEG/PNG, or a GeoTIFF without one): the class map is written in pixel "
+                   "coordinates and will not line up with a map")
+    trained = meta.get("input") or {}
+    lo_r, hi_r = reader.range
+    if not value_range_given and trained.get("value_range") and tuple(trained["value_range"]) != (lo_r, hi_r):
+        out.append(f"{scene}: {src.dtypes[0]} values are mapped from [{lo_r:g}, {hi_r:g}], the model was trained on "
+                   f"{trained['dtype']} imagery mapped from [{trained['value_range'][0]:g}, {trained['value_range'][1]:g}]; "
+                   "give --value-range LO,HI for this imagery's range")
+    tile = min(256, src.height, src.width)
+    grid = [(r, c) for r in range(0, src.height - tile + 1, tile) for c in range(0, src.width - tile + 1, tile)]
+    lo, hi, total, outside = pixels.sample_stats(scene, src, pixels.sample_windows(grid), tile, reader.bands, (lo_r, hi_r))
+    if total and outside / total > pixels.MAX_OUTSIDE:
+        out.append(f"{scene}: {100 * outside / total:.1f} % of sampled pixels lie outside [{lo_r:g}, {hi_r:g}], the range mapped "
+                   f"to the model's input (sampled values {lo:g} .. {hi:g}), and are clipped; give --value-range, e.g. "
+                   "--value-range {:g},{:g}".format(*pixels.suggested_range(lo, hi)))
+    if (not value_range_given and src.dtypes[0] == "uint16" and hi_r == 65535.0 and hi is not None and 0 < hi <= pixels.TWELVE_BIT):
+        out.append(f"{scene}: uint16 values reach only {hi:g} (12-bit data?): with [0, 65535] they fill 1/16 of the "
+                   f"model's input range; give --value-range 0,{pixels.TWELVE_BIT}")
+    gsd = float(abs(src.transform.a)) if src.crs is not None and src.crs.is_projected else None
+    if gsd and trained.get("gsd") and not 1 / GSD_FACTOR <= gsd / trained["gsd"] <= GSD_FACTOR:
+        out.append(f"{scene}: ground sample distance {gsd:g} m, the model was trained on {trained['gsd']:g} m imagery "
+                   f"({max(gsd / trained['gsd'], trained['gsd'] / gsd):.0f}x {'coarser' if gsd > trained['gsd'] else 'finer'}): "
+                   "objects appear at another scale than in training")
+    return out
 
 
 def qml_style(names: list[str], colors: list[list[int]]) -> str:
@@ -268,24 +335,29 @@ class PredictResult:
     probabilities: Path | None
     windows: int
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 def predict_scene(model, scene: Path, out_dir: Path, *, overlap: int | None = None, batch_size: int = 8,
-                  probabilities: bool = False, overwrite: bool = False, progress: bool = False) -> PredictResult:
-    """One scene -> its class map (and probabilities), written atomically (see the module docs)."""
+                  probabilities: bool = False, overwrite: bool = False, progress: bool = False,
+                  bands: list[int] | None = None, value_range: tuple[float, float] | None = None,
+                  stem: str | None = None) -> PredictResult:
+    """One scene -> its class map (and probabilities), written atomically (see the module docs).
+    ``bands`` / ``value_range`` replace the model's (for imagery other than its training data's);
+    the result carries the warnings about the input (`input_warnings`, an all-nodata scene)."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
     from rasterio.windows import Window
 
     from rsseg.atomic import atomic_path, atomic_write_text
-    from rsseg.progress import line
 
-    classes_path, probs_path, qml_path = output_paths(scene, out_dir)
+    classes_path, probs_path, qml_path = output_paths(scene, out_dir, stem)
     for target in (classes_path,) + ((probs_path,) if probabilities else ()):
         if target.exists() and not overwrite:
             raise DataError(f"{target}: exists; refusing to overwrite it (give --overwrite)")
     meta = model.meta
-    reader = SceneReader(scene, meta.get("bands"), meta.get("value_range"), meta.get("in_channels"))
+    reader, notes = _open_checked(scene, meta, bands, value_range)
+    valid_pixels = [0]
     src = reader.src
     profile = dict(driver="GTiff", width=src.width, height=src.height, count=1, dtype="uint8", nodata=NODATA,
                    tiled=True, blockxsize=256, blockysize=256, compress="deflate")
@@ -301,23 +373,22 @@ def predict_scene(model, scene: Path, out_dir: Path, *, overlap: int | None = No
         pwork = final_tmp.with_name(final_tmp.name + ".probs.tif") if probabilities else None
         try:
             dst = rasterio.open(work, "w", **profile)
+            # the colour table before any pixel: set later, GTiff cannot change the photometric tag
+            # and GDAL prints "ERROR 1: TIFFSetField ... PhotometricInterpretation" for every map
+            dst.write_colormap(1, {i: (*c, 255) for i, c in enumerate(colors)} | {NODATA: (0, 0, 0, 0)})
             pdst = rasterio.open(pwork, "w", **{**profile, "count": model.num_classes, "nodata": None}) if pwork else None
 
             def on_strip(row, col, logits, valid):
                 cls = logits.argmax(axis=0).astype(np.uint8)
                 cls[~valid] = NODATA
+                valid_pixels[0] += int(valid.sum())
                 win = Window(col, row, cls.shape[1], cls.shape[0])
                 dst.write(cls, 1, window=win)
                 if pdst is not None:
                     pdst.write(np.round(softmax(logits) * 255).astype(np.uint8), window=win)
 
-            report = None
-            if progress:
-                def report(done, total, start=time.perf_counter()):
-                    rate = done / max(time.perf_counter() - start, 1e-9)
-                    line(f"{scene.name}: {done}/{total} windows  {rate:.1f} tiles/s  ETA {(total - done) / max(rate, 1e-9):.0f} s")
-
-            windows = slide(model, reader, on_strip, overlap=overlap, batch_size=batch_size, progress=report)
+            windows = slide(model, reader, on_strip, overlap=overlap, batch_size=batch_size,
+                            progress=_reporter(scene) if progress else None)
             _describe_classes(dst, model, scene, names, colors)
             dst.close()
             _to_cog(work, final_tmp)
@@ -333,15 +404,41 @@ def predict_scene(model, scene: Path, out_dir: Path, *, overlap: int | None = No
                 if p is not None:
                     Path(p).unlink(missing_ok=True)
     atomic_write_text(qml_path, qml_style(names, colors))
-    return PredictResult(scene, classes_path, probs_path if probabilities else None, windows, time.perf_counter() - t0)
+    if valid_pixels[0] == 0:
+        notes.append(f"{scene}: every pixel is nodata, so the class map is all nodata ({NODATA})")
+    return PredictResult(scene, classes_path, probs_path if probabilities else None, windows, time.perf_counter() - t0, notes)
+
+
+def _open_checked(scene: Path, meta: dict, bands, value_range) -> tuple[SceneReader, list[str]]:
+    """The scene's reader (``bands`` / ``value_range`` in place of the model's) and the warnings
+    about it (`input_warnings`)."""
+    reader = SceneReader(scene, list(bands) if bands else meta.get("bands"), value_range or meta.get("value_range"),
+                         meta.get("in_channels"))
+    try:
+        return reader, input_warnings(scene, reader, meta, value_range is not None)
+    except BaseException:
+        reader.close()
+        raise
+
+
+def _reporter(scene: Path) -> Callable[[int, int], None]:
+    from rsseg.progress import line
+
+    start = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        line(f"{scene.name}: {done}/{total} windows  {rate:.1f} tiles/s  ETA {(total - done) / max(rate, 1e-9):.0f} s",
+             f"predict {scene}", final=done == total)
+
+    return report
 
 
 def _describe_classes(dst, model, scene: Path, names: list[str], colors: list[list[int]]) -> None:
-    """The class raster's colour table, class names, and provenance: which model made this map,
+    """The class raster's class names and provenance: which model made this map,
     from which image, with which code."""
     from rsseg.provenance import stamp
 
-    dst.write_colormap(1, {i: (*c, 255) for i, c in enumerate(colors)} | {NODATA: (0, 0, 0, 0)})
     dst.update_tags(1, class_names=",".join(names), **{f"class_{i}": n for i, n in enumerate(names)})
     dst.update_tags(rsseg_model=str(getattr(model, "source", "")), rsseg_source=str(scene),
                     rsseg_model_git_commit=str(model.meta.get("git_commit", "")),

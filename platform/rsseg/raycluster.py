@@ -53,6 +53,9 @@ def init(address: str | None = None, num_cpus: int | None = None, warm: tuple[st
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
         kwargs["include_dashboard"] = os.environ.get("RSSEG_RAY_DASHBOARD", "0") == "1"
+        # token authentication is Ray's default for a new local cluster and stays on; only its
+        # notice, printed on every command, is dropped
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         for key, value in LOCAL_DEFAULTS.items():
             os.environ.setdefault(key, value)  # read by the Train controller, which inherits this environment
         loopback_only()

@@ -17,7 +17,7 @@ from rsseg.workdir import Workdir
 def execute(run, workdir: Workdir | None = None, *, uri: str | None = None, experiment: str | None = None,
             run_name: str | None = None, profile: str | None = None, tracker: tracking.Run | None = None,
             on_eval: Callable | None = None, resume_state: dict | None = None, pretrained=None,
-            on_test: Callable[[], None] | None = None):
+            on_test: Callable[[], None] | None = None, progress: bool = False):
     """Fine-tune ``run`` inside an MLflow run; returns (FinetuneResult, tracking.Run)."""
     from rsseg import finetune
     from rsseg.provenance import fingerprint
@@ -32,5 +32,5 @@ def execute(run, workdir: Workdir | None = None, *, uri: str | None = None, expe
     tracker.log_params(tracking.flatten(run.active_config()) | {"run_fingerprint": fingerprint(run.model_dump(mode="json"))})
     with tracking.tracked(tracker):
         result = finetune.run(run, workdir, tracker=tracker, pretrained=pretrained, on_eval=on_eval, resume_state=resume_state,
-                              on_test=on_test)
+                              on_test=on_test, progress=progress)
     return result, tracker

@@ -115,6 +115,12 @@ def init_store(uri: str) -> None:
     (once per process and URI: later calls return at once)."""
     if uri in _INITIALISED:
         return
+    import logging
+
+    # "Creating initial MLflow database tables..." / "Updating database tables" on every new
+    # store: MLflow's business, not the user's
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     check_reachable(uri)
     if is_sqlite(uri):
         from filelock import FileLock
@@ -276,6 +282,30 @@ def experiment_id(uri: str, name: str, workdir: Workdir | None = None, descripti
         if exp is None:
             raise
         return exp.experiment_id
+
+
+VIEW_KEY = "rsseg"  # the experiment's shared view: tag mlflow.sharedViewState.rsseg, URL ?viewStateShareKey=rsseg
+VIEW_QUERY = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+
+
+def set_sweep_view(uri: str, exp_id: str, axes: list[str], metric: str = "val/mIoU", mode: str = "max") -> None:
+    """The MLflow UI's view of a sweep's experiment, as the experiment's shared view state (the UI
+    loads it from ``?viewStateShareKey=``): the trials (not the parent runs), best on the search
+    metric first, with a column per search axis (the trial's ``space.<axis>`` tag) and the
+    validation and test mIoU; every run shown. Column keys are the UI's (``metrics.`val/mIoU```)."""
+    import json
+
+    def col(kind: str, key: str) -> str:
+        return f"{kind}.`{key}`"
+
+    metrics = [metric] + [m for m in ("val/mIoU", "test/mIoU") if m != metric]
+    state = {
+        "searchFilter": "tags.kind = 'finetune'", "orderByKey": col("metrics", metric), "orderByAsc": mode == "min",
+        "selectedColumns": [col("tags", f"space.{a}") for a in axes] + [col("metrics", m) for m in metrics]
+                           + [col("attributes", "Duration")],
+        "runsHiddenMode": "SHOW_ALL",
+    }
+    client(uri).set_experiment_tag(exp_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from rsseg.config.specs import AXIS_KINDS
 from rsseg.config.loader import Document, apply_layer, apply_overrides, load_document, parse_override, read_yaml
 from rsseg.errors import ConfigError
 
@@ -122,8 +123,13 @@ def sweep_document(path: str | os.PathLike, profile: str | None = None, override
     apply_overrides(doc, plain)
     for text in axes:  # space.<dotted run key>=...: the axis key keeps its dots
         key, value = parse_override(text)
-        doc.data.setdefault("space", {})[key[len("space."):]] = value
-        doc.sources[key] = f"--set {key}"
+        axis, _, kind = key[len("space."):].rpartition(".")
+        if axis and kind in AXIS_KINDS:  # space.seed.grid=[0] is the axis seed: {grid: [0]} (no run key ends in an axis kind)
+            value = {kind: value}
+        else:
+            axis = key[len("space."):]
+        doc.data.setdefault("space", {})[axis] = value
+        doc.sources[f"space.{axis}"] = f"--set {key}"
     space = doc.data.get("space")
     if isinstance(space, dict):  # an overlay or --set may remove an axis with null
         doc.data["space"] = {k: v for k, v in space.items() if v is not None}

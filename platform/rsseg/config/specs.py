@@ -12,9 +12,13 @@ fine-tuning = one sweep trial) is `RunSpecBase` plus one block per installed met
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# A path in a spec is made absolute where the spec is first read (the user's working directory):
+# Ray workers run elsewhere, and the fingerprint of `root: data` must not depend on where it runs.
+AbsPath = Annotated[Path, AfterValidator(lambda p: p.expanduser().absolute())]
 
 
 class Strict(BaseModel):
@@ -44,7 +48,7 @@ class GidSpec(Strict):
 
 class DataSpec(Strict):
     dataset: Literal["synthetic", "minifrance", "gid", "folder"] = "synthetic"
-    root: Path | None = Field(None, description="dataset root (synthetic: where to generate; default under the workdir)")
+    root: AbsPath | None = Field(None, description="dataset root (synthetic: where to generate; default under the workdir)")
     class_table: str | None = Field(None, description="named table or a YAML path; default per dataset")
     bands: list[int] | None = Field(None, description="1-based bands to read, e.g. [2, 3, 4] for RGB out of NIR-RGB")
     value_range: tuple[float, float] | None = Field(None, description="raw range mapped to [-1, 1]; default from dtype")
@@ -90,7 +94,7 @@ class ArchiveSpec(Strict):
     source: Literal["auto", "synthetic", "folder", "none"] = Field(
         "auto", description="auto = the synthetic archive domain for synthetic data, else the folder at root"
     )
-    root: Path | None = None
+    root: AbsPath | None = None
     glob: str = "**/*.tif"
     bands: list[int] | None = None
     value_range: tuple[float, float] | None = None
@@ -303,7 +307,7 @@ class RunSpecBase(Strict):
 # Sweeps
 
 
-_AXIS_KINDS = ("grid", "cases", "choice", "uniform", "loguniform", "int")
+AXIS_KINDS = ("grid", "cases", "choice", "uniform", "loguniform", "int")
 _AXIS_ATTR = {"int": "integer"}
 
 
@@ -328,9 +332,17 @@ class Axis(Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, data: Any) -> Any:
+        if not isinstance(data, (dict, Axis)):
+            raise ValueError(f"expected an axis such as {{grid: [...]}} (one of {', '.join(AXIS_KINDS)}), got "
+                             f"{type(data).__name__} {data!r}"[:300])
+        return data
+
     @model_validator(mode="after")
     def _exactly_one(self) -> "Axis":
-        given = [k for k in _AXIS_KINDS if getattr(self, _AXIS_ATTR.get(k, k)) is not None]
+        given = [k for k in AXIS_KINDS if getattr(self, _AXIS_ATTR.get(k, k)) is not None]
         if len(given) != 1:
             raise ValueError("expected exactly one of grid, cases, choice, uniform, loguniform, int")
         kind = given[0]
@@ -350,7 +362,7 @@ class Axis(Strict):
 
     @property
     def kind(self) -> str:
-        return next(k for k in _AXIS_KINDS if getattr(self, _AXIS_ATTR.get(k, k)) is not None)
+        return next(k for k in AXIS_KINDS if getattr(self, _AXIS_ATTR.get(k, k)) is not None)
 
     @property
     def bounds(self) -> tuple[float, float] | None:

@@ -56,10 +56,27 @@ def check_image(path: Path, src, windows: list[tuple[int, int]], tile: int, band
                 value_range: tuple[float, float] | None, dtype: str) -> PixelSample:
     """Read ``windows`` of the open raster ``src``; raise DataError naming ``path`` on a read
     error, non-finite pixels, or values outside the range that maps to [-1, 1]."""
-    from rasterio.windows import Window
-
     explicit = value_range is not None
     lo_r, hi_r = value_range if explicit else default_value_range(dtype)
+    lo, hi, total, outside = sample_stats(path, src, windows, tile, bands, (lo_r, hi_r))
+    if total and outside / total > MAX_OUTSIDE:
+        where = "data.value_range" if explicit else f"the {dtype} default range"
+        raise DataError(f"{path}: {100 * outside / total:.1f} % of sampled pixels lie outside {where} [{lo_r:g}, {hi_r:g}] "
+                        f"(sampled values {lo:g} .. {hi:g}); set data.value_range to the imagery's range, e.g. "
+                        "[{:g}, {:g}]".format(*suggested_range(lo, hi)))
+    if not explicit and dtype == "uint16" and total and hi is not None and 0 < hi <= TWELVE_BIT:
+        raise DataError(f"{path}: uint16 values reach only {hi:g} (12-bit data?): mapped with the uint16 range [0, 65535] they "
+                        f"fill 1/16 of [-1, 1]; set data.value_range: [0, {TWELVE_BIT}] (or [0, 65535] to keep the full range)")
+    return PixelSample(path, dtype, (lo_r, hi_r), lo if lo is not None else float("nan"), hi if hi is not None else float("nan"), total)
+
+
+def sample_stats(path: Path, src, windows: list[tuple[int, int]], tile: int, bands: list[int] | None,
+                 value_range: tuple[float, float]) -> tuple[float | None, float | None, int, int]:
+    """(lowest, highest, valid values read, values outside ``value_range``) over ``windows``; a
+    read error or a NaN/inf pixel is a DataError naming ``path``."""
+    from rasterio.windows import Window
+
+    lo_r, hi_r = value_range
     lo = hi = None
     total = outside = 0
     for r, c in windows:
@@ -81,15 +98,13 @@ def check_image(path: Path, src, windows: list[tuple[int, int]], tile: int, band
         hi = float(px.max()) if hi is None else max(hi, float(px.max()))
         total += px.size
         outside += int(((px < lo_r) | (px > hi_r)).sum())
-    if total and outside / total > MAX_OUTSIDE:
-        where = "data.value_range" if explicit else f"the {dtype} default range"
-        raise DataError(f"{path}: {100 * outside / total:.1f} % of sampled pixels lie outside {where} [{lo_r:g}, {hi_r:g}] "
-                        f"(sampled values {lo:g} .. {hi:g}); set data.value_range to the imagery's range, e.g. "
-                        f"[{_nice_floor(lo):g}, {_nice_ceil(hi):g}]")
-    if not explicit and dtype == "uint16" and total and hi is not None and 0 < hi <= TWELVE_BIT:
-        raise DataError(f"{path}: uint16 values reach only {hi:g} (12-bit data?): mapped with the uint16 range [0, 65535] they "
-                        f"fill 1/16 of [-1, 1]; set data.value_range: [0, {TWELVE_BIT}] (or [0, 65535] to keep the full range)")
-    return PixelSample(path, dtype, (lo_r, hi_r), lo if lo is not None else float("nan"), hi if hi is not None else float("nan"), total)
+    return lo, hi, total, outside
+
+
+def suggested_range(lo: float, hi: float) -> tuple[float, float]:
+    """A round range holding [lo, hi]: 0 (or the floor of a negative lowest value) to the next of
+    1, 255, 1023, 4095, 10000, 65535."""
+    return _nice_floor(lo), _nice_ceil(hi)
 
 
 def _nice_floor(x: float) -> float:

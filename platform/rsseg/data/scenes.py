@@ -124,6 +124,21 @@ def check_bands(meta: RasterMeta, bands: tuple[int, ...] | None) -> None:
         raise DataError(f"{meta.path}: has {meta.count} bands, but data.bands asks for band {max(bands)}")
 
 
+def check_same_bands(metas: list[RasterMeta], bands: tuple[int, ...] | None) -> None:
+    """Every image of a dataset gives the network the same channels: without data.bands all have
+    the band count of the first; with it, each has the bands it names."""
+    for meta in metas:
+        check_bands(meta, bands)
+    if bands or not metas:
+        return
+    first = metas[0]
+    for meta in metas[1:]:
+        if meta.count != first.count:
+            raise DataError(f"{meta.path}: has {meta.count} band(s) but {first.path} has {first.count}; every image of a "
+                            f"dataset needs the same bands (or set data.bands to read the same ones from each, e.g. "
+                            f"data.bands: [{', '.join(str(b) for b in range(1, min(meta.count, first.count) + 1))}])")
+
+
 def _fmt_transform(t: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{x:g}" for x in t) + ")"
 

@@ -40,7 +40,7 @@ import numpy as np
 from rsseg.config.specs import DataSpec
 from rsseg.data.pixels import check_image, read_error, sample_windows
 from rsseg.data.classes import IGNORE_INDEX, ClassTable, decode_codes, decode_colours
-from rsseg.data.scenes import SceneSet, check_bands, check_pair, check_tile_fits, open_raster, raster_meta
+from rsseg.data.scenes import SceneSet, check_bands, check_pair, check_same_bands, check_tile_fits, open_raster, raster_meta
 from rsseg.errors import DataError
 from rsseg.provenance import fingerprint
 from rsseg.workdir import Workdir
@@ -269,8 +269,9 @@ def check_pixels(scenes: SceneSet, params: TilingParams, stem: Path, force: bool
     if marker.exists() and not force:
         return
     bands = list(scenes.bands) if scenes.bands else None
-    for scene in scenes.scenes:
-        meta = raster_meta(scene.image)
+    metas = [raster_meta(scene.image) for scene in scenes.scenes]
+    check_same_bands(metas, scenes.bands)  # before any pixel is read: a missing band is not a corrupt file
+    for scene, meta in zip(scenes.scenes, metas):
         check_tile_fits(meta, params.tile_size)
         with open_raster(scene.image) as src:
             check_image(scene.image, src, sample_windows(windows(meta.width, meta.height, params.tile_size, params.stride)),

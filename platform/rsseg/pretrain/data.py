@@ -22,7 +22,10 @@ def pretrain_datasets(run, workdir: Workdir):
     homogeneous = TileDataset(TileReader.of(index.scenes), frame, augment=PRETRAIN_AUGMENT, seed=run.pretrain.seed,
                               with_labels=False)
     archive = None
-    arc_scenes = registry.archive_scenes(run.pretrain.archive, run.data, workdir)
+    # no archive iterations (homogeneous_ratio 1.0): the archive spec is not read, so a copied
+    # sweep's archive root that does not exist on this machine does not stop the run
+    n_archive, _ = run.pretrain.iterations.counts()
+    arc_scenes = registry.archive_scenes(run.pretrain.archive, run.data, workdir) if n_archive else None
     if arc_scenes is not None:
         arc_index = tiles.build(run.data, workdir, scenes=arc_scenes)
         archive = TileDataset(TileReader.of(arc_scenes), arc_index.frame, augment=PRETRAIN_AUGMENT,

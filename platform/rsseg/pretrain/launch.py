@@ -57,7 +57,7 @@ class _Progress(threading.Thread):
             if p != last:
                 last = p
                 line(f"{self.label} step {p['step']}/{p['total']} ({p['phase']})  loss {p['loss']:.4f}  "
-                     f"lr {p['lr']:.2e}  {p['images_per_s']:.1f} img/s  ETA {p['eta_s'] / 60:.1f} min")
+                     f"lr {p['lr']:.2e}  {p['images_per_s']:.1f} img/s  ETA {p['eta_s'] / 60:.1f} min", final=p["step"] >= p["total"])
 
     def stop(self) -> None:
         self.stop_event.set()

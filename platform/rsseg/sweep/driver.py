@@ -35,6 +35,7 @@ from typing import Any
 
 from rsseg import tracking
 from rsseg.errors import ConfigError, SweepError
+from rsseg.sweep import report
 from rsseg.sweep.plan import SweepPlan, make_plan, search_key
 from rsseg.workdir import Workdir
 
@@ -92,7 +93,7 @@ def _pretrain_all(plan: SweepPlan, workdir: Workdir, uri: str, profile: str | No
         from rsseg.progress import line
 
         line(f"pre-training {len(runs)} model(s) first ({parallel} at a time): " + ", ".join(r.pretrain_fingerprint for r in runs)
-             + (f"; {len(trunks)} trunk(s) first, then the runs branching from them" if trunks else ""))
+             + (f"; {len(trunks)} trunk(s) first, then the runs branching from them" if trunks else ""), final=True)
 
     def one(item):
         run, switch_steps = item
@@ -189,6 +190,9 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
                                       reduction_factor=search.asha.reduction_factor)
         callbacks = [SweepProgress(plan.n_trials, search.metric, search.mode)] if progress else []
         # trials keep their own resume state (rsseg.sweep.trial): Tune holds no checkpoints
+        # Tune's new output engine prints its experiment box and a TensorBoard hint even at
+        # verbose=0; the legacy one at verbose=0 prints nothing: SweepProgress is the display
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         run_config = tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=callbacks,
                                     failure_config=tune.FailureConfig(max_failures=search.trial_retries))
         if search.algorithm == "grid":
@@ -236,6 +240,7 @@ def _run_sweep(loaded, workdir: Workdir, *, address: str | None, tracking_uri: s
     uri = tracking.resolve_uri(tracking_uri or (previous or {}).get("uri") if resume else tracking_uri or loaded.base.tracking.uri, workdir)
     tracking.init_store(uri)  # fails here, before any trial, when the store is unreachable
     exp_id = tracking.experiment_id(uri, spec.name, workdir, description=spec.description)
+    tracking.set_sweep_view(uri, exp_id, list(spec.space), spec.search.metric, spec.search.mode)
     client = tracking.client(uri)
 
     if resume:
@@ -276,20 +281,40 @@ def _run_sweep(loaded, workdir: Workdir, *, address: str | None, tracking_uri: s
             "metric": spec.search.metric, "mode": spec.search.mode, "driver_pid": os.getpid(),
             "search_axes": {k: v.model_dump(mode="json", by_alias=True) for k, v in plan.search_axes.items()},
         }
-        grids = [tuner.fit() for tuner in _tuners(plan, context, workdir, tune_names, resume, progress)]
-        if resume:
-            grids += _top_up(plan, context, workdir, client, exp_id, parent_id, grids, progress)
+        grids = _fit_all(plan, context, workdir, tune_names, resume, progress, client, exp_id, parent_id)
         if progress:
             from rsseg.progress import done
 
             done()
         result = _reconcile(client, uri, spec.name, exp_id, parent_id, grids, spec.search.metric)
-        best = [t for t in result.trials if t["status"] == "FINISHED" and t.get("mIoU") is not None]
-        parent_run.log_metrics({"trials_finished": result.finished, "trials_failed": result.failed,
-                                **({"best_test_mIoU": max(t["mIoU"] for t in best)} if best else {})})
-        _record_best_trial(parent_run, result, spec.search.metric, spec.search.mode)
+        _summarise(parent_run, result, spec)
         outcome.status = "FINISHED" if result.finished else "FAILED"
     return result
+
+
+def _fit_all(plan, context, workdir, tune_names, resume: bool, progress: bool, client, exp_id: str, parent_id: str) -> list:
+    """Every Tune experiment of the sweep (and, on --resume, the top-up of trials Tune lost)."""
+    # Ctrl-C / SIGTERM reach us as KeyboardInterrupt (Tune's own handler would end the fit
+    # normally, the parent then FINISHED, and print a Tuner.restore hint instead of --resume)
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    try:
+        grids = [tuner.fit() for tuner in _tuners(plan, context, workdir, tune_names, resume, progress)]
+        if resume:
+            grids += _top_up(plan, context, workdir, client, exp_id, parent_id, grids, progress)
+    except KeyboardInterrupt:
+        _mark_interrupted(client, exp_id, parent_id)
+        raise
+    return grids
+
+
+def _summarise(parent_run, result: SweepResult, spec) -> None:
+    """The parent run's record of the outcome: counts, the winner (on the search metric), the
+    sweep's table and chart (`report`)."""
+    parent_run.log_metrics({"trials_finished": result.finished, "trials_failed": result.failed})
+    _record_best_trial(parent_run, result, spec.search.metric, spec.search.mode)
+    best = best_trial(result, spec.search.mode)
+    report.log(parent_run, result.trials, list(spec.space), best["run_id"] if best else None, spec.name,
+               {k: [str(v) for v in a.grid] for k, a in spec.space.items() if a.grid is not None})
 
 
 @contextlib.contextmanager
@@ -352,6 +377,14 @@ def _check_owner(workdir: Workdir, name: str, tune_names: list[str]) -> None:
         if path.exists() and path.stat().st_uid != os.getuid():
             raise SweepError(f"cannot resume sweep {name!r}: {path} belongs to another user (uid {path.stat().st_uid}); resuming "
                              "would run code from their files (docs/sweeps.md, trust boundary)")
+
+
+def _mark_interrupted(client, exp_id: str, parent_id: str) -> None:
+    """Ctrl-C / SIGTERM of the driver: the trials it leaves running end KILLED (the parent too, by
+    its tracked block); --resume re-opens them."""
+    for r in client.search_runs([exp_id], filter_string=f"tags.sweep_parent = '{parent_id}' and attributes.status = 'RUNNING'"):
+        client.set_tag(r.info.run_id, "error", "sweep interrupted; continue it with --resume")
+        client.set_terminated(r.info.run_id, status="KILLED")
 
 
 def _close_interrupted(client, previous: dict[str, Any], name: str) -> None:
@@ -433,7 +466,9 @@ def _record_best_trial(parent_run, result: SweepResult, metric: str, mode: str) 
         return
     parent_run.set_tags({"best_run_id": best["run_id"], "best_trial_id": best["trial_id"] or "",
                          **{f"best.{k}": str(v)[:500] for k, v in best["values"].items()}})
-    parent_run.log_metrics({f"best_{metric.replace('/', '_')}": best["score"]})
+    # the winner's test score is reported beside its validation score, never used to choose it
+    parent_run.log_metrics({f"best_{metric.replace('/', '_')}": best["score"],
+                            **({"best_trial_test_mIoU": best["mIoU"]} if best.get("mIoU") is not None else {})})
 
 
 def _reconcile(client, uri: str, name: str, exp_id: str, parent_id: str, grids, metric: str = "val/mIoU") -> SweepResult:
@@ -474,11 +509,21 @@ def _reconcile(client, uri: str, name: str, exp_id: str, parent_id: str, grids, 
     return result
 
 
-def summary_table(result: SweepResult) -> str:
+def summary_table(result: SweepResult, metric: str = "val/mIoU", mode: str = "max") -> str:
+    """One line per trial: its values, validation and test mIoU; ``*`` marks the winner, chosen on
+    the search metric (validation), never on test."""
     lines = [f"{result.finished} finished, {result.failed} failed, {len(result.trials)} trials — MLflow experiment "
              f"{result.name!r}, parent run {result.parent_run_id} ({result.uri})"]
+    best = best_trial(result, mode)
     for t in sorted(result.trials, key=lambda t: str(t["values"])):
         vals = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in t["values"].items())
-        score = f"test mIoU {100 * t['mIoU']:.1f}" if t.get("mIoU") is not None else (t.get("error") or "")
-        lines.append(f"  {t['status']:<9} {vals:<50} {score}")
+        if t.get("mIoU") is not None:
+            val = t.get("val/mIoU")
+            score = (f"val mIoU {100 * val:.1f}  " if val is not None else "") + f"test mIoU {100 * t['mIoU']:.1f}"
+        else:
+            score = t.get("error") or ""
+        mark = "*" if best is not None and t is best else " "
+        lines.append(f" {mark}{t['status']:<9} {vals:<50} {score}")
+    if best is not None:
+        lines.append(f"  * best on {metric} ({mode}); its test mIoU is reported, not used to choose")
     return "\n".join(lines) + "\n"

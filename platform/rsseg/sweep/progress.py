@@ -16,13 +16,13 @@ class SweepProgress(tune.Callback):
         self.best: tuple[float, str] | None = None
         self._last = ""
 
-    def _show(self) -> None:
+    def _show(self, final: bool = True) -> None:
         best = f"best {self.metric} {100 * self.best[0]:.2f} ({self.best[1]})" if self.best else f"best {self.metric} -"
         pending = max(0, self.total - len(self.done) - len(self.failed) - len(self.running))
         text = f"trials: {len(self.done)} done, {len(self.running)} running, {len(self.failed)} failed, {pending} pending | {best}"
         if text != self._last:
             self._last = text
-            line(text)
+            line(text, "trials", final=final)  # a new result alone is throttled in a log; a trial's start/end is not
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
@@ -33,7 +33,7 @@ class SweepProgress(tune.Callback):
         if isinstance(value, (int, float)) and math.isfinite(value):
             if self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0]):
                 self.best = (float(value), trial.trial_id)
-        self._show()
+        self._show(final=False)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)

@@ -82,8 +82,18 @@ def _child_run(ctx: dict[str, Any], run, trial_id: str, slot: str, key: str, val
     tags = RunTags.for_run(run, kind="finetune", profile=ctx["profile"], sweep=ctx["sweep"], table=ctx["table"],
                            trial_id=trial_id, trial_slot=slot, trial_key=key, sweep_parent=ctx["parent_run_id"], attempt=1,
                            space={k: str(v) for k, v in values.items()}).to_tags() | node
-    name = f"{ctx['sweep']}-" + "-".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())[:200]
-    return tracking.start_run(uri, experiment, name or trial_id, tags=tags, parent_run_id=ctx["parent_run_id"])
+    return tracking.start_run(uri, experiment, run_label(values)[:200] or trial_id, tags=tags, parent_run_id=ctx["parent_run_id"])
+
+
+def run_label(values: dict[str, Any]) -> str:
+    """A child run's name: what varies, short enough for the MLflow UI's name column
+    (``timesteps=[150,100,50] seed=2``; the experiment already names the sweep)."""
+    import json
+
+    def short(v: Any) -> str:
+        return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
+
+    return " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in values.items())
 
 
 def fault(stage: str, run, context: dict[str, Any]) -> None:

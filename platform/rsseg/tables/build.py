@@ -38,6 +38,7 @@ class Built:
     n_runs: int
     group: dict[str, str] = field(default_factory=dict)
     synthetic: bool = False  # our numbers come from the built-in synthetic data
+    experiments: tuple[str, ...] = ()  # the MLflow experiments its runs come from
 
     def cell(self, row: str, col: str) -> Cell:
         return self.ours.get((row, col), Cell())
@@ -113,7 +114,8 @@ def build_one(layout: Layout, frame, skipped: dict, *, profile: str | None = Non
     if layout.class_columns and not layout.shows_paper(shown):
         rows = [r for r in rows if r[0] not in layout.paper_only]
     synthetic = group.get("dataset") == "synthetic" or (runs.height and "synthetic" in set(runs["dataset"].to_list()))
-    built = Built(layout, rows, columns, ours, paper, [], runs.height, group, bool(synthetic))
+    experiments = tuple(sorted(set(runs["experiment"].to_list()))) if runs.height else ()
+    built = Built(layout, rows, columns, ours, paper, [], runs.height, group, bool(synthetic), experiments)
     built.footer = footer(built, runs, others, skipped)
     return built
 
@@ -305,6 +307,7 @@ class Report:
     files: list[Path]
     built: dict[str, Built]
     warnings: list[str]
+    markdown: dict[str, str] = field(default_factory=dict)  # table id -> its Markdown
 
 
 def check_filters(frame, profile: str | None, dataset: str | None) -> None:
@@ -355,4 +358,4 @@ def build_all(uri: str, out: Path, *, experiments: list[str] | None = None, prof
     for name, data in rendered.items():
         write_atomic(out / name, data)
         files.append(out / name)
-    return Report(out, files, built, warnings)
+    return Report(out, files, built, warnings, {t: str(rendered[f"{t}.md"]) for t in built})
