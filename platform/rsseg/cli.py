@@ -19,12 +19,33 @@ import rsseg
 from rsseg.errors import RssegError
 
 
+# typer vendors its own click: its usage errors are typer.BadParameter's base class, not click's
+UsageError = typer.BadParameter.__mro__[1]
+
+
+def _usage_line(exc, fallback: str):
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `platform`, `platform data`: the help, as asked
+        typer.echo(exc.format_message())
+        raise typer.Exit(code=0) from None
+    cmd = exc.ctx.command_path if exc.ctx is not None else fallback
+    typer.echo(f"error: {cmd}: {exc.format_message()} (see `{cmd} --help`)", err=True)
+    raise typer.Exit(code=2) from None
+
+
 class _Group(TyperGroup):
     """Turns user errors into one line on stderr and exit status 2 (also under CliRunner)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as exc:  # `platform --nosuch`: the group's own options
+            _usage_line(exc, info_name or "platform")
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except UsageError as exc:  # one line too, not click's usage text and boxed message
+            _usage_line(exc, ctx.command_path)
         except RssegError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
@@ -46,18 +67,20 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain help: the rich panels showed every flag as "<bool>" and lists as "<list[str]>"
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-config_app = typer.Typer(help="Inspect configuration files.", no_args_is_help=True)
-data_app = typer.Typer(help="Datasets: build tile indexes, print what a dataset holds.", no_args_is_help=True)
-weights_app = typer.Typer(help="Released weights: import them once into the checkpoint store, list, export.", no_args_is_help=True)
-models_app = typer.Typer(help="Trained segmentors saved by fine-tuning runs.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect configuration files.", no_args_is_help=True, rich_markup_mode=None)
+data_app = typer.Typer(help="Datasets: build tile indexes, print what a dataset holds.", no_args_is_help=True, rich_markup_mode=None)
+weights_app = typer.Typer(help="Released weights: import them once into the checkpoint store, list, export.", no_args_is_help=True, rich_markup_mode=None)
+models_app = typer.Typer(help="Trained segmentors saved by fine-tuning runs.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(weights_app, name="weights")
 app.add_typer(models_app, name="models")
 
-SetOpt = typer.Option(None, "--set", help="Override a key: --set finetune.iterations=100 (repeatable).")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a key: --set finetune.iterations=100 (repeatable).")
 ProfileOpt = typer.Option(None, "--profile", "-p", help="Profile from sweeps/profiles/ merged over the file: small (tiny networks and iterations, keeps your data), smoke (small + the built-in synthetic data in place of the file's), paper (full scale on GPUs).")
 
 
@@ -134,7 +157,7 @@ DatasetArg = typer.Argument("synthetic", help="synthetic | minifrance | gid | fo
 RootOpt = typer.Option(None, "--root", help="Dataset root directory.")
 TileOpt = typer.Option(None, "--tile-size", help="Tile side in pixels (default 256).")
 SpecOpt = typer.Option(None, "--spec", help="Take the data block from this run spec or sweep file instead.")
-DataSetOpt = typer.Option(None, "--set", help="Data option: --set gid.level=coarse --set bands=[2,3,4] (repeatable).")
+DataSetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Data option: --set gid.level=coarse --set bands=[2,3,4] (repeatable).")
 
 
 @data_app.command("prepare")
@@ -278,7 +301,7 @@ def finetune_cmd(
     typer.echo(f"MLflow run {tracker.run_id} in {uri}")
 
 
-@app.command("viz")
+@app.command("viz", short_help="Figs. 5 and 6 for a checkpoint: t-SNE and k-means maps of its features.")
 def viz_cmd(
     spec: Path = typer.Argument(..., help="A DDPM run spec, e.g. sweeps/finetune.yaml (its checkpoint, data and features)."),
     profile: Optional[str] = ProfileOpt,
@@ -322,7 +345,7 @@ def viz_cmd(
 def sweep_cmd(
     file: Path = typer.Argument(..., help="A sweep file, e.g. sweeps/noise_ablation.yaml."),
     profile: Optional[str] = ProfileOpt,
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a key of the sweep file: --set base.finetune.iterations=50 --set search.max_concurrent=1."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a key of the sweep file: --set base.finetune.iterations=50 --set search.max_concurrent=1."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the expanded plan, its estimated device-hours per stage, and start nothing."),
     rates: Optional[Path] = typer.Option(None, "--rates", help="With --dry-run: per-stage rates measured by bench/gpu_check.py --rates FILE "
                                                               "(default: an assumed GPU, said in the output)."),
@@ -566,7 +589,7 @@ def methods_cmd() -> None:
 def tables_cmd(
     out: Path = typer.Option(Path("tables"), "--out", "-o", help="Directory for the tables (Markdown, LaTeX, CSV) and figures (PNG, CSV)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="Read this store or server instead of the workdir's."),
-    experiment: Optional[list[str]] = typer.Option(None, "--experiment", "-e", help="Only runs of this experiment (repeatable; default: all)."),
+    experiment: Optional[list[str]] = typer.Option(None, "--experiment", "-e", metavar="NAME", help="Only runs of this experiment (repeatable; default: all)."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p", help="Only runs of this profile (default: the latest run's)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Only runs on this dataset (default: the latest run's)."),
 ) -> None:

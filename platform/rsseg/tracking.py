@@ -16,6 +16,7 @@ explicitly, logged with ``log_batch`` and ended FINISHED or FAILED.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -27,6 +28,11 @@ from typing import Any, Iterator
 
 from rsseg.errors import TrackingError
 from rsseg.workdir import Workdir
+
+# "Creating initial MLflow database tables..." / "Updating database tables" whenever a command
+# opens a new store: MLflow's business, not the user's (levels only: mlflow is not imported here)
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 PRETRAIN_EXPERIMENT = "rsseg-pretrain"
 FINETUNE_EXPERIMENT = "rsseg-finetune"
@@ -115,12 +121,6 @@ def init_store(uri: str) -> None:
     (once per process and URI: later calls return at once)."""
     if uri in _INITIALISED:
         return
-    import logging
-
-    # "Creating initial MLflow database tables..." / "Updating database tables" on every new
-    # store: MLflow's business, not the user's
-    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     check_reachable(uri)
     if is_sqlite(uri):
         from filelock import FileLock
