@@ -394,7 +394,7 @@ def sweep_cmd(
 @weights_app.command("import")
 def weights_import(
     path: Path = typer.Argument(..., help="A DDPM-CD *_gen.pth, or a diffusers UNet2DModel directory."),
-    fmt: str = typer.Option(..., "--format", help="ddpm-cd | diffusers (what the installed methods read)."),
+    fmt: str = typer.Option(..., "--format", help="ddpm-cd | diffusers | vitmae | scalemae (what the installed methods read)."),
     name: str = typer.Option(..., "--name", help="The name runs use: ddpm.features.weights=NAME or pretrain.init=NAME."),
     norm_groups: Optional[int] = typer.Option(None, "--norm-groups", min=1, help="ddpm-cd: the network's GroupNorm groups "
                                               "(a state dict cannot say; default DDPM-CD's 32)."),

@@ -36,6 +36,7 @@ from rsseg.errors import DataError
 from rsseg.labels import IGNORE_INDEX
 
 NODATA = IGNORE_INDEX  # class rasters: 255 where the input has no data
+NODATA_RGB = (225, 225, 225)  # the quicklook's colour of nodata pixels
 BAND_WINDOWS = 8  # windows per column band (bounds the accumulator: C x tile x ~9 tiles)
 
 
@@ -469,7 +470,7 @@ def quicklook(classes_path: Path, out_png: Path, names: list[str], colors: list[
     with rasterio.open(classes_path) as src:
         scale = max(1, math.ceil(max(src.width, src.height) / max_side))
         cls = src.read(1, out_shape=(max(1, src.height // scale), max(1, src.width // scale)))
-    rgb = np.zeros((*cls.shape, 3), dtype=np.uint8)
+    rgb = np.full((*cls.shape, 3), NODATA_RGB, dtype=np.uint8)  # no data: light grey, in the legend (was black, unexplained)
     palette = np.array(colors, dtype=np.uint8)
     ok = cls < len(palette)
     rgb[ok] = palette[cls[ok]]
@@ -478,8 +479,10 @@ def quicklook(classes_path: Path, out_png: Path, names: list[str], colors: list[
     ax.imshow(rgb, interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(classes_path.name, fontsize=9)
-    ax.legend(handles=[Patch(color=palette[i] / 255.0, label=names[i]) for i in present], loc="center left",
-              bbox_to_anchor=(1.0, 0.5), fontsize=7, title="class")
+    handles = [Patch(color=palette[i] / 255.0, label=names[i]) for i in present]
+    if (~ok).any():
+        handles.append(Patch(facecolor=np.array(NODATA_RGB) / 255.0, edgecolor="grey", label="no data"))
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, title="class")
     fig.tight_layout()
     with atomic_path(out_png, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")

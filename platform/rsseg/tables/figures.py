@@ -40,7 +40,7 @@ def fig9(b) -> bytes:
     for i, (c, p) in enumerate(zip(ours, paper)):
         ax.text(i - w / 2, (c.mean or 0) + 0.5, f"{c.mean:.1f}" if c.n else "no runs", ha="center", va="bottom", fontsize=8)
         ax.text(i + w / 2, (p or 0) + 0.5, f"{p:.1f}" if p is not None else "n/a", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_xticks(x, labels, fontsize=8, rotation=20, ha="right")  # the strategies' names overlapped side by side
     ax.set_ylabel("mIoU (%)")
     top = max([c.mean + (c.std or 0) for c in ours if c.n] + [p for p in paper if p is not None] + [10])
     ax.set_ylim(0, top * 1.3)

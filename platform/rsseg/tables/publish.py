@@ -18,6 +18,8 @@ def publish(uri: str, report) -> dict[str, str]:
     for tid, built in report.built.items():
         for name in built.experiments:
             by_experiment.setdefault(name, []).append(tid)
+    if not by_experiment:  # nothing built from runs: reading the store never creates one
+        return {}
     c = tracking.client(uri)
     out = {}
     for name, tids in sorted(by_experiment.items()):
