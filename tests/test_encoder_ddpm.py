@@ -223,6 +223,30 @@ def test_a_key_claimed_by_another_process_is_waited_for_not_recomputed(tmp_path)
     assert again.cache.stats.computed == 1 and not claim.exists()
 
 
+def test_a_key_written_between_our_miss_and_our_claim_is_read_not_recomputed(tmp_path, monkeypatch):
+    """The race two concurrent trials hit (208 parts computed for 185 files in one CI run): our
+    read misses, the other trial writes the key and releases its claim, our claim then succeeds.
+    The key is read after the claim, not computed a second time."""
+    enc = encoder(timesteps=[50])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        maps = enc(x, ["s:0:0"], [0], parts=["t50"])
+    cache = FeatureCache.open(tmp_path / "c", budget_gb=1)
+    real_claim = cache.claim
+
+    def claim_after_the_other_trial_finished(cache_id, part, tile, variant):
+        if not cache.path(cache_id, part, tile, variant).exists():
+            cache.put(cache_id, part, tile, variant, [m[0] for m in maps])  # the other trial: written, released
+        return real_claim(cache_id, part, tile, variant)
+
+    monkeypatch.setattr(cache, "claim", claim_after_the_other_trial_finished)
+    late = CachedEncoder(enc, cache)
+    out = late(x, ["s:0:0"], [0])
+    assert late.cache.stats.computed == 0 and late.cache.stats.waited == 1
+    assert torch.equal(out[0], maps[0][:1].to(torch.float16).float())
+    assert not list((tmp_path / "c").rglob("*.claim"))  # our claim released
+
+
 def test_noise_differs_by_augmentation_variant_in_the_cache_key(tmp_path):
     enc = encoder(timesteps=[50])
     cache = FeatureCache.open(tmp_path / "c", budget_gb=1)
