@@ -274,3 +274,26 @@ def test_a_relative_data_root_is_made_absolute_where_the_spec_is_read(tmp_path, 
     monkeypatch.chdir(tmp_path)
     loaded = load_sweep(REPO / "sweeps" / "noise_ablation.yaml", "small", ["base.data.root=my-data", "base.data.dataset=folder"])
     assert loaded.base.data.root == tmp_path / "my-data"
+
+
+def test_progress_in_a_log_is_one_line_per_stream_per_interval_and_state_changes_always(capsys, monkeypatch):
+    """The demo's log had ~360 progress lines. Not a terminal: a stream's lines within the interval
+    are held (the latest printed by done()), a final line always prints, streams are apart."""
+    from rsseg import progress
+
+    monkeypatch.setenv("RSSEG_PROGRESS_SECONDS", "3600")
+    progress.done()  # nothing held from an earlier test
+    capsys.readouterr()
+    for step in range(1, 6):
+        progress.line(f"pretrain ab12 step {step}/10")
+    progress.line("trials: 0 done, 1 running", "trials", final=True)
+    progress.line("trials: 0 done, 1 running | best 1.0", "trials")
+    progress.line("pretrain ab12 step 10/10", final=True)
+    assert capsys.readouterr().out.splitlines() == [
+        "pretrain ab12 step 1/10", "trials: 0 done, 1 running", "pretrain ab12 step 10/10"]
+    progress.done()
+    assert capsys.readouterr().out.splitlines() == ["trials: 0 done, 1 running | best 1.0"]
+    monkeypatch.setenv("RSSEG_PROGRESS_SECONDS", "0")  # every line, as before the throttle
+    progress.line("pretrain ab12 step 1/10")
+    progress.line("pretrain ab12 step 2/10")
+    assert capsys.readouterr().out.splitlines() == ["pretrain ab12 step 1/10", "pretrain ab12 step 2/10"]

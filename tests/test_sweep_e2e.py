@@ -158,7 +158,9 @@ def test_mlflow_ui_shows_the_runs_of_a_copied_workdir(noise_ablation, tmp_path):
         link = _experiment_link(proc, "noise_ablation")
         assert link.startswith(base) and "workflowType=machine_learning" in link
         text = _browser_text(link, "ui-noise_ablation-runs.png")
-        assert "Model training" in text and "space.ddpm.features.timesteps" in text and "val/mIoU" in text and "test/mIoU" in text
+        # the model-training view's navigation, not GenAI's (both show the "GenAI | Model training" toggle)
+        assert "Model registry" in text and "Playground" not in text and "Prompts" not in text
+        assert "space.ddpm.features.timesteps" in text and "val/mIoU" in text and "test/mIoU" in text
         for run in runs:
             m = {x["key"]: x["value"] for x in run["data"]["metrics"]}
             assert run["info"]["run_name"] in text and str(m["val/mIoU"])[:6] in text, (run["info"]["run_name"], text[:3000])
