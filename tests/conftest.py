@@ -49,6 +49,16 @@ def small_synthetic(**kw):
     return DataSpec(dataset="synthetic", tile_size=kw.pop("tile_size", 32), synthetic=SyntheticSpec(**syn), **kw)
 
 
+@pytest.fixture
+def tracking_server(tmp_path):
+    """A `platform server` (SQLite behind it) for a test on a cluster of several nodes, where a
+    SQLite tracking URI is refused; its URI."""
+    import servers
+
+    with servers.tracking_server(tmp_path / "server") as uri:
+        yield uri
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster with 2 CPUs for a module's tests (started if none is running)."""

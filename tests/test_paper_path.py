@@ -105,7 +105,7 @@ search: {algorithm: grid, max_concurrent: 2, resources: {cpu: 1}}
     assert c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT) is None  # nothing was pre-trained
 
 
-def test_two_node_ddp_pretraining_survives_losing_a_node(tmp_path):
+def test_two_node_ddp_pretraining_survives_losing_a_node(tmp_path, tracking_server):
     """Workers on both nodes (0-CPU head, two 1-CPU nodes); a node removed mid-run and added back:
     the run finishes FINISHED, redoing at most one checkpoint interval."""
     import ray
@@ -126,7 +126,8 @@ def test_two_node_ddp_pretraining_survives_losing_a_node(tmp_path):
                                  "runtime": {"workers": 2, "checkpoint_every": every, "log_every": 1, "max_failures": 3,
                                              "controller_failure_limit": 10, "samples": 1, "sample_steps": 2}})
         outcome = {}
-        trainer = threading.Thread(target=lambda: outcome.setdefault("result", launch.train(run, wd)), daemon=True)
+        trainer = threading.Thread(target=lambda: outcome.setdefault("result", launch.train(run, wd, tracking_uri=tracking_server)),
+                                   daemon=True)
         trainer.start()
         progress = store.StoreDir.for_run(run, wd).progress
         deadline = time.time() + 300
@@ -138,7 +139,7 @@ def test_two_node_ddp_pretraining_survives_losing_a_node(tmp_path):
         cluster.add_node(num_cpus=1)  # ... and comes back
         trainer.join(timeout=600)
         assert not trainer.is_alive() and "result" in outcome, "the pre-training did not end, or raised"
-        c = tracking.client(tracking.resolve_uri(None, wd))
+        c = tracking.client(tracking_server)
         (mlrun,) = c.search_runs([c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT).experiment_id])
         assert mlrun.info.status == "FINISHED"
         result = outcome["result"]  # the finished checkpoint of this spec, at the last step, from this run

@@ -233,15 +233,45 @@ def test_failing_trial_is_failed_with_reason_retried_and_the_rest_completes(tmp_
     wd = Workdir.resolve(tmp_path / "w").ensure()
     f = _sweep_file(tmp_path, "nan", "  finetune.lr: {grid: [1.0e-3, 1.0e+30]}",
                     "{algorithm: grid, max_concurrent: 2, trial_retries: 1, resources: {cpu: 1}}")
-    result = run_sweep(load_sweep(f), wd, progress=False)
-    kids = children(tracking.resolve_uri(None, wd), "nan", result.parent_run_id)
+    from typer.testing import CliRunner
+
+    from rsseg.cli import app
+
+    cli = CliRunner().invoke(app, ["--workdir", str(wd.root), "sweep", str(f)])
+    # one trial failed: the command fails, saying how many and why (one line per distinct reason)
+    assert cli.exit_code == 1, cli.output
+    assert "1 finished, 1 failed, 2 trials" in cli.stdout
+    assert re.search(r"^failed: 1 trial\(s\): NonFiniteLoss: fine-tuning loss is", cli.stderr, re.M), cli.stderr
+    (parent,) = parents(tracking.resolve_uri(None, wd), "nan")
+    kids = children(tracking.resolve_uri(None, wd), "nan", parent.info.run_id)
     assert len(kids) == 2
     by_lr = {k.data.params["finetune.lr"]: k for k in kids}
     bad, good = by_lr["1e+30"], by_lr["0.001"]
     assert good.info.status == "FINISHED"
     assert bad.info.status == "FAILED" and "NonFiniteLoss: fine-tuning loss is" in bad.data.tags["error"]
     assert bad.data.tags["attempt"] == "2"  # retried once (trial_retries: 1), same MLflow run
-    assert result.finished == 1 and result.failed == 1
+    assert parent.data.metrics["trials_finished"] == 1 and parent.data.metrics["trials_failed"] == 1
+
+
+def test_another_tracking_uri_between_invocations_is_one_line_not_a_traceback(tmp_path, ray_cluster, caplog):
+    """Re-running a sweep after switching stores used to end in RESOURCE_DOES_NOT_EXIST (the
+    earlier invocation's runs were looked up in the new store); --resume into another store is
+    refused in one line, before anything starts."""
+    from rsseg.errors import SweepError
+
+    wd = Workdir.resolve(tmp_path / "w").ensure()
+    f = _sweep_file(tmp_path, "moved", "  seed: {grid: [0]}", "{algorithm: grid, resources: {cpu: 1}}")
+    first = run_sweep(load_sweep(f), wd, progress=False)
+    other = f"sqlite:///{tmp_path / 'team' / 'mlflow.db'}"
+    with caplog.at_level("WARNING", logger="rsseg.sweep.driver"):
+        second = run_sweep(load_sweep(f), wd, tracking_uri=other, progress=False)
+    assert first.finished == second.finished == 1 and second.uri == other
+    assert f"its previous invocation tracked to {tracking.resolve_uri(None, wd)}, this one to {other}" in caplog.text
+    assert [p.info.status for p in parents(tracking.resolve_uri(None, wd), "moved")] == ["FINISHED"]  # left as it was
+    with pytest.raises(SweepError, match=r"^cannot resume sweep 'moved' with --tracking-uri sqlite:///.*/third.db: its runs are in "
+                                         r"sqlite:///.*/team/mlflow.db; resume with that tracking URI"):
+        run_sweep(load_sweep(f), wd, tracking_uri=f"sqlite:///{tmp_path / 'third.db'}", resume=True, progress=False)
+    assert not (tmp_path / "third.db").exists()
 
 
 def test_optuna_with_max_concurrent_2_never_runs_more_than_2(tmp_path, ray_cluster):
@@ -349,7 +379,7 @@ def test_kill_driver_at_each_point_of_a_trial_then_resume(tmp_path):
     assert not list((wd / "ray").glob("local-*.json"))
 
 
-def test_multi_node_trials_land_on_both_nodes(tmp_path):
+def test_multi_node_trials_land_on_both_nodes(tmp_path, tracking_server):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -361,8 +391,8 @@ def test_multi_node_trials_land_on_both_nodes(tmp_path):
         ray.init(address=cluster.address)
         wd = Workdir.resolve(tmp_path / "w").ensure()
         f = _sweep_file(tmp_path, "multi", "  seed: {grid: [0, 1]}", "{algorithm: grid, max_concurrent: 2, resources: {cpu: 1}}")
-        result = run_sweep(load_sweep(f), wd, progress=False)
-        kids = children(tracking.resolve_uri(None, wd), "multi", result.parent_run_id)
+        result = run_sweep(load_sweep(f), wd, tracking_uri=tracking_server, progress=False)  # several nodes: a server
+        kids = children(tracking_server, "multi", result.parent_run_id)
         assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
         assert {k.data.tags["node_id"] for k in kids} == {n.node_id for n in nodes}
     finally:

@@ -92,17 +92,21 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    workdir: Optional[Path] = typer.Option(
+    workdir: Optional[str] = typer.Option(
         None, "--workdir", "-w", envvar="RSSEG_WORKDIR",
-        help="Where everything the platform writes goes (default ./rsseg-work; env RSSEG_WORKDIR).",
+        help="Where everything the platform writes goes (default ./rsseg-work); on a cluster, each node's scratch.",
+    ),
+    storage: Optional[str] = typer.Option(
+        None, "--storage", envvar="RSSEG_STORAGE",
+        help="On a cluster: a directory every node mounts (NFS), for checkpoints, models and Ray's storage (default: the workdir; docs/cluster.md).",
     ),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     from rsseg.workdir import Workdir
 
     # Checked here (one line, exit 2) and exported so that Ray workers and subprocesses resolve
-    # the same absolute directory.
-    Workdir.resolve(workdir).check().export()
+    # the same absolute directories.
+    Workdir.resolve(workdir, storage).check().export()
 
 
 def _workdir():
@@ -383,7 +387,13 @@ def sweep_cmd(
         typer.echo(f"interrupted: the sweep's runs are marked KILLED; continue it with: {shlex.join(again)}", err=True)
         raise
     typer.echo(summary_table(result, loaded.spec.search.metric, loaded.spec.search.mode), nl=False)
-    if result.finished == 0:
+    if result.failed or result.finished == 0:
+        from collections import Counter
+
+        # a sweep with failed trials is not a success for a script or CI: how many, and why (each reason once)
+        reasons = Counter(t.get("error") or "no reason recorded" for t in result.trials if t["status"] == "FAILED")
+        for reason, n in reasons.most_common():
+            typer.echo(f"failed: {n} trial(s): {reason}", err=True)
         raise typer.Exit(code=1)
 
 
@@ -629,6 +639,24 @@ def ui_cmd(
     if workers > cap:
         raise ConfigError(f"--workers {workers}: at most {cap} on this machine ({os.cpu_count()} CPUs); the UI needs 1-2")
     status = ui.serve(_workdir(), port=port, tracking_uri=tracking_uri, host=host, workers=workers)
+    if status:
+        raise typer.Exit(code=status if 0 < status < 256 else 1)
+
+
+@app.command("server")
+def server_cmd(
+    port: int = typer.Option(5000, "--port", help="Port of the tracking server."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind: 0.0.0.0 for a cluster's other nodes (no login: a private network only)."),
+    backend_store_uri: Optional[str] = typer.Option(None, "--backend-store-uri", help="The database: the workdir's SQLite store by default, or postgresql://user@host/db for a team."),
+    artifacts_destination: Optional[str] = typer.Option(None, "--artifacts-destination", help="Where proxied artifacts go (default: beside a SQLite store, else <storage>/artifacts)."),
+    workers: int = typer.Option(1, "--workers", min=1, max=64, help="Server worker processes."),
+    allowed_hosts: Optional[str] = typer.Option(None, "--allowed-hosts", help="Host names clients may use (MLflow's default: localhost and private addresses)."),
+) -> None:
+    """An MLflow tracking server for a cluster or a team: every node writes its runs through it."""
+    from rsseg import server
+
+    status = server.serve(_workdir(), port=port, host=host, backend=backend_store_uri, artifacts=artifacts_destination,
+                          workers=workers, allowed_hosts=allowed_hosts)
     if status:
         raise typer.Exit(code=status if 0 < status < 256 else 1)
 

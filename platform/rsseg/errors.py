@@ -65,15 +65,28 @@ def disk_full_path(exc: BaseException) -> str | None:
     return None
 
 
+# Errors from other libraries that fail the same way on every retry, by their text (they may
+# reach us only as text, across Ray's process boundary): the MLflow run a worker logs to is not in
+# the store it reaches (a node with its own SQLite file), Ray's storage check (a storage_path
+# another node cannot see).
+UNRETRYABLE = ("MlflowException: Run with id=", "Unable to set up cluster storage")
+
+
+def _unretryable(e: BaseException) -> bool:
+    text = str(e)
+    return (getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" and text.startswith("Run with id=")
+            or any(marker in text for marker in UNRETRYABLE))
+
+
 def is_fatal(exc: BaseException) -> bool:
-    """An error no retry can fix: bad input (an RssegError) or a full disk."""
+    """An error no retry can fix: bad input (an RssegError), a full disk, or one of `UNRETRYABLE`."""
     seen, todo = set(), [exc]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, RssegError):
+        if isinstance(e, RssegError) or _unretryable(e):
             return True
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         todo += list((getattr(e, "worker_failures", None) or {}).values())

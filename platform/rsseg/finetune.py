@@ -425,6 +425,6 @@ def _log_final(tracker, run, result: FinetuneResult, kept, p: Prepared, workdir:
                           names=p.table.names)
             tracker.log_artifact(d / "predictions.png")
     # the trained model, for `platform predict runs:/<run id>` (work directory copy + MLflow artifact)
-    model_dir = save_model(workdir.root / "models" / tracker.run_id, run, p, result, p.pretrained)
+    model_dir = save_model(workdir.models / tracker.run_id, run, p, result, p.pretrained)
     tracker.log_artifacts(model_dir, "model")
     tracker.set_tags({"model": str(model_dir)})

@@ -151,7 +151,7 @@ def resolve_model_dir(ref: str, workdir: Workdir, tracking_uri: str | None = Non
         ref = f"runs:/{best_run(ref[len('best:'):], workdir, tracking_uri)}"
     if ref.startswith("runs:/"):
         run_id = ref[len("runs:/"):].strip("/").split("/")[0]
-        local = workdir.root / "models" / run_id
+        local = workdir.models / run_id
         if (local / "model.json").is_file():
             return local
         uri = tracking.resolve_uri(tracking_uri, workdir)
@@ -243,7 +243,7 @@ def _skeleton(run, meta):
 
 def list_models(workdir: Workdir) -> list[dict[str, Any]]:
     """The saved models of a work directory: run id, method, dataset, test mIoU, when."""
-    root = workdir.root / "models"
+    root = workdir.models
     out = []
     for meta_path in sorted(root.glob("*/model.json")) if root.exists() else []:
         try:

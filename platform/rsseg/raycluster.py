@@ -48,7 +48,7 @@ def init(address: str | None = None, num_cpus: int | None = None, warm: tuple[st
         # Worker output stays in Ray's session logs unless asked for: the CLI shows progress.
         log_to_driver=os.environ.get("RSSEG_RAY_LOGS", "0") == "1",
     )
-    env = {k: os.environ[k] for k in ("RSSEG_WORKDIR", "MLFLOW_TRACKING_URI", "GDAL_CACHEMAX") if k in os.environ}
+    env = {k: os.environ[k] for k in ("RSSEG_WORKDIR", "RSSEG_STORAGE", "MLFLOW_TRACKING_URI", "GDAL_CACHEMAX") if k in os.environ}
     if address == "local":
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
@@ -103,7 +103,7 @@ def _warm(modules: tuple[str, ...]):
 def _session_files() -> list:
     from rsseg.workdir import Workdir
 
-    root = Workdir.resolve().ray_storage
+    root = Workdir.resolve().ray_local
     return sorted(root.glob("local-*.json")) if root.is_dir() else []
 
 
@@ -117,7 +117,7 @@ def _record_session() -> None:
     from rsseg.workdir import Workdir
 
     session = ray._private.worker._global_node.get_session_dir_path()
-    root = Workdir.resolve().ray_storage
+    root = Workdir.resolve().ray_local
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write_text(root / f"local-{os.getpid()}.json", json.dumps(
         {"driver_pid": os.getpid(), "driver_started": psutil.Process().create_time(), "session_dir": session}))
@@ -165,7 +165,7 @@ def forget_session() -> None:
     """This driver stopped its local cluster itself: nothing to reap later."""
     from rsseg.workdir import Workdir
 
-    (Workdir.resolve().ray_storage / f"local-{os.getpid()}.json").unlink(missing_ok=True)
+    (Workdir.resolve().ray_local / f"local-{os.getpid()}.json").unlink(missing_ok=True)
 
 
 def loopback_only() -> None:
@@ -185,7 +185,7 @@ def local_temp_dir() -> "os.PathLike | None":
     """``<workdir>/ray/tmp`` (created 0700), or None (Ray's /tmp/ray) when that path is too long."""
     from rsseg.workdir import Workdir
 
-    temp = Workdir.resolve().ray_storage / "tmp"
+    temp = Workdir.resolve().ray_local / "tmp"
     if len(str(temp)) > MAX_TEMP_DIR:
         return None
     temp.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -33,6 +33,9 @@ from rsseg.workdir import Workdir
 # opens a new store: MLflow's business, not the user's (levels only: mlflow is not imported here)
 for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# With a tracking server MLflow prints two "View run / View experiment" lines per ended run, from
+# every trial and worker; the CLI prints the links that matter once (a user's own setting wins)
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 PRETRAIN_EXPERIMENT = "rsseg-pretrain"
 FINETUNE_EXPERIMENT = "rsseg-finetune"

@@ -30,10 +30,12 @@ from rsseg.workdir import Workdir
 START_TIMEOUT_S = 300.0
 
 
-def command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1) -> list[str]:
+def command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1, artifacts: str | None = None) -> list[str]:
+    """``mlflow server`` on the store ``uri``, artifacts proxied to ``artifacts`` (default: the
+    SQLite store's artifacts folder)."""
     # uvicorn's access log put a line per request on the terminal (263 in 3 minutes of browsing)
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-            "--artifacts-destination", tracking.artifacts_root(uri).as_uri(), "--serve-artifacts",
+            "--artifacts-destination", artifacts or tracking.artifacts_root(uri).as_uri(), "--serve-artifacts",
             "--default-artifact-root", f"{tracking.PROXIED}/", "--host", host, "--port", str(port), "--workers", str(workers),
             "--uvicorn-opts", "--no-access-log --log-level warning"]
 
@@ -88,12 +90,29 @@ def serve(workdir: Workdir, port: int = 5000, tracking_uri: str | None = None, h
         print(f"MLflow server: {uri}  (shared; nothing to start)")
         return 0
     check_address(host, port)
-    if not is_loopback(host):
-        print(f"warning: --host {host}: the MLflow UI has no authentication; anyone who can reach {host}:{port} can read and "
-              "change the runs", file=sys.stderr)
+    warn_if_exposed(host, port)
     tracking.init_store(uri)
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+    def announce() -> None:
+        print(f"MLflow UI: {url}/#/?workflowType=machine_learning  (store {uri}; Ctrl-C to stop)", flush=True)
+        for link in experiment_links(uri, url):
+            print(link, flush=True)
+
+    return run_server(command(uri, host, port, workers), url, announce)
+
+
+def warn_if_exposed(host: str, port: int, what: str = "the MLflow UI") -> None:
+    if not is_loopback(host):
+        print(f"warning: --host {host}: {what} has no authentication; anyone who can reach {host}:{port} can read and "
+              "change the runs", file=sys.stderr)
+
+
+def run_server(cmd: list[str], url: str, announce) -> int:
+    """Start ``cmd`` (an MLflow server) in its own process group, call ``announce`` once ``url``
+    answers /health, and wait; Ctrl-C or SIGTERM stop the whole group. Returns its exit status."""
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    proc = subprocess.Popen(command(uri, host, port, workers), env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def stop(signum=signal.SIGTERM, _frame=None):
         if proc.poll() is None:
@@ -103,12 +122,9 @@ def serve(workdir: Workdir, port: int = 5000, tracking_uri: str | None = None, h
                 pass
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     try:
         wait_healthy(url, proc)
-        print(f"MLflow UI: {url}/#/?workflowType=machine_learning  (store {uri}; Ctrl-C to stop)", flush=True)
-        for link in experiment_links(uri, url):
-            print(link, flush=True)
+        announce()
         while True:
             try:
                 return proc.wait()

@@ -90,7 +90,7 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
     cluster right now (the sweep driver runs several when they fit). ``switch_steps``: steps of
     the archive phase where other planned runs of the same trunk switch; their trunk points are
     left on the way (this run's own switch step always is)."""
-    from rsseg import raycluster, tracking
+    from rsseg import clustercheck, raycluster, tracking
     from rsseg.pretrain.data import pretrain_datasets
     from rsseg.pretrain.identity import identity, lineage
 
@@ -109,12 +109,14 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
     uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, workdir)
     raycluster.init()
     res = raycluster.worker_resources(runtime, run.runtime.device, concurrent)  # before the MLflow run: a refusal leaves none
+    clustercheck.preflight(uri, workdir, clustercheck.run_paths([], [run]))  # every node reaches the server, storage, data
     lin = lineage(run)
     mlrun = _open_run(run, workdir, uri, profile, (tags or {}) | ({"trunk_note": lin.why} if lin.why else {}))
     mlrun.set_tags({"device": "cuda" if res.use_gpu else "cpu", "workers": str(workers),
                     "resources_per_worker": ", ".join(f"{k} {v:g}" for k, v in res.as_dict().items())})
     plan = TrainPlan(
-        fingerprint=fp, store_root=str(sdir.root), workdir=str(workdir.root), run=run.model_dump(mode="json"),
+        fingerprint=fp, store_root=str(sdir.root), workdir=str(workdir.root),
+        storage=str(workdir.storage) if workdir.storage else None, run=run.model_dump(mode="json"),
         in_channels=int(homogeneous_ds[0]["image"].shape[0]), counts=counts, tracking_uri=uri, mlflow_run_id=mlrun.run_id,
         threads=threads_per_worker or max(1, int(res.cpus)), stop_after=stop_after,
         resume_from=str(resume_from) if resume_from else None, fault=fault,

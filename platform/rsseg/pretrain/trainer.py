@@ -74,6 +74,7 @@ class TrainPlan:
     counts: tuple[int, int]
     tracking_uri: str
     mlflow_run_id: str
+    storage: str | None = None  # the shared storage (rsseg.workdir), None: the work directory
     threads: int = 1
     stop_after: int | None = None
     resume_from: str | None = None
@@ -352,7 +353,7 @@ class Trainer:
         from rsseg.pretrain.data import pretrain_datasets
         from rsseg.workdir import Workdir
 
-        archive, homogeneous = pretrain_datasets(self.run, Workdir.resolve(self.plan.workdir))
+        archive, homogeneous = pretrain_datasets(self.run, Workdir.at(self.plan.workdir, self.plan.storage))
         return {"archive": archive, "homogeneous": homogeneous}
 
     def _tracker(self):
@@ -417,7 +418,7 @@ class Trainer:
         from rsseg.weights import imported
         from rsseg.workdir import Workdir
 
-        state = imported(name, Workdir.resolve(self.plan.workdir)).load()
+        state = imported(name, Workdir.at(self.plan.workdir, self.plan.storage)).load()
         # the objective's network is built from the imported weights' (methods.ddpm.network); what
         # can still differ is the bands: the data's against those the weights take
         theirs = {k: v for k, v in state["objective"]["unet"].items() if k != "sample_size"}

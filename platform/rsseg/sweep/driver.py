@@ -51,6 +51,7 @@ class SweepResult:
     experiment_id: str
     uri: str
     trials: list[dict[str, Any]] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)  # trials Tune ran that have no run in the store
 
     @property
     def finished(self) -> int:
@@ -227,7 +228,6 @@ def _run_sweep(loaded, workdir: Workdir, *, address: str | None, tracking_uri: s
                progress: bool) -> SweepResult:
     from rsseg import raycluster
     from rsseg.device import check_sweep_resources
-    from rsseg.provenance import git_commit
 
     spec = loaded.spec
     previous = _read_state(workdir, spec.name)
@@ -238,11 +238,54 @@ def _run_sweep(loaded, workdir: Workdir, *, address: str | None, tracking_uri: s
     if plan.problems:
         raise ConfigError(f"{loaded.path}: {plan.problems[0]}")
     uri = tracking.resolve_uri(tracking_uri or (previous or {}).get("uri") if resume else tracking_uri or loaded.base.tracking.uri, workdir)
+    if resume and uri != previous["uri"]:
+        raise SweepError(f"cannot resume sweep {spec.name!r} with --tracking-uri {uri}: its runs are in {previous['uri']}; "
+                         "resume with that tracking URI (or start the sweep afresh without --resume)")
+    # the cluster before any MLflow run: a refusal (its resources, a node that cannot reach the
+    # tracking server, the storage or the data) leaves no run RUNNING
+    raycluster.init(address)
+    check_sweep_resources(loaded.base.runtime.device, spec.search.resources.gpu, raycluster.total_gpus())
+    _preflight(plan, uri, workdir)
     tracking.init_store(uri)  # fails here, before any trial, when the store is unreachable
     exp_id = tracking.experiment_id(uri, spec.name, workdir, description=spec.description)
     tracking.set_sweep_view(uri, exp_id, list(spec.space), spec.search.metric, spec.search.mode)
     client = tracking.client(uri)
 
+    parent_id, tune_names = _open_parent(loaded, plan, workdir, uri, client, exp_id, previous, resume)
+    parent_run = tracking.Run(uri, parent_id, exp_id)
+    with tracking.tracked(parent_run) as outcome:
+        _pretrain_all(plan, workdir, uri, loaded.profile, progress)
+        parent_run.set_tags({"pretrain_fingerprints": ",".join(p.fingerprint for p in plan.pretrainings)})
+        context = {
+            "sweep": spec.name, "table": spec.table or "",
+            "workdir": str(workdir.root), "storage": str(workdir.storage) if workdir.storage else None,
+            "uri": uri, "experiment": spec.name, "parent_run_id": parent_id,
+            "profile": loaded.profile or "", "threads": max(1, int(spec.search.resources.cpu)),
+            "metric": spec.search.metric, "mode": spec.search.mode, "driver_pid": os.getpid(),
+            "search_axes": {k: v.model_dump(mode="json", by_alias=True) for k, v in plan.search_axes.items()},
+        }
+        grids = _fit_all(plan, context, workdir, tune_names, resume, progress, client, exp_id, parent_id)
+        if progress:
+            from rsseg.progress import done
+
+            done()
+        result = _reconcile(client, uri, spec.name, exp_id, parent_id, grids, spec.search.metric)
+        _summarise(parent_run, result, spec)
+        if result.lost:  # never a silent loss: Tune ran them, the store does not hold them
+            raise SweepError(f"sweep {spec.name!r}: {len(result.lost)} trial(s) that Tune ran have no run in the tracking store "
+                             f"{uri} ({'; '.join(result.lost[:5])}{'; ...' if len(result.lost) > 5 else ''}): their results "
+                             "went elsewhere (on a cluster: use `platform server` and --storage, docs/cluster.md)")
+        outcome.status = "FINISHED" if result.finished else "FAILED"
+    return result
+
+
+def _open_parent(loaded, plan: SweepPlan, workdir: Workdir, uri: str, client, exp_id: str, previous: dict[str, Any] | None,
+                 resume: bool) -> tuple[str, list[str]]:
+    """The sweep's parent run and its Tune experiments' names: this invocation's new ones (the
+    state file records them), or the previous invocation's on --resume."""
+    from rsseg.provenance import git_commit
+
+    spec = loaded.spec
     if resume:
         _check_owner(workdir, spec.name, previous["tune_names"])
         if previous["plan"] != plan.identity():
@@ -252,7 +295,10 @@ def _run_sweep(loaded, workdir: Workdir, *, address: str | None, tracking_uri: s
         client.update_run(parent_id, status="RUNNING")
         tune_names = previous["tune_names"]
     else:
-        if previous is not None:
+        if previous is not None and previous["uri"] != uri:
+            log.warning("sweep %s: its previous invocation tracked to %s, this one to %s; the earlier runs stay there as they are",
+                        spec.name, previous["uri"], uri)
+        elif previous is not None:
             _close_interrupted(client, previous, spec.name)
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         parent = tracking.start_run(uri, spec.name, f"{spec.name}-{stamp}", workdir=workdir, tags={
@@ -267,29 +313,20 @@ def _run_sweep(loaded, workdir: Workdir, *, address: str | None, tracking_uri: s
         _write_state(workdir, spec.name, {"parent_run_id": parent_id, "experiment_id": exp_id, "uri": uri,
                                           "tune_names": tune_names, "plan": plan.identity(), "profile": loaded.profile,
                                           "sweep_file": str(loaded.path), "started": stamp})
-    parent_run = tracking.Run(uri, parent_id, exp_id)
-    with tracking.tracked(parent_run) as outcome:
-        raycluster.init(address)
-        # before any pre-training or trial: the device policy must fit the cluster
-        check_sweep_resources(loaded.base.runtime.device, spec.search.resources.gpu, raycluster.total_gpus())
-        _pretrain_all(plan, workdir, uri, loaded.profile, progress)
-        parent_run.set_tags({"pretrain_fingerprints": ",".join(p.fingerprint for p in plan.pretrainings)})
-        context = {
-            "sweep": spec.name, "table": spec.table or "",
-            "workdir": str(workdir.root), "uri": uri, "experiment": spec.name, "parent_run_id": parent_id,
-            "profile": loaded.profile or "", "threads": max(1, int(spec.search.resources.cpu)),
-            "metric": spec.search.metric, "mode": spec.search.mode, "driver_pid": os.getpid(),
-            "search_axes": {k: v.model_dump(mode="json", by_alias=True) for k, v in plan.search_axes.items()},
-        }
-        grids = _fit_all(plan, context, workdir, tune_names, resume, progress, client, exp_id, parent_id)
-        if progress:
-            from rsseg.progress import done
+    return parent_id, tune_names
 
-            done()
-        result = _reconcile(client, uri, spec.name, exp_id, parent_id, grids, spec.search.metric)
-        _summarise(parent_run, result, spec)
-        outcome.status = "FINISHED" if result.finished else "FAILED"
-    return result
+
+def _preflight(plan: SweepPlan, uri: str, workdir: Workdir) -> None:
+    """On a cluster of several nodes, every node reaches the tracking server, the storage and the
+    data the trials and the pre-trainings still to do read (`rsseg.clustercheck`)."""
+    from rsseg import clustercheck
+    from rsseg.pretrain import store
+    from rsseg.runspec import parse_run
+
+    if len(clustercheck.alive_nodes()) < 2:
+        return
+    pending = [p.spec for p in plan.pretrainings if store.find(p.spec, workdir) is None]
+    clustercheck.preflight(uri, workdir, clustercheck.run_paths([parse_run(t.run) for t in plan.trials], pending))
 
 
 def _fit_all(plan, context, workdir, tune_names, resume: bool, progress: bool, client, exp_id: str, parent_id: str) -> list:
@@ -504,9 +541,30 @@ def _reconcile(client, uri: str, name: str, exp_id: str, parent_id: str, grids, 
         values = {k[len("space."):]: v for k, v in tags.items() if k.startswith("space.")}
         result.trials.append({"trial_id": tid, "status": status, "mIoU": run.data.metrics.get("test/mIoU"),
                               "val/mIoU": run.data.metrics.get("val/mIoU"), "score": run.data.metrics.get(metric),
-                              "run_id": run.info.run_id,
+                              "run_id": run.info.run_id, "slot": tags.get("trial_slot"),
                               "values": values, "error": tags.get("error") or None, "node_id": tags.get("node_id")})
+    result.lost = lost_trials(grids, result.trials)
     return result
+
+
+def lost_trials(grids, trials: list[dict[str, Any]]) -> list[str]:
+    """Tune's trials of this invocation that no child run in the store stands for (by trial id or
+    slot), described by slot and, for a failed one, its error's last line."""
+    tids = {t["trial_id"] for t in trials} - {None}
+    slots = {t.get("slot") for t in trials} - {None}
+    lost = []
+    for grid in grids:
+        for res in grid:
+            if "cell" not in (res.config or {}):
+                continue  # not a planned trial: one a restored searcher made up (it fails at once, harmless)
+            tid, slot = (res.metrics or {}).get("trial_id"), _slot_of(res)
+            if (tid and tid in tids) or (slot and slot in slots):
+                continue
+            what = f"trial {slot or tid or res.path}"
+            if res.error is not None:
+                what += f" failed: {(str(res.error).strip().splitlines() or ['error'])[-1][:200]}"
+            lost.append(what)
+    return lost
 
 
 def summary_table(result: SweepResult, metric: str = "val/mIoU", mode: str = "max") -> str:

@@ -135,8 +135,8 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
     run = parse_run(overlay(cell["run"], sampled)) if sampled else parse_run(cell["run"])
     values = {**cell["values"], **sampled}
     torch.set_num_threads(max(1, int(context["threads"])))
-    workdir = Workdir.resolve(context["workdir"])
-    os.environ["RSSEG_WORKDIR"] = str(workdir.root)
+    workdir = Workdir.at(context["workdir"], context.get("storage"))
+    workdir.export()
     key = trial_key(run)
     tracker = _child_run(context, run, trial_id, slot, key, values)
     from rsseg import tracking

@@ -1,0 +1,140 @@
+"""Before a sweep or a pre-training on a Ray cluster of several nodes: every node reaches what the
+run needs, or the run does not start.
+
+Nodes of a real cluster (KubeRay pods, cloud VMs) share no filesystem unless someone mounts one.
+A SQLite store is then a different file on each node (each trial writes its own, the driver sees
+none), and a checkpoint written on one node is not there on another. Both lose results without an
+error, hours later. So, before any MLflow run or Ray Train / Tune job:
+
+* a SQLite (or file) tracking URI is refused when the cluster has more than one node;
+* a zero-CPU task pinned to each alive node checks that it reaches the tracking server, that it
+  sees a marker the driver wrote in the storage and writes one the driver then sees (the same
+  directory on both sides, not two folders of the same name), and that it sees the data roots the
+  run reads.
+
+Each failure is one line naming the node (address and id) and what it could not reach.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from rsseg import tracking
+from rsseg.errors import ConfigError
+from rsseg.workdir import Workdir
+
+PROBE_TIMEOUT_S = 60.0
+_CHECKED: set[tuple[str, str, tuple[str, ...]]] = set()  # (uri, storage, paths) already checked by this driver
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_tracking_uri(uri: str, n_nodes: int) -> None:
+    """A store every node writes to: refused when it is a file on one machine and the cluster has several."""
+    if n_nodes > 1 and (tracking.is_sqlite(uri) or uri.startswith("file:")):
+        raise ConfigError(
+            f"--tracking-uri {uri}: a SQLite store is a file on this machine, and the Ray cluster has {n_nodes} nodes that do "
+            "not share it (each node would write its own runs, and this driver would see none); start `platform server` "
+            "on the head node and pass --tracking-uri http://<head>:5000 (docs/cluster.md)")
+
+
+def _probe(marker: str, token: str, uri: str, paths: list[tuple[str, str]]) -> tuple[list[str], str | None]:
+    """Runs on one node: what it cannot reach, and the marker it wrote in the storage (or None)."""
+    import urllib.request
+
+    import ray
+
+    problems: list[str] = []
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:
+                if resp.status != 200:
+                    problems.append(f"the tracking server {uri} is not healthy (GET /health -> {resp.status})")
+        except OSError as exc:
+            problems.append(f"cannot reach the tracking server {uri} ({getattr(exc, 'reason', exc)})")
+    m = Path(marker)
+    storage = m.parent.parent
+    wrote = None
+    try:
+        seen = m.read_text() == token
+    except OSError:
+        seen = False
+    if not seen:
+        problems.append(f"cannot see the storage {storage} (the marker {m.name} this driver wrote there is missing): the "
+                        "storage must be one directory every node mounts; pass --storage / RSSEG_STORAGE (docs/cluster.md)")
+    else:
+        mine = m.with_name(f"{token}-{ray.get_runtime_context().get_node_id()}")
+        try:
+            mine.write_text(token)
+            wrote = str(mine)
+        except OSError as exc:
+            problems.append(f"cannot write in the storage {storage} ({exc.strerror})")
+    for label, path in paths:
+        if not os.path.exists(path):
+            problems.append(f"cannot see the {label} {path}")
+    return problems, wrote
+
+
+def preflight(uri: str, workdir: Workdir, paths: list[tuple[str, str]] = ()) -> None:
+    """On a cluster of several nodes (a local or one-node cluster: nothing to check), every node
+    reaches the tracking server, the storage and ``paths`` ((label, absolute path) pairs), or a
+    `ConfigError` with one line per failure. Once per driver and (uri, storage, paths)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = alive_nodes()
+    if len(nodes) < 2:
+        return
+    check_tracking_uri(uri, len(nodes))
+    key = (uri, str(workdir.shared), tuple(p for _, p in paths))
+    if key in _CHECKED:
+        return
+    token = uuid.uuid4().hex
+    folder = workdir.shared / ".preflight"
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / token
+    marker.write_text(token)
+    probe = ray.remote(num_cpus=0)(_probe)
+    try:
+        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            str(marker), token, uri, list(paths)) for n in nodes]
+        problems = []
+        for node, ref in zip(nodes, refs):
+            where = f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]})"
+            try:
+                found, wrote = ray.get(ref, timeout=PROBE_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                problems.append(f"{where}: did not answer the cluster check within {PROBE_TIMEOUT_S:.0f} s")
+                continue
+            problems += [f"{where}: {p}" for p in found]
+            if wrote is not None and not Path(wrote).exists():
+                problems.append(f"{where}: wrote {wrote}, which this driver cannot see: {workdir.shared} is another directory "
+                                "there; pass --storage a path every node mounts (docs/cluster.md)")
+    finally:
+        for p in folder.glob(f"{token}*"):
+            p.unlink(missing_ok=True)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    _CHECKED.add(key)
+
+
+def run_paths(runs, pretrainings=()) -> list[tuple[str, str]]:
+    """The folders that ``runs`` (run specs) read from roots the user gave, and the archive imagery
+    of ``pretrainings`` (run specs whose pre-training is still to do), as (label, path) pairs, each
+    once. Generated synthetic data is made on each node, in its work directory."""
+    out: dict[str, str] = {}
+    for run in (*runs, *pretrainings):
+        if run.data.dataset != "synthetic" and run.data.root is not None:
+            out.setdefault(str(run.data.root), "data root")
+    for run in pretrainings:
+        arch = run.pretrain.archive
+        from_folder = arch.source == "folder" or (arch.source == "auto" and run.data.dataset != "synthetic")
+        if from_folder and arch.root is not None and run.pretrain.iterations.counts()[0]:
+            out.setdefault(str(arch.root), "archive root")
+    return [(label, path) for path, label in out.items()]
