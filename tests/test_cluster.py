@@ -141,6 +141,53 @@ def test_what_a_node_cannot_reach_is_one_line_before_any_run(cluster):
     assert f"({cluster.node2_id[:8]}): cannot see the data root {own}" in lines[0]
 
 
+@pytest.mark.slow
+def test_the_same_with_object_storage(cluster, tmp_path):
+    """(b) storage = s3:// on an S3-compatible server (moto) on 127.0.0.1: the same sweep, a
+    2-worker pre-training, tables and a prediction; checkpoints and models land in the bucket,
+    nothing in the driver's storage folder of (a), and the driver reads them through its mirror."""
+    from pyarrow import fs
+
+    bucket = servers.s3(cluster.s3)
+    t0 = time.time()
+    r = platform(cluster, "sweep", str(REPO / "sweeps" / "noise_ablation.yaml"), "--profile", "smoke", *_sets(SHRINK),
+                 "--address", cluster.address, "--tracking-uri", cluster.uri, storage=cluster.s3_uri)
+    sweep_s = time.time() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 finished, 0 failed, 2 trials" in r.stdout
+    parent = r.stdout.split("parent run ")[1].split()[0]
+    kids = _runs(cluster.uri, "noise_ablation", f"tags.kind = 'finetune' and tags.sweep_parent = '{parent}'")
+    assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
+    assert {k.data.tags["node_id"] for k in kids} == {cluster.node2_id}
+    objects = {i.path for i in bucket.get_file_info(fs.FileSelector("rsseg/store", recursive=True)) if i.type == fs.FileType.File}
+    done = [o for o in objects if o.startswith("rsseg/store/checkpoints/pretrain/ddpm-") and o.endswith("/DONE.json")]
+    assert len(done) == 1 and done[0].replace("DONE.json", "final.pt") in objects
+    for k in kids:
+        assert f"rsseg/store/models/{k.info.run_id}/model.pt" in objects
+    assert any(o.startswith("rsseg/store/ray/sweeps/noise_ablation-") for o in objects)  # Tune's storage
+    assert any(o.startswith("rsseg/store/ray/pretrain-ddpm-") for o in objects)  # Train's storage
+    assert not any(k.info.run_id in str(p) for p in cluster.shared.rglob("*") for k in kids)  # not in (a)'s folder
+
+    t0 = time.time()
+    r = platform(cluster, "pretrain", str(REPO / "sweeps" / "pretrain.yaml"), "--profile", "smoke", "--workers", "2",
+                 *_sets([s.removeprefix("base.") for s in SHRINK[:8]] + ["pretrain.seed=2"]), "--address", cluster.address,
+                 "--tracking-uri", cluster.uri, storage=cluster.s3_uri)
+    pretrain_s = time.time() - t0
+    assert r.returncode == 0 and "finished: fingerprint" in r.stdout, r.stderr[-3000:]
+    fp = r.stdout.split("finished: fingerprint ")[1].split()[0]
+    assert bucket.get_file_info(f"rsseg/store/checkpoints/pretrain/ddpm-{fp}/DONE.json").type == fs.FileType.File
+
+    mirror = cluster.hidden / "storage" / "models" / kids[0].info.run_id
+    r = platform(cluster, "predict", f"runs:/{kids[0].info.run_id}", "dataset:0", "--out", str(tmp_path / "maps"),
+                 "--tracking-uri", cluster.uri, storage=cluster.s3_uri)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list((tmp_path / "maps").glob("*.tif")) and (mirror / "model.pt").is_file()  # read through the driver's mirror
+    print(f"object storage: 2 trials in {sweep_s:.0f} s; 2-worker pre-training in {pretrain_s:.0f} s; {len(objects)} objects")
+    (REPO / "test-artifacts").mkdir(exist_ok=True)
+    (REPO / "test-artifacts" / "cluster-s3.json").write_text(json.dumps({"sweep_s": sweep_s, "pretrain_s": pretrain_s,
+                                                                          "objects": len(objects)}))
+
+
 TEAM_RUN = """
 name: team
 method: ddpm

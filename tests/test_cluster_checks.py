@@ -13,8 +13,16 @@ from rsseg.errors import ConfigError
 from rsseg.workdir import Workdir
 
 
-def test_without_storage_the_layout_is_the_work_directory(tmp_path, monkeypatch):
-    monkeypatch.delenv("RSSEG_STORAGE", raising=False)
+@pytest.fixture(autouse=True)
+def _own_environment(monkeypatch, tmp_path):
+    """Workdir.export() writes RSSEG_WORKDIR / RSSEG_STORAGE: recorded here first, so that the
+    test's values are undone after it (a leaked s3:// storage sends later tests to a dead server)."""
+    monkeypatch.setenv("RSSEG_WORKDIR", str(tmp_path / "default-work"))
+    monkeypatch.setenv("RSSEG_STORAGE", "")  # (delenv of an absent variable records nothing to undo)
+    monkeypatch.delenv("RSSEG_STORAGE")
+
+
+def test_without_storage_the_layout_is_the_work_directory(tmp_path):
     wd = Workdir.resolve(tmp_path / "w")
     assert wd.storage is None and wd.shared == wd.root
     for p in (wd.checkpoints, wd.ray_storage, wd.sweeps, wd.models, wd.cache, wd.data, wd.ray_local):
@@ -35,7 +43,7 @@ def test_with_storage_what_nodes_share_moves_and_scratch_stays(tmp_path, monkeyp
 
 @pytest.mark.parametrize("option, value, message", [
     ("--workdir", "s3://bucket/w", r"--workdir s3://bucket/w: the work directory is a local path on each node, not a s3:// URI"),
-    ("--storage", "gs://bucket/s", r"--storage gs://bucket/s: gs:// object storage is not supported yet; mount it on every node"),
+    ("--storage", "ftp://host/s", r"--storage ftp://host/s: not a storage URI pyarrow can open \(.*ftp"),
 ])
 def test_a_uri_is_not_silently_a_local_folder(option, value, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
@@ -44,7 +52,16 @@ def test_a_uri_is_not_silently_a_local_folder(option, value, message, tmp_path):
     r = subprocess.run([str(servers.BIN / "platform"), option, value, "data", "info"], capture_output=True, text=True,
                        env=servers.clean_env(), cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {option} {value}: "), r.stderr
-    assert not (tmp_path / "s3:").exists() and not (tmp_path / "gs:").exists()
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "ftp:").exists()
+
+
+def test_object_storage_is_mirrored_in_the_work_directory(tmp_path):
+    uri = "s3://bucket/prefix?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    wd = Workdir.resolve(tmp_path / "w", uri)
+    assert (wd.remote, wd.storage, wd.shared, wd.storage_arg) == (uri, None, wd.root / "storage", uri)
+    assert wd.checkpoints == wd.root / "storage" / "checkpoints" and wd.cache == wd.root / "cache"
+    wd.export()
+    assert Workdir.resolve() == wd == Workdir.at(str(wd.root), uri)
 
 
 def test_file_uri_storage_is_its_path(tmp_path):
@@ -116,3 +133,46 @@ def test_server_backend_must_be_a_database(tmp_path):
     with pytest.raises(ConfigError, match=r"--backend-store-uri http://head:5000: expected a database"):
         backend_uri("http://head:5000", wd)
     assert masked("postgresql://rsseg:s3cret@db/mlflow") == "postgresql://rsseg:***@db/mlflow"
+
+
+def test_object_storage_round_trip_between_two_nodes_mirrors(tmp_path, monkeypatch):
+    """What one node writes (a checkpoint, a finished pre-training, a model) another reads through
+    its own mirror, on a real S3-compatible server; a mounted storage needs none of it."""
+    import torch
+
+    from rsseg import storage
+    from rsseg.pretrain import store
+
+    for k, v in servers.S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    with servers.s3_server(tmp_path / "s3") as endpoint:
+        uri = f"s3://rsseg/p?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+        a, b = Workdir.resolve(tmp_path / "a", uri), Workdir.resolve(tmp_path / "b", uri)
+        a.export()
+        sdir = store.StoreDir(a.checkpoints / "pretrain" / "ddpm-0123456789abcdef")
+        for step in (10, 15):
+            store.save(sdir.ckpt / f"step_{step:08d}.pt", {"step": step, "w": torch.ones(3)}, "0123456789abcdef", step)
+        store.finalize(sdir, {"step": 20, "model": {"w": torch.ones(2)}, "method": "ddpm"}, "run-1")
+        (a.models / "r1").mkdir(parents=True)
+        (a.models / "r1" / "model.json").write_text("{}")
+        storage.push(a.models / "r1")
+
+        b.export()  # another node: an empty mirror
+        sdir_b = store.StoreDir(b.checkpoints / "pretrain" / "ddpm-0123456789abcdef")
+        assert not sdir_b.root.exists()
+        assert [s for s, _ in store.checkpoints(sdir_b)] == [10, 15]
+        assert store.load(sdir_b.ckpt / "step_00000010.pt", "0123456789abcdef")["step"] == 10
+        assert store.validate(sdir_b.final)["step"] == 20 and store.done_run_id(sdir_b) == "run-1"
+        storage.pull(b.models, pattern="*/model.json")
+        assert (b.models / "r1" / "model.json").read_text() == "{}"
+        a.export()
+        store.prune(sdir, keep=1)  # pruned on one node: gone from the storage too
+        b.export()
+        import shutil
+
+        shutil.rmtree(sdir_b.ckpt)
+        assert [s for s, _ in store.checkpoints(sdir_b)] == [15]
+    # negative control: a mounted storage is the mirror itself, nothing to push or pull
+    Workdir.resolve(tmp_path / "c", tmp_path / "nfs").export()
+    assert storage._remote_of(tmp_path / "nfs" / "checkpoints") is None
+

@@ -258,7 +258,9 @@ def test_the_sweeps_ray_storage_is_private_whatever_the_umask(workdir):
     try:
         workdir.ray_storage.mkdir(parents=True, exist_ok=True)
         os.chmod(workdir.ray_storage, 0o775)
-        storage = driver.private_storage(workdir)
+        storage, fs = driver.private_storage(workdir)
+        storage = Path(storage)
+        assert fs is None
     finally:
         os.umask(old)
     assert storage == workdir.ray_storage / "sweeps"

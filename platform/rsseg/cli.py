@@ -98,7 +98,7 @@ def _main(
     ),
     storage: Optional[str] = typer.Option(
         None, "--storage", envvar="RSSEG_STORAGE",
-        help="On a cluster: a directory every node mounts (NFS), for checkpoints, models and Ray's storage (default: the workdir; docs/cluster.md).",
+        help="On a cluster: a directory every node mounts (NFS) or s3://bucket/prefix, for checkpoints, models and Ray's storage (default: the workdir; docs/cluster.md).",
     ),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:

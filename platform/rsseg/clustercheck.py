@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path
-
 from rsseg import tracking
 from rsseg.errors import ConfigError
 from rsseg.workdir import Workdir
@@ -44,7 +42,26 @@ def check_tracking_uri(uri: str, n_nodes: int) -> None:
             "on the head node and pass --tracking-uri http://<head>:5000 (docs/cluster.md)")
 
 
-def _probe(marker: str, token: str, uri: str, paths: list[tuple[str, str]]) -> tuple[list[str], str | None]:
+def _storage_fs(storage: str):
+    """(pyarrow filesystem, folder) of the storage as passed to a node (a path or an object-storage URI)."""
+    from pyarrow import fs
+
+    from rsseg.workdir import filesystem
+
+    if "://" in storage and not storage.startswith("file://"):
+        return filesystem(storage)
+    return fs.LocalFileSystem(), storage.removeprefix("file://")
+
+
+def _read(fs, path: str) -> str | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except OSError:
+        return None
+
+
+def _probe(storage: str, token: str, uri: str, paths: list[tuple[str, str]]) -> tuple[list[str], str | None]:
     """Runs on one node: what it cannot reach, and the marker it wrote in the storage (or None)."""
     import urllib.request
 
@@ -58,23 +75,25 @@ def _probe(marker: str, token: str, uri: str, paths: list[tuple[str, str]]) -> t
                     problems.append(f"the tracking server {uri} is not healthy (GET /health -> {resp.status})")
         except OSError as exc:
             problems.append(f"cannot reach the tracking server {uri} ({getattr(exc, 'reason', exc)})")
-    m = Path(marker)
-    storage = m.parent.parent
     wrote = None
     try:
-        seen = m.read_text() == token
-    except OSError:
-        seen = False
-    if not seen:
-        problems.append(f"cannot see the storage {storage} (the marker {m.name} this driver wrote there is missing): the "
-                        "storage must be one directory every node mounts; pass --storage / RSSEG_STORAGE (docs/cluster.md)")
+        fs, folder = _storage_fs(storage)
+    except Exception as exc:  # noqa: BLE001 - any reason the storage cannot be opened here
+        problems.append(f"cannot open the storage {storage} ({str(exc).splitlines()[0]})")
     else:
-        mine = m.with_name(f"{token}-{ray.get_runtime_context().get_node_id()}")
-        try:
-            mine.write_text(token)
-            wrote = str(mine)
-        except OSError as exc:
-            problems.append(f"cannot write in the storage {storage} ({exc.strerror})")
+        marker = f"{folder.rstrip('/')}/.preflight/{token}"
+        if _read(fs, marker) != token:
+            problems.append(f"cannot see the storage {storage} (the marker {token} this driver wrote there is missing): the "
+                            "storage must be one directory every node mounts, or object storage; pass --storage / "
+                            "RSSEG_STORAGE (docs/cluster.md)")
+        else:
+            mine = f"{marker}-{ray.get_runtime_context().get_node_id()}"
+            try:
+                with fs.open_output_stream(mine) as f:
+                    f.write(token.encode())
+                wrote = mine
+            except OSError as exc:
+                problems.append(f"cannot write in the storage {storage} ({str(exc).splitlines()[0]})")
     for label, path in paths:
         if not os.path.exists(path):
             problems.append(f"cannot see the {label} {path}")
@@ -92,19 +111,21 @@ def preflight(uri: str, workdir: Workdir, paths: list[tuple[str, str]] = ()) -> 
     if len(nodes) < 2:
         return
     check_tracking_uri(uri, len(nodes))
-    key = (uri, str(workdir.shared), tuple(p for _, p in paths))
+    storage = workdir.storage_arg or str(workdir.shared)
+    key = (uri, storage, tuple(p for _, p in paths))
     if key in _CHECKED:
         return
     token = uuid.uuid4().hex
-    folder = workdir.shared / ".preflight"
-    folder.mkdir(parents=True, exist_ok=True)
-    marker = folder / token
-    marker.write_text(token)
+    fs, folder = _storage_fs(storage)
+    marker = f"{folder.rstrip('/')}/.preflight/{token}"
+    fs.create_dir(marker.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(marker) as f:
+        f.write(token.encode())
     probe = ray.remote(num_cpus=0)(_probe)
+    problems = []
     try:
         refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            str(marker), token, uri, list(paths)) for n in nodes]
-        problems = []
+            storage, token, uri, list(paths)) for n in nodes]
         for node, ref in zip(nodes, refs):
             where = f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]})"
             try:
@@ -113,12 +134,15 @@ def preflight(uri: str, workdir: Workdir, paths: list[tuple[str, str]] = ()) -> 
                 problems.append(f"{where}: did not answer the cluster check within {PROBE_TIMEOUT_S:.0f} s")
                 continue
             problems += [f"{where}: {p}" for p in found]
-            if wrote is not None and not Path(wrote).exists():
-                problems.append(f"{where}: wrote {wrote}, which this driver cannot see: {workdir.shared} is another directory "
+            if wrote is not None and _read(fs, wrote) != token:
+                problems.append(f"{where}: wrote {wrote}, which this driver cannot see: {storage} is another directory "
                                 "there; pass --storage a path every node mounts (docs/cluster.md)")
     finally:
-        for p in folder.glob(f"{token}*"):
-            p.unlink(missing_ok=True)
+        from pyarrow import fs as pafs
+
+        for item in fs.get_file_info(pafs.FileSelector(marker.rsplit("/", 1)[0], allow_not_found=True)):
+            if item.base_name.startswith(token):
+                fs.delete_file(item.path)
     if problems:
         raise ConfigError("\n".join(problems))
     _CHECKED.add(key)

@@ -426,5 +426,8 @@ def _log_final(tracker, run, result: FinetuneResult, kept, p: Prepared, workdir:
             tracker.log_artifact(d / "predictions.png")
     # the trained model, for `platform predict runs:/<run id>` (work directory copy + MLflow artifact)
     model_dir = save_model(workdir.models / tracker.run_id, run, p, result, p.pretrained)
+    from rsseg import storage
+
+    storage.push(model_dir)  # object storage: for `platform predict` on the driver (or any node)
     tracker.log_artifacts(model_dir, "model")
     tracker.set_tags({"model": str(model_dir)})

@@ -152,6 +152,9 @@ def resolve_model_dir(ref: str, workdir: Workdir, tracking_uri: str | None = Non
     if ref.startswith("runs:/"):
         run_id = ref[len("runs:/"):].strip("/").split("/")[0]
         local = workdir.models / run_id
+        from rsseg import storage
+
+        storage.pull(local)  # object storage: trained on another node
         if (local / "model.json").is_file():
             return local
         uri = tracking.resolve_uri(tracking_uri, workdir)
@@ -244,6 +247,9 @@ def _skeleton(run, meta):
 def list_models(workdir: Workdir) -> list[dict[str, Any]]:
     """The saved models of a work directory: run id, method, dataset, test mIoU, when."""
     root = workdir.models
+    from rsseg import storage
+
+    storage.pull(root, pattern="*/model.json")
     out = []
     for meta_path in sorted(root.glob("*/model.json")) if root.exists() else []:
         try:

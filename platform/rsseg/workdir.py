@@ -9,14 +9,16 @@ something else.
 On a cluster whose nodes share no filesystem (KubeRay pods, cloud VMs) the work directory is each
 node's own scratch: generated data, tile indexes, the feature cache, Ray's temp. What another node
 must read lives in the *storage* (``--storage`` / ``RSSEG_STORAGE``; a path every node mounts, e.g.
-NFS): pre-training checkpoints and trunk points, imported weights, trained models, Ray Train's and
-Tune's storage, the sweeps' state and the trials' resume state. Without ``--storage`` the storage is
-the work directory itself: the same layout as ever on a laptop. ``rsseg.raycluster.preflight``
-checks, on every node, that the storage is the same directory there.
+NFS, or object storage such as ``s3://bucket/prefix``, mirrored in each work directory by
+`rsseg.storage`): pre-training checkpoints and trunk points, imported weights, trained models, Ray
+Train's and Tune's storage, the sweeps' state and the trials' resume state. Without ``--storage``
+the storage is the work directory itself: the same layout as ever on a laptop.
+`rsseg.clustercheck.preflight` checks, on every node, that the storage is the same one there.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,27 +36,43 @@ def _local_path(raw: str | os.PathLike, option: str, what: str) -> Path:
     text = os.fspath(raw)
     if "://" in text:
         scheme, rest = text.split("://", 1)
-        if scheme == "file":
-            text = "/" + rest.lstrip("/")
-        elif option == "--storage":
-            raise ConfigError(f"--storage {text}: {scheme}:// object storage is not supported yet; mount it on every node "
-                              "(NFS, or an S3 mount such as mountpoint-s3 / s3fs) and pass the mount's path (docs/cluster.md)")
-        else:
+        if scheme != "file":
             raise ConfigError(f"{option} {text}: {what} is a local path on each node, not a {scheme}:// URI; put what nodes "
                               "share on --storage (docs/cluster.md)")
+        text = "/" + rest.lstrip("/")
     return Path(text).expanduser().resolve()
+
+
+@functools.lru_cache(maxsize=8)
+def filesystem(uri: str):
+    """(pyarrow filesystem, base path within it) of an object-storage URI; one line when pyarrow
+    cannot use it."""
+    from pyarrow import fs  # only where object storage is used
+
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+        raise ConfigError(f"--storage {uri}: not a storage URI pyarrow can open ({str(exc).splitlines()[0]})") from None
+
+
+def _is_object_storage(text: str) -> bool:
+    return "://" in text and not text.startswith("file://")
 
 
 @dataclass(frozen=True)
 class Workdir:
     root: Path
-    storage: Path | None = None  # shared by every node; None: the work directory itself
+    storage: Path | None = None  # a mounted storage every node sees; None: the work directory (or `remote`)
+    remote: str | None = None  # object storage (s3://bucket/prefix...), mirrored under <root>/storage (rsseg.storage)
 
     @classmethod
     def resolve(cls, explicit: str | os.PathLike | None = None, storage: str | os.PathLike | None = None) -> "Workdir":
         raw = explicit if explicit is not None else os.environ.get(ENV_VAR) or DEFAULT_NAME
         root = _local_path(raw, "--workdir", "the work directory")
         shared = storage if storage is not None else os.environ.get(STORAGE_ENV_VAR) or None
+        if shared and _is_object_storage(os.fspath(shared)):
+            filesystem(os.fspath(shared))  # one line now when pyarrow cannot open it
+            return cls(root, None, os.fspath(shared))
         shared_path = _local_path(shared, "--storage", "the storage") if shared else None
         return cls(root, None if shared_path == root else shared_path)
 
@@ -62,12 +80,20 @@ class Workdir:
     def at(cls, root: str, storage: str | None) -> "Workdir":
         """The driver's work directory and storage as passed to a Ray worker (absolute paths, no
         environment consulted: a worker of a cluster started earlier has another environment)."""
+        if storage and _is_object_storage(storage):
+            return cls(Path(root), None, storage)
         return cls(Path(root), Path(storage) if storage else None)
 
     @property
     def shared(self) -> Path:
-        """Where what every node reads lives (the storage, or the work directory on one machine)."""
-        return self.storage or self.root
+        """Where what every node reads lives: the storage, its local mirror (object storage), or
+        the work directory on one machine."""
+        return self.storage or (self.root / "storage" if self.remote else self.root)
+
+    @property
+    def storage_arg(self) -> str | None:
+        """The storage as passed to another process (``--storage``, ``RSSEG_STORAGE``), None: none."""
+        return self.remote or (str(self.storage) if self.storage else None)
 
     def ensure(self) -> "Workdir":
         self.root.mkdir(parents=True, exist_ok=True)
@@ -137,8 +163,8 @@ class Workdir:
     def export(self) -> None:
         """Publish this workdir (and storage) to child processes (Ray workers inherit the driver's env)."""
         os.environ[ENV_VAR] = str(self.root)
-        if self.storage is not None:
-            os.environ[STORAGE_ENV_VAR] = str(self.storage)
+        if self.storage_arg is not None:
+            os.environ[STORAGE_ENV_VAR] = self.storage_arg
         else:
             os.environ.pop(STORAGE_ENV_VAR, None)
 

@@ -49,8 +49,11 @@ class _Progress(threading.Thread):
         from rsseg.progress import line
 
         last = None
+        from rsseg import storage
+
         while not self.stop_event.wait(1.0):
             try:
+                storage.pull(self.path, fresh=True)  # object storage: rank 0 pushes it
                 p = json.loads(self.path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
@@ -116,7 +119,7 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
                     "resources_per_worker": ", ".join(f"{k} {v:g}" for k, v in res.as_dict().items())})
     plan = TrainPlan(
         fingerprint=fp, store_root=str(sdir.root), workdir=str(workdir.root),
-        storage=str(workdir.storage) if workdir.storage else None, run=run.model_dump(mode="json"),
+        storage=workdir.storage_arg, run=run.model_dump(mode="json"),
         in_channels=int(homogeneous_ds[0]["image"].shape[0]), counts=counts, tracking_uri=uri, mlflow_run_id=mlrun.run_id,
         threads=threads_per_worker or max(1, int(res.cpus)), stop_after=stop_after,
         resume_from=str(resume_from) if resume_from else None, fault=fault,
@@ -156,8 +159,11 @@ def _torch_trainer(plan: TrainPlan, run, res, workdir: Workdir):
 
     from rsseg.pretrain.trainer import worker_loop
 
+    from rsseg import storage
+
     runtime = run.pretrain.runtime
     _no_retry_of_fatal_errors()
+    storage_path, storage_fs = storage.ray_location(workdir)
     return TorchTrainer(
         worker_loop,
         train_loop_config={"plan": asdict(plan)},
@@ -165,7 +171,7 @@ def _torch_trainer(plan: TrainPlan, run, res, workdir: Workdir):
                                      placement_strategy=runtime.placement),
         run_config=RunConfig(
             name=f"pretrain-{run.method}-{plan.fingerprint}",
-            storage_path=str(workdir.ray_storage),
+            storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=runtime.max_failures, controller_failure_limit=runtime.controller_failure_limit),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from rsseg import storage
 from rsseg.atomic import atomic_path, atomic_write_text, sha256_file
 from rsseg.errors import CheckpointError
 from rsseg.provenance import canonical_json, stamp
@@ -82,12 +83,16 @@ def save(path: Path, state: dict[str, Any], fp: str, step: int) -> Path:
         torch.save(state, tmp)
     manifest = {"fingerprint": fp, "step": step, "size": path.stat().st_size, "sha256": sha256_file(path), **stamp()}
     atomic_write_text(_manifest_path(path), json.dumps(manifest, indent=2))
+    storage.push(path)  # object storage: the checkpoint, then its manifest (a reader needs both)
+    storage.push(_manifest_path(path))
     return path
 
 
 def validate(path: Path) -> dict[str, Any]:
     """The manifest of a complete, uncorrupted checkpoint; CheckpointError otherwise."""
     mpath = _manifest_path(path)
+    storage.pull(mpath)  # object storage: read through the local copy (fetched once)
+    storage.pull(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     if not mpath.exists():
@@ -117,7 +122,9 @@ def load(path: Path, expected_fp: str | None = None, map_location: str | torch.d
 def checkpoints(store: StoreDir | None, directory: Path | None = None) -> list[tuple[int, Path]]:
     """(step, path) of the ``step_*.pt`` files of a store's ckpt/ (or of ``directory``), by step."""
     out = []
-    for p in (directory if directory is not None else store.ckpt).glob("step_*.pt"):
+    directory = directory if directory is not None else store.ckpt
+    storage.pull(directory)  # object storage: the checkpoints another node wrote
+    for p in directory.glob("step_*.pt"):
         try:
             out.append((int(p.stem.split("_")[1]), p))
         except (IndexError, ValueError):
@@ -160,6 +167,7 @@ def trunk_points(tdir: Path, trunk: str, at_most: int | None = None, verify: boo
     """Steps with a complete, valid trunk point (a torn or foreign one is skipped with a warning).
     Without ``verify`` (planning), the manifest and size are checked but not the SHA-256."""
     out = []
+    storage.pull(tdir)  # object storage: points another node left
     for step, path in checkpoints(None, directory=tdir) if tdir.is_dir() else []:
         if at_most is not None and step > at_most:
             continue
@@ -201,6 +209,7 @@ def prune(store: StoreDir, keep: int) -> None:
     for _, path in checkpoints(store)[:-keep]:
         for p in (path, _manifest_path(path)):
             p.unlink(missing_ok=True)
+            storage.remove(p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,8 +231,11 @@ class Pretrained:
 
 def find(run, workdir: Workdir | None = None) -> Pretrained | None:
     store = StoreDir.for_run(run, workdir)
+    storage.pull(store.done, fresh=True)  # object storage: finished elsewhere? (a rebuilt one rewrites it)
     if not store.done.exists():
         return None
+    storage.pull(_manifest_path(store.final), fresh=True)
+    storage.pull(store.final, fresh=_size_differs(store.final))
     try:
         done = json.loads(store.done.read_text())
         validate(store.final)
@@ -233,9 +245,18 @@ def find(run, workdir: Workdir | None = None) -> Pretrained | None:
     return Pretrained(store.final, store.fingerprint, run.method, done.get("mlflow_run_id"))
 
 
+def _size_differs(path: Path) -> bool:
+    """A local copy whose size is not its manifest's (a pre-training rebuilt elsewhere): fetch again."""
+    try:
+        return path.stat().st_size != json.loads(_manifest_path(path).read_text()).get("size")
+    except (OSError, ValueError):
+        return True
+
+
 def done_run_id(store: StoreDir) -> str | None:
     """The MLflow run named by a DONE.json (a pre-training that finished; asked when its final.pt
     is being rebuilt), or None."""
+    storage.pull(store.done, fresh=True)
     try:
         return json.loads(store.done.read_text()).get("mlflow_run_id")
     except (OSError, ValueError, AttributeError):
@@ -247,6 +268,7 @@ def finalize(store: StoreDir, state: dict[str, Any], mlflow_run_id: str | None) 
     save(store.final, final, store.fingerprint, state["step"])
     atomic_write_text(store.done, json.dumps({"fingerprint": store.fingerprint, "step": state["step"], "mlflow_run_id": mlflow_run_id,
                                               "resumed_from": state.get("resumed_from", 0), **stamp()}, indent=2))
+    storage.push(store.done)  # written last: a reader that sees it finds final.pt there
     return Pretrained(store.final, store.fingerprint, state.get("method", store.root.name.rsplit("-", 1)[0]), mlflow_run_id)
 
 
@@ -255,6 +277,7 @@ def write_spec(store: StoreDir, run, identity: dict[str, Any]) -> None:
     store.root.mkdir(parents=True, exist_ok=True)
     body = {"identity": identity, "run": run.model_dump(mode="json"), **stamp()}
     atomic_write_text(store.root / "spec.json", json.dumps(json.loads(canonical_json(body)), indent=2))
+    storage.push(store.root / "spec.json")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,7 +285,9 @@ def write_spec(store: StoreDir, run, identity: dict[str, Any]) -> None:
 
 
 def imported_dir(workdir: Workdir, name: str) -> StoreDir:
-    return StoreDir(workdir.checkpoints / "imported" / name)
+    sdir = StoreDir(workdir.checkpoints / "imported" / name)
+    storage.pull(sdir.root)  # object storage: imported on another machine
+    return sdir
 
 
 def find_imported(workdir: Workdir, name: str) -> Pretrained | None:
@@ -294,6 +319,7 @@ def write_imported(workdir: Workdir, name: str, method: str, state: dict[str, An
     # the network and schedule beside the weights: planning reads them without loading the file
     about = {k: state[k] for k in ("objective", "trained_schedule", "notes") if state.get(k) is not None}
     atomic_write_text(sdir.done, json.dumps({"fingerprint": fp, "method": method, "name": name, **source, **about, **stamp()}, indent=2))
+    storage.push(sdir.done)
     return Pretrained(sdir.final, fp, method, None)
 
 
@@ -313,6 +339,7 @@ def imported_objective(workdir: Workdir, name: str) -> dict[str, Any] | None:
 
 def list_imported(workdir: Workdir) -> list[dict[str, Any]]:
     root = workdir.checkpoints / "imported"
+    storage.pull(root, pattern="*/DONE.json")
     out = []
     for done in sorted(root.glob("*/DONE.json")) if root.exists() else []:
         try:

@@ -281,7 +281,9 @@ class RayGroup:
 
     def report(self, metrics: dict[str, float], ckpt_path: Path | None) -> None:
         """Every rank reports; rank 0 attaches a pointer to the checkpoint it just wrote, so a
-        worker failure restarts the group from there (Ray Train FailureConfig)."""
+        worker failure restarts the group from there (Ray Train FailureConfig). The checkpoint
+        itself is in the storage (pushed there by `store.save`, read by any node through its
+        mirror), so it is written once, with its manifest, not a second time into Ray's storage."""
         import ray.train
 
         if ckpt_path is None:
@@ -571,6 +573,9 @@ class Trainer:
         eta = (self.total - done) * (now - self.t0) / max(done - self.start, 1)
         atomic_write_text(self.sdir.progress, json.dumps({"step": done, "total": self.total, "loss": point["loss"], "lr": point["lr"],
                                                           "images_per_s": ips, "eta_s": eta, "phase": phase.name}))
+        from rsseg import storage
+
+        storage.push(self.sdir.progress)  # object storage: the driver polls it
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -578,7 +583,10 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from rsseg.workdir import Workdir
+
     plan = TrainPlan.from_dict(config["plan"])
+    Workdir.at(plan.workdir, plan.storage).export()  # the store's files resolve against the driver's storage
     ctx = ray.train.get_context()
     torch.set_num_threads(plan.threads)
     Trainer(plan, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), group=RayGroup()).fit()

@@ -173,17 +173,18 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
     search = plan.spec.search
     res = search.resources
     trainable = tune.with_resources(tune.with_parameters(trial_fn, context=context), {"cpu": res.cpu, "gpu": res.gpu})
-    storage = private_storage(workdir)
+    storage, storage_fs = private_storage(workdir)
     n_evals = -(-plan.loaded.base.finetune.iterations // plan.loaded.base.finetune.eval_every) + 1
     cells = grid_cells(plan)
     if slots is None:
         slots = list(cells)
     for i, name in enumerate(tune_names):
-        path = storage / name
+        path = f"{storage}/{name}"
         if resume:
-            if not tune.Tuner.can_restore(str(path)):
+            if not tune.Tuner.can_restore(path, storage_filesystem=storage_fs):
                 raise SweepError(f"cannot resume sweep {plan.spec.name!r}: no Tune experiment at {path}")
-            yield tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+            yield tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                     storage_filesystem=storage_fs)
             continue
         scheduler = None
         if search.asha is not None:
@@ -194,7 +195,7 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
         # Tune's new output engine prints its experiment box and a TensorBoard hint even at
         # verbose=0; the legacy one at verbose=0 prints nothing: SweepProgress is the display
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        run_config = tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=callbacks,
+        run_config = tune.RunConfig(name=name, storage_path=storage, storage_filesystem=storage_fs, verbose=0, callbacks=callbacks,
                                     failure_config=tune.FailureConfig(max_failures=search.trial_retries))
         if search.algorithm == "grid":
             space = {"cell": tune.grid_search([cells[s] for s in slots])}
@@ -258,7 +259,7 @@ def _run_sweep(loaded, workdir: Workdir, *, address: str | None, tracking_uri: s
         parent_run.set_tags({"pretrain_fingerprints": ",".join(p.fingerprint for p in plan.pretrainings)})
         context = {
             "sweep": spec.name, "table": spec.table or "",
-            "workdir": str(workdir.root), "storage": str(workdir.storage) if workdir.storage else None,
+            "workdir": str(workdir.root), "storage": workdir.storage_arg,
             "uri": uri, "experiment": spec.name, "parent_run_id": parent_id,
             "profile": loaded.profile or "", "threads": max(1, int(spec.search.resources.cpu)),
             "metric": spec.search.metric, "mode": spec.search.mode, "driver_pid": os.getpid(),
@@ -397,18 +398,25 @@ def _alive(pid) -> bool:
     return True
 
 
-def private_storage(workdir: Workdir) -> Path:
-    """The sweeps' Ray storage, created or re-moded 0700: Tune's state in it is unpickled on --resume,
-    so no other user may write (or read) it, whatever the umask of a shared work dir."""
+def private_storage(workdir: Workdir) -> tuple[str, Any]:
+    """The sweeps' Ray storage (path, pyarrow filesystem or None), a local one created or re-moded
+    0700: Tune's state in it is unpickled on --resume, so no other user may write (or read) it,
+    whatever the umask of a shared work dir. (Object storage: its bucket's access policy decides.)"""
+    from rsseg import storage as shared
+
+    if workdir.remote is not None:
+        return shared.ray_location(workdir, "sweeps")
     storage = workdir.ray_storage / "sweeps"
     storage.mkdir(parents=True, exist_ok=True)
     for p in (workdir.ray_storage, storage):
         os.chmod(p, 0o700)
-    return storage
+    return str(storage), None
 
 
 def _check_owner(workdir: Workdir, name: str, tune_names: list[str]) -> None:
     """--resume unpickles Tune's experiment state (tuner.pkl): only from storage this user owns."""
+    if workdir.remote is not None:
+        return  # object storage has no owner uid: the bucket's access policy is the boundary
     for tune_name in tune_names:
         path = workdir.ray_storage / "sweeps" / tune_name
         if path.exists() and path.stat().st_uid != os.getuid():

@@ -54,8 +54,19 @@ def resume_path(workdir, sweep: str, run_id: str) -> Path:
 def _save_resume_state(path: Path, state: dict[str, Any]) -> None:
     from rsseg.atomic import atomic_path
 
+    from rsseg import storage
+
     with atomic_path(path) as tmp:  # a kill mid-write leaves the previous state, never a torn one
         torch.save(state, tmp)
+    storage.push(path)  # object storage: a restart may land on another node
+
+
+def _load_resume_state(path: Path) -> dict[str, Any] | None:
+    """The state a killed attempt left (fetched afresh from object storage: it is rewritten in place), or None."""
+    from rsseg import storage
+
+    storage.pull(path, fresh=True)
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
 def _child_run(ctx: dict[str, Any], run, trial_id: str, slot: str, key: str, values: dict[str, Any]):
@@ -146,10 +157,9 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
         _report_finished(tune, c, tracker, run, context["metric"])
         return
 
-    resume_state = None
     state_file = resume_path(workdir, context["sweep"], tracker.run_id)
-    if state_file.exists():
-        resume_state = torch.load(state_file, map_location="cpu", weights_only=True)
+    resume_state = _load_resume_state(state_file)
+    if resume_state is not None:
         tracker.set_tags({"resumed_from_iteration": resume_state["iteration"]})
 
     # the last validation's metrics: the final report carries them even when a restored trial
