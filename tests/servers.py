@@ -17,7 +17,9 @@ import urllib.request
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# Debian's postgresql package: /usr/lib/postgresql/<major>/bin (the newest installed)
+PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+             default=Path("/usr/lib/postgresql/15/bin"))
 
 
 def free_port() -> int:
