@@ -80,7 +80,7 @@ def test_sweep_pretraining_tables_and_predict_with_only_the_storage_shared(clust
     for k in kids:
         assert "test/mIoU" in k.data.metrics and "val/mIoU" in k.data.metrics
         assert (cluster.shared / "models" / k.info.run_id / "model.pt").is_file()
-        assert "model/model.pt" in {a for d in tracking.client(cluster.uri).list_artifacts(k.info.run_id, "model") for a in [d.path]}
+        assert "model/model.pt" in {a.path for a in tracking.client(cluster.uri).list_artifacts(k.info.run_id, "model")}
     (pre,) = _runs(cluster.uri, tracking.PRETRAIN_EXPERIMENT)
     assert pre.info.status == "FINISHED"
     done = list((cluster.shared / "checkpoints" / "pretrain").glob("ddpm-*/DONE.json"))
@@ -139,6 +139,12 @@ def test_what_a_node_cannot_reach_is_one_line_before_any_run(cluster):
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ConfigError node "), r.stdout + r.stderr[-2000:]
     assert f"({cluster.node2_id[:8]}): cannot see the data root {own}" in lines[0]
+
+    dead = f"http://127.0.0.1:{servers.free_port()}"  # no tracking server there: every node says so
+    r = subprocess.run([servers.sys.executable, "-c", probe, cluster.address, str(cluster.hidden), str(cluster.shared), dead, str(cluster.shared)],
+                       env=cluster.env, capture_output=True, text=True, timeout=300)
+    out = r.stdout.strip()
+    assert out.startswith("ConfigError node ") and f"({cluster.node2_id[:8]}): MLflow tracking server {dead} is unreachable" in out, out
 
 
 @pytest.mark.slow

@@ -156,6 +156,7 @@ def test_object_storage_round_trip_between_two_nodes_mirrors(tmp_path, monkeypat
         (a.models / "r1").mkdir(parents=True)
         (a.models / "r1" / "model.json").write_text("{}")
         storage.push(a.models / "r1")
+        store.write_imported(a, "w1", "ddpm", {"model": {"w": torch.zeros(2)}}, {"sha256": "ab" * 32, "path": "/x/w1.pth"})
 
         b.export()  # another node: an empty mirror
         sdir_b = store.StoreDir(b.checkpoints / "pretrain" / "ddpm-0123456789abcdef")
@@ -163,6 +164,8 @@ def test_object_storage_round_trip_between_two_nodes_mirrors(tmp_path, monkeypat
         assert [s for s, _ in store.checkpoints(sdir_b)] == [10, 15]
         assert store.load(sdir_b.ckpt / "step_00000010.pt", "0123456789abcdef")["step"] == 10
         assert store.validate(sdir_b.final)["step"] == 20 and store.done_run_id(sdir_b) == "run-1"
+        assert store.imported_fingerprint(b, "w1") == "import-" + "ab" * 8  # weights imported on another machine
+        assert store.find_imported(b, "w1").load()["method"] == "ddpm" and [d["name"] for d in store.list_imported(b)] == ["w1"]
         storage.pull(b.models, pattern="*/model.json")
         assert (b.models / "r1" / "model.json").read_text() == "{}"
         a.export()

@@ -63,18 +63,15 @@ def _read(fs, path: str) -> str | None:
 
 def _probe(storage: str, token: str, uri: str, paths: list[tuple[str, str]]) -> tuple[list[str], str | None]:
     """Runs on one node: what it cannot reach, and the marker it wrote in the storage (or None)."""
-    import urllib.request
-
     import ray
 
+    from rsseg.errors import TrackingError
+
     problems: list[str] = []
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:
-                if resp.status != 200:
-                    problems.append(f"the tracking server {uri} is not healthy (GET /health -> {resp.status})")
-        except OSError as exc:
-            problems.append(f"cannot reach the tracking server {uri} ({getattr(exc, 'reason', exc)})")
+    try:
+        tracking.check_reachable(uri, timeout=10)  # a server's /health (a database URI: nothing to probe here)
+    except TrackingError as exc:
+        problems.append(str(exc))
     wrote = None
     try:
         fs, folder = _storage_fs(storage)

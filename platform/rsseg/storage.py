@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rsseg.workdir import Workdir, filesystem
 
+
 def _remote_of(path: Path):
     """(filesystem, remote path) of a local path in this process's storage mirror, else None."""
     wd = Workdir.resolve()
@@ -107,4 +108,3 @@ def ray_location(workdir, *parts: str) -> tuple[str, object | None]:
         return str(workdir.ray_storage.joinpath(*parts)), None
     fs, base = filesystem(workdir.remote)
     return "/".join([base.rstrip("/"), "ray", *parts]), fs
-

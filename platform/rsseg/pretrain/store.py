@@ -167,8 +167,7 @@ def trunk_points(tdir: Path, trunk: str, at_most: int | None = None, verify: boo
     """Steps with a complete, valid trunk point (a torn or foreign one is skipped with a warning).
     Without ``verify`` (planning), the manifest and size are checked but not the SHA-256."""
     out = []
-    storage.pull(tdir)  # object storage: points another node left
-    for step, path in checkpoints(None, directory=tdir) if tdir.is_dir() else []:
+    for step, path in checkpoints(None, directory=tdir):  # (object storage: fetches the points another node left)
         if at_most is not None and step > at_most:
             continue
         try:
@@ -285,14 +284,13 @@ def write_spec(store: StoreDir, run, identity: dict[str, Any]) -> None:
 
 
 def imported_dir(workdir: Workdir, name: str) -> StoreDir:
-    sdir = StoreDir(workdir.checkpoints / "imported" / name)
-    storage.pull(sdir.root)  # object storage: imported on another machine
-    return sdir
+    return StoreDir(workdir.checkpoints / "imported" / name)
 
 
 def find_imported(workdir: Workdir, name: str) -> Pretrained | None:
     """Imported weights by name (None when there are none of that name)."""
     sdir = imported_dir(workdir, name)
+    storage.pull(sdir.done)  # object storage: imported on another machine
     if not sdir.done.exists():
         return None
     done = json.loads(sdir.done.read_text())
@@ -303,6 +301,7 @@ def find_imported(workdir: Workdir, name: str) -> Pretrained | None:
 def imported_fingerprint(workdir: Workdir, name: str) -> str | None:
     """The content fingerprint of imported weights (what a run that uses them depends on)."""
     sdir = imported_dir(workdir, name)
+    storage.pull(sdir.done)
     try:
         return json.loads(sdir.done.read_text())["fingerprint"]
     except (OSError, json.JSONDecodeError, KeyError):
@@ -327,6 +326,7 @@ def imported_objective(workdir: Workdir, name: str) -> dict[str, Any] | None:
     """The network and schedule (``objective``) of imported weights, or None when not imported;
     read from DONE.json (an import made before it was written there: from final.pt)."""
     sdir = imported_dir(workdir, name)
+    storage.pull(sdir.done)
     try:
         done = json.loads(sdir.done.read_text())
     except (OSError, json.JSONDecodeError):
