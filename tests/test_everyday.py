@@ -158,7 +158,7 @@ def test_split_by_scene_keeps_every_image_in_one_split_and_subsets_nested(tmp_pa
     from rsseg.data import tiles
 
     root = _many_scenes(tmp_path / "own")
-    by_tile = tiles.build(DataSpec(dataset="folder", root=root, tile_size=16), workdir)
+    by_tile = tiles.build(DataSpec(dataset="folder", root=root, tile_size=16, split_by="tile"), workdir)
     mixed = by_tile.frame.filter(by_tile.frame["role"] == "labelled").group_by("scene").agg(n=pl.col("split").n_unique())
     assert mixed["n"].max() > 1  # the paper's random split: neighbouring tiles of one image in train and test
     index = tiles.build(DataSpec(dataset="folder", root=root, tile_size=16, split_by="scene"), workdir)

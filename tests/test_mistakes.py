@@ -7,6 +7,7 @@ that the issue's review counted."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,8 @@ def classify(exit_code: int, output: str, exception: BaseException | None, case:
     if exception is not None and not isinstance(exception, SystemExit):
         return "traceback"
     expect = case.expect.replace("{T}", str(t))
-    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    # a profile's changes to the user's file are announced first, one line each (not part of an error)
+    lines = [ln for ln in output.strip().splitlines() if ln.strip() and not re.match(r"profile \S+ changes ", ln)]
     errors = [ln for ln in lines if ln.startswith("error: ")]
     if exit_code == 0:
         warned = [ln for ln in lines if ln.startswith("warning: ") and expect in ln]

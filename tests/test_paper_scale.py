@@ -101,7 +101,8 @@ def test_a_sweeps_own_gpu_request_wins_over_the_profile():
 def test_label_ratio_without_imagenet_weights_plans_the_rest_and_skips_in_init_and_public_mae(workdir, monkeypatch):
     monkeypatch.delenv("RSSEG_CONVNEXT_WEIGHTS", raising=False)
     plan = make_plan(load_sweep(REPO / "sweeps" / "label_ratio.yaml", "paper"))
-    assert {t.run["method"] for t in plan.trials} == {"convnext_random", "mae", "scalemae", "ma3e", "ddpm"} and len(plan.trials) == 90
+    assert {t.run["method"] for t in plan.trials} == {"convnext_random", "mae", "scalemae", "ma3e", "ddpm"} and len(plan.trials) == 108
+    assert sum(t.run["ddpm"]["features"]["weights"] == "random" for t in plan.trials if t.run["method"] == "ddpm") == 18  # the reference UNet
     # IN-init without local weights, and MAE's public weights before they are imported: skipped with the reason
     reasons = [r for _, r in plan.skipped]
     assert len(reasons) == 54 and sum("convnext_imagenet needs local ImageNet ConvNeXt weights" in r for r in reasons) == 18

@@ -176,12 +176,17 @@ def test_cli_finetune_pretrains_first_when_missing_then_reuses(tmp_path, ray_clu
     assert f"features from pre-training {fp}" in first.output and "test mIoU" in first.output
     # fine-tuning shows its progress (it was silent for minutes): the validations and the last iteration
     assert "finetune iteration 2/4" in first.output and "val mIoU" in first.output and "finetune iteration 4/4" in first.output
+    # the texture classifier on the same split and labels, beside the run's own score
+    ref = [ln for ln in first.output.splitlines() if ln.startswith("reference: the texture classifier reaches test mIoU ")]
+    assert len(ref) == 1 and "on the same split and labels" in ref[0] and "did not pay off" in ref[0], first.output
     second = CliRunner().invoke(app, ["--workdir", str(wd), "finetune", str(spec)])
     assert second.exit_code == 0, second.output
     assert "first (not in the store yet)" not in second.output and f"features from pre-training {fp}" in second.output
     c = tracking.client(tracking.resolve_uri(None, Workdir.resolve(wd)))
     runs = c.search_runs([c.get_experiment_by_name("rsseg-finetune").experiment_id])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    logged = {round(100 * r.data.metrics["reference/texture/mIoU"], 2) for r in runs}
+    assert len(logged) == 1 and f"reaches test mIoU {logged.pop():.2f} %" in ref[0]  # the same reference, printed and logged
 
 
 def test_the_local_cluster_listens_on_loopback_only(ray_cluster):

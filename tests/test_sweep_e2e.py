@@ -570,6 +570,36 @@ def test_head_search_optuna_asha_on_the_shared_pretraining(noise_ablation):
     assert "head_search" not in set(store.runs["experiment"].to_list()) and len(store.runs) >= 6
 
 
+def test_feature_selection_smoke_finishes_every_trial_and_fills_table1(noise_ablation, tmp_path):
+    """Table 1's sweep under smoke (shrunk), on the noise ablation's pre-training: its 20 trials
+    (side x resolution x head) each read other maps of the same pre-trained UNet at the same
+    timesteps — before the cache key covered the maps, 16 of 20 read another trial's maps and
+    failed, and the sweep exited 0. Now all FINISHED and every cell of Table 1 has its run."""
+    from rsseg.tables.build import build_all
+
+    wd, _, first = noise_ablation
+    uri = tracking.resolve_uri(None, wd)
+    c = tracking.client(uri)
+    pre_exp = c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT).experiment_id
+    pretrainings = len(c.search_runs([pre_exp]))
+    loaded = load_sweep(REPO / "sweeps" / "feature_selection.yaml", "smoke", SHRINK)
+    result = run_sweep(loaded, wd, progress=False)
+    kids = children(uri, "feature_selection", result.parent_run_id)
+    assert len(kids) == 20 and all(k.info.status == "FINISHED" for k in kids), [k.data.tags.get("error") for k in kids]
+    assert result.failed == 0 and len(c.search_runs([pre_exp])) == pretrainings  # the shared pre-training
+    t1 = build_all(uri, tmp_path / "tables").built["table1"]
+    assert t1.n_runs == 20
+    for head in ("mlp", "upernet"):
+        for side in ("encoder", "decoder"):
+            for res in ("16", "8", "4", "2", "multi"):
+                cell = t1.cell(head, f"{side}/{res}")
+                assert cell.n == 1, (head, side, res)
+        assert t1.cell(head, "ft_params_M").n == 1
+    # the maps a part stores are in its cache key: one feature set per (side, resolutions), the
+    # decoder's four resolutions shared with the noise ablation (and the head search)
+    assert len([d for d in (wd.cache / "features").iterdir() if d.is_dir()]) == 10
+
+
 def _documented_own_data_commands() -> list[list[str]]:
     """The `platform ...` lines of docs/own-data.md's tested block, split as a shell would."""
     import shlex

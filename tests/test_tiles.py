@@ -45,11 +45,12 @@ def test_all_nodata_windows_are_skipped(workdir, tmp_path):
 
 
 def test_splits_identical_across_runs_with_one_seed(workdir):
-    a = tiles.build_frame(tiles.build(small_synthetic(), workdir).scenes, tiles.TilingParams.from_spec(small_synthetic()))
-    b = tiles.build_frame(tiles.build(small_synthetic(), workdir).scenes, tiles.TilingParams.from_spec(small_synthetic()))
+    scenes = tiles.build(small_synthetic(), workdir).scenes
+    a = tiles.build_frame(scenes, tiles.TilingParams.from_spec(small_synthetic(), scenes))
+    b = tiles.build_frame(tiles.build(small_synthetic(), workdir).scenes, tiles.TilingParams.from_spec(small_synthetic(), scenes))
     assert a["split"].to_list() == b["split"].to_list()
     assert a["subset_rank"].to_list() == b["subset_rank"].to_list()
-    c = tiles.build_frame(tiles.build(small_synthetic(), workdir).scenes, tiles.TilingParams.from_spec(small_synthetic(split_seed=1)))
+    c = tiles.build_frame(scenes, tiles.TilingParams.from_spec(small_synthetic(split_seed=1), scenes))
     assert a["split"].to_list() != c["split"].to_list()
 
 

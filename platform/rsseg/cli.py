@@ -109,6 +109,13 @@ def _main(
     Workdir.resolve(workdir, storage).check().export()
 
 
+def _show_profile_changes(document) -> None:
+    """A profile's changes to the user's own file, one line each, before anything runs: a value
+    written in the file and replaced by the profile is never silent."""
+    for line in document.profile_changes:
+        typer.echo(line)
+
+
 def _workdir():
     from rsseg.workdir import Workdir
 
@@ -220,7 +227,9 @@ def pretrain_cmd(
         overrides.append(f"pretrain.runtime.workers={workers}")
     if gpu is not None:
         overrides.append(f"runtime.device={'cuda' if gpu else 'cpu'}")
-    run = load_run(spec, profile, overrides).spec
+    loaded = load_run(spec, profile, overrides)
+    _show_profile_changes(loaded.document)
+    run = loaded.spec
     _check_runnable(run, spec)
     wd = _workdir()
     found = store.find(run, wd)
@@ -286,7 +295,9 @@ def finetune_cmd(
     from rsseg import runner, tracking
     from rsseg.runspec import load_run
 
-    run = load_run(spec, profile, set_ or []).spec
+    loaded = load_run(spec, profile, set_ or [])
+    _show_profile_changes(loaded.document)
+    run = loaded.spec
     _check_runnable(run, spec)
     wd = _workdir()
     uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, wd)
@@ -302,6 +313,10 @@ def finetune_cmd(
     typer.echo(f"test mIoU {100 * result.test.miou:.2f} %  pixel accuracy {100 * result.test.pixel_accuracy:.2f} %  "
                f"({result.head} head, {result.trainable_params / 1e6:.2f} M trainable parameters, {result.seconds['total_s']:.0f} s)")
     typer.echo(f"per-class IoU  {iou}")
+    for name, ref in result.references.items():
+        typer.echo(f"reference: the {name} classifier reaches test mIoU {100 * ref.miou:.2f} % on the same split and labels "
+                   f"({100 * (result.test.miou - ref.miou):+.2f} points for this run"
+                   + ("; if it beats the run, the pre-training did not pay off on this data)" if name == "texture" else ")"))
     typer.echo(f"MLflow run {tracker.run_id} in {uri}")
 
 
@@ -366,6 +381,7 @@ def sweep_cmd(
 
         raise ConfigError(f"--rates {rates}: only read by --dry-run (the device-hours estimate)")
     loaded = load_sweep(file, profile, set_ or [])
+    _show_profile_changes(loaded.document)
     if dry_run:
         from rsseg.sweep import cost, passes
         from rsseg.workdir import Workdir

@@ -51,6 +51,11 @@ class FinetuneResult:
     class_abbrs: list[str]
     cache: dict[str, float] = field(default_factory=dict)
     perf: dict[str, float] = field(default_factory=dict)
+    references: dict[str, SegMetrics] = field(default_factory=dict)  # finetune.references on the same split and labels
+
+    def reference_metrics(self) -> dict[str, float]:
+        """``reference/<name>/mIoU`` (fraction of 1), as MLflow shows them."""
+        return {f"reference/{name}/mIoU": m.miou for name, m in self.references.items()}
 
     def metrics(self) -> dict[str, float]:
         """The test split's mIoU, pixel accuracy and per-class IoU (fractions of 1)."""
@@ -266,8 +271,11 @@ class Finetuner:
                                       "ft_params_M": self.n_trainable / 1e6}, step=0)
             from rsseg.device import describe
 
+            leak = self.p.index.leakage(self.run.data.label_ratio)
             self.tracker.set_tags({"head": self.p.head_name, "ft_params_M": f"{self.n_trainable / 1e6:.1f}",
-                                   "device": describe(self.p.device), "classes": ",".join(self.p.table.abbrs)})
+                                   "device": describe(self.p.device), "classes": ",".join(self.p.table.abbrs),
+                                   "split_by": self.p.index.params.split_by,
+                                   "test_touching_train": f"{leak['touch_train']}/{leak['test']}"})
 
     def batches(self):
         """The training batches from ``start`` on: iteration i draws ``schedule.batch_keys`` (a pure
@@ -369,16 +377,33 @@ def run(run, workdir: Workdir | None = None, *, tracker=None, pretrained=None,
     if on_test is not None:
         on_test()
     test, kept = loop.test()
+    references = reference_classifiers(run, p)
     seconds = {"total_s": time.perf_counter() - t_start, **loop.seconds}
     cache = p.cached.cache.stats.as_metrics() if p.cached is not None else {}
     trained = run.finetune.iterations - loop.start
     perf = {"perf/iterations_per_s": trained / loop.seconds["train_s"] if trained and loop.seconds["train_s"] > 0 else None,
             "perf/extraction_tiles_per_s": p.extraction_rate()}
     result = FinetuneResult(test, loop.val_history, loop.n_trainable, loop.n_total, p.head_name, seconds, p.table.abbrs, cache,
-                            {k: v for k, v in perf.items() if v is not None})
+                            {k: v for k, v in perf.items() if v is not None}, references)
     if tracker is not None:
         _log_final(tracker, run, result, kept, p, workdir)
     return result
+
+
+def reference_classifiers(run, p: Prepared) -> dict[str, SegMetrics]:
+    """The cheap per-pixel classifiers of ``finetune.references``, trained on exactly this run's
+    label subset (without augmentation) and scored on its test split: what the method must beat
+    for its pre-training to have paid off on this data. Seeded by the run's seed."""
+    from rsseg.data.dataset import TileDataset
+    from rsseg.data.pixel_baselines import colour_baseline, texture_baseline
+
+    if not run.finetune.references:
+        return {}
+    train = TileDataset(p.reader, p.index.subset(run.data.label_ratio))
+    n = p.table.num_classes
+    build = {"colour": lambda: colour_baseline(train, p.test, n),
+             "texture": lambda: texture_baseline(train, p.test, n, seed=run.seed)}
+    return {name: build[name]().metrics for name in run.finetune.references}
 
 
 def _progress_line(total: int, start: int) -> Callable[[int, dict[str, float] | None], None]:
@@ -403,8 +428,8 @@ def _log_final(tracker, run, result: FinetuneResult, kept, p: Prepared, workdir:
     from rsseg.provenance import stamp
     from rsseg.viz import save_confusion, save_overlays
 
-    tracker.log_metrics({**result.test_metrics(), **{f"time/{k}": v for k, v in result.seconds.items()}, **result.cache, **result.perf},
-                        step=run.finetune.iterations)
+    tracker.log_metrics({**result.test_metrics(), **{f"time/{k}": v for k, v in result.seconds.items()}, **result.cache, **result.perf,
+                         **result.reference_metrics()}, step=run.finetune.iterations)
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         save_confusion(result.test.matrix, result.class_abbrs, d / "confusion_matrix.png",
@@ -414,7 +439,8 @@ def _log_final(tracker, run, result: FinetuneResult, kept, p: Prepared, workdir:
             "IoU": {a: (None if np.isnan(v) else float(v)) for a, v in zip(result.class_abbrs, result.test.iou)},
             "classes": p.table.names, "confusion_matrix": result.test.matrix.tolist(),
             "trainable_params": result.trainable_params, "total_params": result.total_params,
-            "val_history": result.val_history, "seconds": result.seconds, **stamp(),
+            "val_history": result.val_history, "seconds": result.seconds,
+            "references": {name: m.miou for name, m in result.references.items()}, **stamp(),
         }, indent=2))
         (d / "config.yaml").write_text(dump_yaml(run.model_dump(mode="json")))
         for name in ("confusion_matrix.png", "metrics.json", "config.yaml"):

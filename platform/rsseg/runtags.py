@@ -29,6 +29,8 @@ class RunTags:
     head: str = ""
     ft_params_M: str = ""
     classes: str = ""  # the dataset's class abbreviations in its table's order (tables follow them)
+    split_by: str = ""  # the split the run's tile index has (tile | scene), set by the fine-tuning
+    test_touching_train: str = ""  # "<n>/<test tiles>": test tiles touching a training tile (shown under the tables)
     pretrain_fingerprint: str = ""
     homogeneous_share: str = ""  # Fig. 9/10 key: the share of homogeneous pre-training iterations
     homogeneous_source: str = ""  # the dataset of step 2 when it is not the target's own (Fig. 9's non-homogeneous)

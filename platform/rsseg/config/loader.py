@@ -68,6 +68,7 @@ class Document:
     data: dict[str, Any]
     origin: str  # the main file (for messages when no finer source is known)
     sources: dict[str, str] = field(default_factory=dict)
+    profile_changes: list[str] = field(default_factory=list)  # "key: file's value -> profile's value (profile)"
 
     def source_of(self, dotted: str) -> str:
         parts = dotted.split(".")

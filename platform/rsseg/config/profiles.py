@@ -23,6 +23,7 @@ assembled from the installed methods.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import yaml
 
 from rsseg.config.specs import AXIS_KINDS
-from rsseg.config.loader import Document, apply_layer, apply_overrides, load_document, parse_override, read_yaml
+from rsseg.config.loader import Document, _plain, apply_layer, apply_overrides, load_document, parse_override, read_yaml
 from rsseg.errors import ConfigError
 
 
@@ -86,6 +87,36 @@ def profile_description(name: str, near: str | os.PathLike | None = None) -> str
     return str(read_yaml(find_profile(name, near)).get("description", ""))
 
 
+_GONE = object()
+
+
+def changed_values(before: Any, after: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, the file's value, the value after the profile) for every value the file wrote
+    that a profile changed or removed; a mapping replaced as a whole (``!replace`` with other keys)
+    is one entry."""
+    if not isinstance(before, dict):
+        return [] if before == after else [(prefix, before, after)]
+    if not isinstance(after, dict) or not set(before) <= set(after):
+        return [(prefix, before, after)]
+    out = []
+    for k, v in before.items():
+        out += changed_values(v, after.get(k, _GONE), f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def _flow(v: Any) -> str:
+    if v is _GONE:
+        return "(removed)"
+    return yaml.safe_dump(_plain(v), default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def _record_profile_changes(doc: Document, before: dict[str, Any], profile: str) -> None:
+    doc.profile_changes = [f"{key}: {_flow(old)} -> {_flow(new)}" for key, old, new in changed_values(before, doc.data)
+                           if key not in ("profiles",)]
+    if doc.profile_changes:
+        doc.profile_changes = [f"profile {profile} changes {c}" for c in doc.profile_changes]
+
+
 def is_sweep_document(data: dict[str, Any]) -> bool:
     return "base" in data or "space" in data or "search" in data
 
@@ -95,8 +126,11 @@ def run_document(path: str | os.PathLike, profile: str | None = None, overrides:
     doc = load_document(path)
     if is_sweep_document(doc.data):
         raise ConfigError(f"{path}: this is a sweep file (it has base/space/search); run it with `platform sweep`")
+    before = copy.deepcopy(doc.data)
     for ppath, _, run_layer, _ in profile_layers(profile, path) if profile else []:
         apply_layer(doc, run_layer, str(ppath))
+    if profile:
+        _record_profile_changes(doc, before, profile)
     apply_overrides(doc, overrides or [])
     return doc
 
@@ -110,6 +144,7 @@ def sweep_document(path: str | os.PathLike, profile: str | None = None, override
     local = doc.data.pop("profiles", None) or {}
     if not isinstance(local, dict):
         raise ConfigError(f"{path}: profiles: expected a mapping of profile name -> {{run, sweep}}")
+    before = copy.deepcopy(doc.data)
     for ppath, name, run_layer, sweep_layer in profile_layers(profile, path) if profile else []:
         apply_layer(doc, sweep_layer, str(ppath))
         apply_layer(doc, run_layer, str(ppath), at="base")
@@ -119,6 +154,8 @@ def sweep_document(path: str | os.PathLike, profile: str | None = None, override
             raise ConfigError(f"{path}: profiles.{name}.{sorted(unknown)[0]}: unknown key; expected run or sweep")
         apply_layer(doc, overlay.get("sweep", {}) or {}, f"{path} (profiles.{name})")
         apply_layer(doc, overlay.get("run", {}) or {}, f"{path} (profiles.{name})", at="base")
+    if profile:
+        _record_profile_changes(doc, before, profile)
     plain, axes = place_sweep_overrides(overrides or [])
     apply_overrides(doc, plain)
     for text in axes:  # space.<dotted run key>=...: the axis key keeps its dots

@@ -57,9 +57,10 @@ class DataSpec(Strict):
     min_valid_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="skip windows with this share of valid pixels or less")
     split_seed: int = 0
     split: tuple[float, float, float] = Field((0.4, 0.1, 0.5), description="train/val/test shares of tiles")
-    split_by: Literal["tile", "scene"] = Field(
-        "tile", description="tile: tiles shuffled across all scenes (the paper's random split); scene: every image wholly in one "
-                            "split, so neighbouring tiles never sit in train and test (what a map of new places needs)")
+    split_by: Literal["auto", "tile", "scene"] = Field(
+        "auto", description="tile: tiles shuffled across all scenes (the paper's random split); scene: every image wholly in one "
+                            "split, so neighbouring tiles never sit in train and test (what a map of new places needs); auto: "
+                            "scene for a folder dataset of at least 3 labelled scenes, else tile (the paper's datasets)")
     label_ratio: float = Field(0.02, gt=0.0, le=1.0, description="share of training tiles with labels (S=0.02, M=0.4, L=1.0)")
     synthetic: SyntheticSpec = SyntheticSpec()
     gid: GidSpec = GidSpec()
@@ -78,9 +79,15 @@ class DataSpec(Strict):
             raise ValueError("expected a non-empty list of 1-based band numbers")
         return v
 
+    @property
+    def tile_split_by_default(self) -> bool:
+        """True when the split is the paper's by-tile one by default (``tile``, or ``auto`` on a
+        dataset other than ``folder``): left out of identities, so their keys stay as they were."""
+        return self.split_by == "tile" or (self.split_by == "auto" and self.dataset != "folder")
+
     def identity(self) -> dict[str, Any]:
         """What determines the imagery and tiles (not the label ratio): for fingerprints."""
-        d = self.model_dump(mode="json", exclude={"label_ratio"} | ({"split_by"} if self.split_by == "tile" else set()))
+        d = self.model_dump(mode="json", exclude={"label_ratio"} | ({"split_by"} if self.tile_split_by_default else set()))
         if self.dataset != "synthetic":
             d.pop("synthetic")
         if self.dataset != "gid":
@@ -266,6 +273,10 @@ class FinetuneSpec(Strict):
     cache: CacheSpec = CacheSpec()
     log_predictions: int = Field(4, ge=0, description="prediction overlays logged as artifacts")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: the trial's CPUs")
+    references: list[Literal["colour", "texture"]] = Field(
+        ["texture"], description="reference classifiers trained and scored on exactly this run's label subset and test split "
+                                 "(rsseg.data.pixel_baselines; logged as reference/<name>/mIoU): colour = a pixel's colour "
+                                 "alone, texture = colour + local statistics; [] for none")
 
 
 class RuntimeSpec(Strict):

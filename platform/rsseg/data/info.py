@@ -46,16 +46,33 @@ def summary(index: TileIndex, data: DataSpec) -> dict:
         "label_ratio_tiles": index.subset_size(data.label_ratio),
         "histogram": {s: index.class_histogram(index.split(s)).tolist() for s in SPLITS},
         "subset_histogram": {name: index.class_histogram(index.subset(r)).tolist() for name, r in subsets},
+        "leakage": index.leakage(data.label_ratio),
+        "absent_classes": index.absent_classes(),
     }
     names = index.table.abbrs
+    # the advice follows the split the index has: by tile, only more labels or scenes help
+    helps = "a larger label_ratio or more scenes helps" if index.params.split_by == "tile" else \
+        "a larger label_ratio, more scenes, or split_by: tile (optimistic scores) helps"
     out["warnings"] = [
         f"label-ratio subset {name} ({index.subset_size(r)} tiles) has no pixel of class {', '.join(missing)}: "
-        "its runs never see them in training (a larger label_ratio, more scenes, or split_by: tile helps)"
+        f"its runs never see them in training ({helps})"
         for name, r in subsets
         if (missing := [names[i] for i, n in enumerate(out["subset_histogram"][name]) if n == 0 and out["histogram"]["train"][i] > 0])
     ] + [f"split {s} has no pixel of class {', '.join(m)}" for s in SPLITS
          if (m := [names[i] for i, n in enumerate(out["histogram"][s]) if n == 0 and sum(out["histogram"][t][i] for t in SPLITS) > 0])]
+    if out["absent_classes"]:
+        out["warnings"].append(f"class {', '.join(out['absent_classes'])} of class table {index.table.name} has no labelled pixel "
+                               "in any split: mIoU leaves it out (every table and run reports the mean over the other classes)")
     return out
+
+
+def leakage_line(leak: dict[str, int], split_by: str) -> str:
+    """One line on how far test tiles sit from training tiles (printed by `data info`, tagged on runs)."""
+    if split_by == "scene":
+        return f"test tiles touching a training tile: {leak['touch_train']} of {leak['test']} (split by scene)"
+    return (f"test tiles touching a training tile: {leak['touch_train']} of {leak['test']}, touching a labelled tile of the "
+            f"label-ratio subset: {leak['touch_labelled']} (split by tile: neighbouring tiles share texture, so test scores "
+            "are optimistic for a map of new places; data.split_by: scene keeps every image in one split)")
 
 
 def describe(index: TileIndex, data: DataSpec) -> str:
@@ -76,6 +93,7 @@ def describe(index: TileIndex, data: DataSpec) -> str:
         + (f"data.value_range {list(index.scenes.value_range)}" if index.scenes.value_range else "the dtype's range")
         + " (checked at index build)",
         f"splits       split by {s['split_by']}: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()),
+        f"leakage      {leakage_line(s['leakage'], s['split_by'])}",
         "subsets      " + ", ".join(f"{k} ({r * 100:g} %) {s['subsets'][k]}" for k, r in subsets_of(data))
         + f"; configured label_ratio {s['label_ratio']:g} -> {s['label_ratio_tiles']} tiles",
         "",

@@ -35,13 +35,17 @@ def _batches(dataset, batch: int = 16):
 
 
 def _colour_bins(image: torch.Tensor, bins: int) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W) bin index."""
+    """(B, C, H, W) in [-1, 1] -> (B, H, W) bin index of its first min(C, 3) bands."""
     q = ((image[:, :3] + 1.0) * 0.5 * bins).long().clamp_(0, bins - 1)
-    return q[:, 0] * bins * bins + q[:, 1] * bins + q[:, 2]
+    index = torch.zeros_like(q[:, 0])
+    for c in range(q.shape[1]):
+        index = index * bins + q[:, c]
+    return index
 
 
 def colour_baseline(train_ds, test_ds, num_classes: int, bins: int = 16) -> BaselineResult:
-    counts = torch.zeros(bins**3, num_classes, dtype=torch.float64)
+    bands = min(3, train_ds[0]["image"].shape[0]) if len(train_ds) else 3
+    counts = torch.zeros(bins**bands, num_classes, dtype=torch.float64)
     n = 0
     for image, mask in _batches(train_ds):
         keep = mask != IGNORE_INDEX

@@ -62,9 +62,9 @@ class TilingParams:
     split_by: str = "tile"
 
     @classmethod
-    def from_spec(cls, spec: DataSpec) -> "TilingParams":
+    def from_spec(cls, spec: DataSpec, scenes: SceneSet) -> "TilingParams":
         return cls(spec.tile_size, spec.stride or spec.tile_size, spec.min_valid_fraction, tuple(spec.split), spec.split_seed,
-                   spec.split_by)
+                   split_by(spec, scenes))
 
     def key(self) -> dict:
         """What the index depends on (``split_by`` only when it is not the default, so tile-split
@@ -73,6 +73,18 @@ class TilingParams:
         if d["split_by"] == "tile":
             d.pop("split_by")
         return d
+
+
+SCENE_SPLIT_MIN_SCENES = 3
+
+
+def split_by(spec: DataSpec, scenes: SceneSet) -> str:
+    """The split a dataset gets: ``auto`` is by scene for a folder dataset of at least 3 labelled
+    scenes (a user's own map: neighbouring tiles share texture, so a by-tile split scores tiles
+    that touch training tiles), by tile otherwise (the paper's random split of its datasets)."""
+    if spec.split_by != "auto":
+        return spec.split_by
+    return "scene" if scenes.dataset == "folder" and len(scenes.labelled) >= SCENE_SPLIT_MIN_SCENES else "tile"
 
 
 def windows(width: int, height: int, tile: int, stride: int) -> list[tuple[int, int]]:
@@ -217,10 +229,39 @@ class TileIndex:
         n = self.subset_size(ratio)
         return self.frame.filter((self.frame["subset_rank"] >= 0) & (self.frame["subset_rank"] < n)).sort("subset_rank")
 
+    def leakage(self, ratio: float) -> dict[str, int]:
+        """Test tiles touching a training tile, and a labelled tile of the ``ratio`` subset (0
+        under a by-scene split): what `data info` prints and every fine-tuning run tags."""
+        test = self.split("test")
+        return {"test": test.height, "touch_train": touching(test, self.split("train")),
+                "touch_labelled": touching(test, self.subset(ratio))}
+
+    def absent_classes(self) -> list[str]:
+        """Classes of the table with no labelled pixel in any split: mIoU leaves them out."""
+        counts = sum(self.class_histogram(self.split(s)) for s in SPLITS)
+        return [a for a, n in zip(self.table.abbrs, np.atleast_1d(counts)) if n == 0] if self.frame.height else []
+
     def class_histogram(self, frame: "pl.DataFrame") -> np.ndarray:
         if frame.height == 0 or self.table.num_classes == 0:
             return np.zeros(self.table.num_classes, dtype=np.int64)
         return np.asarray(frame["class_counts"].to_list(), dtype=np.int64).sum(axis=0)
+
+
+def touching(a: "pl.DataFrame", b: "pl.DataFrame") -> int:
+    """How many tiles of ``a`` overlap or touch (share an edge or a corner with) a tile of ``b`` of
+    the same scene: under a by-tile split, the test tiles whose neighbour was trained on (they
+    share its texture and objects, so they score higher than a new place would)."""
+    if a.height == 0 or b.height == 0:
+        return 0
+    size = int(max(a["size"].max(), b["size"].max()))
+    cells: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
+    for scene, r, c in b.select("scene", "row", "col").iter_rows():
+        cells.setdefault((scene, r // size, c // size), []).append((r, c))
+    n = 0
+    for scene, r, c in a.select("scene", "row", "col").iter_rows():
+        near = (cells.get((scene, r // size + dr, c // size + dc), ()) for dr in (-1, 0, 1) for dc in (-1, 0, 1))
+        n += any(abs(r - r2) <= size and abs(c - c2) <= size for group in near for r2, c2 in group)
+    return n
 
 
 def check_ratio(ratio: float) -> None:
@@ -289,7 +330,7 @@ def build(spec: DataSpec, workdir: Workdir | None = None, scenes: SceneSet | Non
 
     workdir = workdir or Workdir.resolve()
     scenes = scenes or resolve_scenes(spec, workdir)
-    params = TilingParams.from_spec(spec)
+    params = TilingParams.from_spec(spec, scenes)
     key = index_key(scenes, params)
     path = workdir.indexes / f"{scenes.dataset}-{key}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def cached_index(spec, workdir):
         scenes = registry.scenes(spec, workdir)
     except RssegError:  # data not there (yet): the plan's problems say so
         return None
-    params = TilingParams.from_spec(spec)
+    params = TilingParams.from_spec(spec, scenes)
     key = index_key(scenes, params)
     path = workdir.indexes / f"{scenes.dataset}-{key}.parquet"
     if not path.is_file():

@@ -68,7 +68,14 @@ def aggregate(runs, observe) -> dict[tuple[str, str], Cell]:
     """Mean, sample standard deviation (ddof 1; none for a single run) and n per cell."""
     import polars as pl
 
-    obs = [o for r in runs.iter_rows(named=True) for o in observe(r)]
+    obs, seen = [], set()
+    for r in runs.iter_rows(named=True):
+        for o in observe(r):
+            if len(o) == 4:  # keyed: the same observation made by several runs counts once
+                if (o[0], o[1], o[3]) in seen:
+                    continue
+                seen.add((o[0], o[1], o[3]))
+            obs.append(o[:3])
     if not obs:
         return {}
     frame = pl.DataFrame(obs, schema={"row": pl.Utf8, "column": pl.Utf8, "value": pl.Float64}, orient="row")
@@ -139,6 +146,9 @@ def footer(b: Built, runs, others, skipped: dict) -> list[str]:
                      f"profile {b.group.get('profile') or 'none'}; seeds {', '.join(seeds) or '?'}; "
                      f"git commit(s) {', '.join(commits) or 'unknown'}; runs ended {when(ends.min())} to {when(ends.max())} UTC. "
                      "Re-runs count once (latest run per trial key).")
+    if runs.height:
+        lines.extend(split_lines(runs))
+        lines.extend(variation_lines(runs))
     if b.paper:
         lines.append(f"Paper: {published.source(lay.id)}.")
     n_skipped = {why: n for (t, why), n in skipped.items() if t == lay.id}
@@ -163,6 +173,33 @@ def footer(b: Built, runs, others, skipped: dict) -> list[str]:
     lines.extend(lay.notes)
     lines.append(f"Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M')} UTC by rsseg {_version()} from MLflow.")
     return lines
+
+
+def split_lines(runs) -> list[str]:
+    """What the runs' splits were: by scene, or by tile with how many test tiles touch a training
+    tile (neighbouring tiles share texture: such scores are optimistic for a map of new places)."""
+    out = []
+    for split in sorted({s for s in runs["split_by"].to_list() if s}):
+        touching = sorted({t for s, t in zip(runs["split_by"].to_list(), runs["test_touching_train"].to_list()) if s == split and t})
+        if split == "scene":
+            out.append("Split by scene: every image wholly in train, val or test.")
+        else:
+            out.append(f"Split by tile (the paper's): test tiles touching a training tile {', '.join(touching) or '?'}; "
+                       "neighbouring tiles share texture, so these scores are optimistic for a map of new places.")
+    return out
+
+
+def variation_lines(runs) -> list[str]:
+    """What the ± covers when every run reads one pre-training: the seeds vary the segmentor only,
+    and every row moves together with the pre-training (another pre-training seed, or the same
+    seed on another CPU's kernels)."""
+    fps = sorted({f for f in runs["pretrain_fingerprint"].to_list() if f})
+    seeds = {s for s in runs["seed"].to_list() if s}
+    if len(fps) == 1 and len(seeds) > 1:
+        return [f"What varies: the seeds vary the segmentor only; every run reads one pre-training ({fps[0][:8]}), so the ± "
+                "does not cover the pre-training: another pre-training seed, or the same one on a CPU with other floating-point "
+                "kernels, moves the rows together (docs/benchmarks.md, reproducibility)."]
+    return []
 
 
 def _version() -> str:

@@ -26,7 +26,12 @@ STRATEGIES = {"imagenet": "ImageNet (ConvNeXt-B, fine-tuned)", "archive_only": "
               "imported_two_step": "imported weights (DDPM-CD), then homogeneous",
               "archive_non_homogeneous": "archive, then non-homogeneous (another sensor)"}
 
-Obs = tuple[str, str, float]
+Obs = tuple  # (row, column, value) or (row, column, value, key): observations of one key count once
+# reference rows (finetune.references, logged by every fine-tuning run): what a cheap per-pixel
+# classifier reaches on the same split and labels; a random-weights UNet is the method's own
+REFERENCE = "reference"
+REFERENCES = {"texture": "Texture classifier (colour + local statistics per pixel)", "colour": "Colour classifier (a pixel's colour alone)"}
+RANDOM_SUFFIX = "_random"
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,17 @@ def _setting(run) -> str:
 
 
 def _table3(run):
-    public = str(run.get("weights") or "").startswith("public:")
-    row = f"{run['method']}{PUBLIC_SUFFIX if public else ''}/{_setting(run)}"
-    return [(row, run["label_ratio"], run["mIoU"])] + _ft(run, row)
+    weights = str(run.get("weights") or "")
+    method = run["method"] + (PUBLIC_SUFFIX if weights.startswith("public:") else RANDOM_SUFFIX if weights == "random" else "")
+    row = f"{method}/{_setting(run)}"
+    return [(row, run["label_ratio"], run["mIoU"])] + _ft(run, row) + _references(run)
+
+
+def _references(run) -> list[Obs]:
+    """The reference classifiers a run scored on its split and label subset. Every run of one
+    (label ratio, seed) scores the same ones, so each counts once (the 4th field)."""
+    return [(f"{REFERENCE}/{name}", run["label_ratio"], run[f"ref_{name}"], f"{run['label_ratio']}|{run['seed']}")
+            for name in REFERENCES if run.get(f"ref_{name}") is not None]
 
 
 def _table4(run):
@@ -155,7 +168,13 @@ def _t2_label(key: str) -> str:
 
 def _t3_label(key: str) -> str:
     method, _, setting = key.partition("/")
-    return f"{method_label(method)} · {'Frozen' if setting == 'frozen' else 'Fine-tuning'}"
+    if method == REFERENCE:
+        return f"reference: {REFERENCES.get(setting, setting)}"
+    if method.endswith(RANDOM_SUFFIX) and method[: -len(RANDOM_SUFFIX)] in ("ddpm",):
+        name = "reference: the same UNet, random weights"
+    else:
+        name = method_label(method)
+    return f"{name} · {'Frozen' if setting == 'frozen' else 'Fine-tuning'}"
 
 
 def _t4_label(key: str) -> str:
@@ -182,7 +201,8 @@ def _cls(names):
 TIMESTEP_ROWS = ["0", "50", "100", "100,50", "200,100,50", "150,100,50"]
 # (the paper has no frozen random-init row; ours shows one when the sweep runs it)
 T3_METHOD_ROWS = ("convnext_random", "convnext_imagenet", "mae", "mae" + PUBLIC_SUFFIX, "scalemae", "scalemae" + PUBLIC_SUFFIX, "ma3e", "ddpm")
-T3_ROWS = [f"{m}/{s}" for m in T3_METHOD_ROWS for s in ("frozen", "finetuned")]
+T3_ROWS = [f"{m}/{s}" for m in T3_METHOD_ROWS for s in ("frozen", "finetuned")] + \
+    [f"ddpm{RANDOM_SUFFIX}/{s}" for s in ("frozen", "finetuned")] + [f"{REFERENCE}/{name}" for name in REFERENCES]
 
 LAYOUTS: dict[str, Layout] = {
     "table1": Layout("table1", "Table 1. Feature selection: DDPM encoder vs decoder features at each resolution, MLP segmentor vs UPerNet (mIoU %, MiniFrance-S)",
@@ -197,7 +217,11 @@ LAYOUTS: dict[str, Layout] = {
                      "sweeps/label_ratio.yaml", "beside", _table3,
                      [(k, _t3_label(k)) for k in T3_ROWS], [(k, v) for k, v in RATIOS.items()] + [(FT, "Ft Params (M)")],
                      row_label=_t3_label, extra_columns=False,
-                     notes=["IN-init needs ImageNet ConvNeXt-B weights on local disk (RSSEG_CONVNEXT_WEIGHTS); the smoke "
+                     notes=["Rows marked reference are not methods of the paper: the colour and texture classifiers "
+                            "(finetune.references) are trained and scored on exactly the runs' label subsets and test splits, "
+                            "and the random-weights UNet is ours without its pre-training. If the texture row beats the method, "
+                            "the pre-training did not pay off on this data.",
+                            "IN-init needs ImageNet ConvNeXt-B weights on local disk (RSSEG_CONVNEXT_WEIGHTS); the smoke "
                             "profile leaves it out (there are none for its pico ConvNeXt).",
                             "Ft Params: ours are the trainable parameters of our runs (smoke: pico/tiny networks); "
                             "the paper's differ by architecture size, heads and neck (see docs/benchmarks.md)."]),

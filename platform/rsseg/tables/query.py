@@ -87,6 +87,8 @@ def read_runs(uri: str, experiments: list[str] | None = None) -> Store:
             for k, v in r.data.metrics.items():
                 if k == TEST_MIOU or k.startswith("test/IoU/"):
                     row[k[len("test/"):]] = 100.0 * float(v)
+                elif k.startswith("reference/") and k.endswith("/mIoU"):  # reference/<name>/mIoU -> ref_<name>
+                    row[f"ref_{k.split('/')[1]}"] = 100.0 * float(v)
             rows.append(row)
     if not rows:
         frame = _empty_frame()

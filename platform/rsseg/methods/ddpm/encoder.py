@@ -237,9 +237,11 @@ def build_encoder(run, pretrained) -> DdpmEncoder:
 
         cfg = unet_config(run.ddpm.unet.preset, run.ddpm.unet.overrides, in_channels=input_bands(run.data),
                           sample_size=run.data.tile_size)
-        torch.manual_seed(run.pretrain.seed)
+        # the run's seed (not pretrain.seed, which no pre-training uses here): the seeds of a
+        # random-weights reference then vary its UNet as well as its head
+        torch.manual_seed(run.seed)
         unet = build_unet(cfg)
-        weights_id = fingerprint({"random": cfg, "seed": run.pretrain.seed})
+        weights_id = fingerprint({"random": cfg, "seed": run.seed})
     else:
         if f.imported:
             from rsseg.weights import imported
