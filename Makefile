@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/predict_scale.py
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/host_syncs.py
+	$(BIN)/python bench/repro_kernels.py --append
 
 eval-smoke: $(STAMP)
 	$(BIN)/python bench/eval_smoke.py

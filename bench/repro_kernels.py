@@ -2,7 +2,7 @@
 smoke profile's tiny UNet, 64 px, batch 8) in fresh processes under different CPU kernel paths and
 thread counts, compared bit for bit.
 
-    python bench/repro_kernels.py [--steps 200]
+    python bench/repro_kernels.py [--steps 200] [--append]
 
 Each variant is a subprocess with its environment: the default (this CPU's best kernels), the
 same again (control: a process repeats itself exactly), AVX2 kernels only (ATen's
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
 STEP = """
 import json, sys, hashlib, torch
 sys.path.insert(0, "platform")
@@ -45,7 +46,10 @@ for i in range(steps):
 torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, out + ".pt")
 json.dump({"losses": losses, "capability": torch.backends.cpu.get_cpu_capability()}, open(out + ".json", "w"))
 """
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+sys.path.insert(0, str(REPO / "platform"))
+from rsseg.kernels import PINNED, VARIABLES  # noqa: E402 - the variables runtime.cpu_kernels: avx2 sets
+
+AVX2 = PINNED["avx2"]
 VARIANTS = {"default, 2 threads": ({}, 2), "default, 2 threads (again)": ({}, 2), "AVX2 kernels, 2 threads": (AVX2, 2),
             "default, 1 thread": ({}, 1)}
 
@@ -57,22 +61,29 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--append", action="store_true", help="append the table to docs/benchmarks.md")
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="repro-"))
     results = {}
     for i, (name, (env, threads)) in enumerate(VARIANTS.items()):
         out = str(d / f"v{i}")
         subprocess.run([sys.executable, "-c", STEP, str(args.steps), str(threads), out], cwd=REPO, check=True,
-                       env={**os.environ, **env})
+                       env={**{k: v for k, v in os.environ.items() if k not in VARIABLES}, **env})
         results[name] = (torch.load(out + ".pt"), json.loads(Path(out + ".json").read_text()))
-    ref, ref_info = results["default, 2 threads"]
-    print(f"{args.steps} steps of the tiny UNet's DDPM loss (batch 8, 64 px, AdamW 5e-4), fresh process each")
+    ref, _ = results["default, 2 threads"]
+    lines = [f"{args.steps} seeded steps of the smoke profile's tiny UNet on the DDPM loss (batch 8, 64 px, AdamW 5e-4), "
+             "a fresh process per variant; weights compared bit for bit with the first.", "",
+             "| variant | kernels | final weights vs the first | max abs difference | loss at the last step |", "|---|---|---|---:|---:|"]
     for name, (w, info) in results.items():
         diff = max(float((w[k].float() - ref[k].float()).abs().max()) for k in ref)
         same = all(torch.equal(w[k], ref[k]) for k in ref)
-        losses = ", ".join(f"{k}: {v:.5f}" for k, v in info["losses"].items())
-        print(f"  {name:<28} kernels {info['capability']:<7} weights {'identical' if same else 'differ'} "
-              f"(max |dw| {diff:.2e})  loss at step {losses}")
+        last = list(info["losses"].values())[-1]
+        lines.append(f"| {name} | {info['capability']} | {'identical' if same else 'differ'} | {diff:.2e} | {last:.6f} |")
+    print("\n".join(lines))
+    if args.append:
+        from common import append
+
+        append("Reproducibility: the same pre-training steps under other CPU kernels and thread counts", "\n".join(lines))
 
 
 if __name__ == "__main__":

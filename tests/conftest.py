@@ -20,6 +20,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the smoke profile's CPU kernel path (runtime.cpu_kernels: avx2) for the whole session: tests run
+# smoke specs in this process, whose kernels are chosen at its first CPU operation
+from rsseg.kernels import PINNED  # noqa: E402 - torch-free
+
+for _key, _value in PINNED["avx2"].items():
+    os.environ.setdefault(_key, _value)
 # the MLflow store template (rsseg.tracking.template_path) of this session, not the user's
 os.environ.setdefault("RSSEG_CACHE_DIR", tempfile.mkdtemp(prefix="rsseg-test-cache-"))
 

@@ -197,3 +197,51 @@ def test_the_footer_says_the_seeds_do_not_cover_a_shared_pre_training():
     assert line.startswith("What varies: the seeds vary the segmentor only; every run reads one pre-training (8339e6c2)")
     assert variation_lines(shared.with_columns(pretrain_fingerprint=pl.Series(["a", "b", "c"]))) == []  # one per seed
     assert variation_lines(shared.head(1)) == []  # one run: no ± to explain
+
+
+PIN = """
+import sys, torch
+from rsseg import kernels
+from rsseg.errors import ConfigError
+if sys.argv[1] == "late":
+    torch.ones(64).sum()  # a CPU kernel runs first: the path is chosen
+try:
+    kernels.pin("avx2")
+except ConfigError as exc:
+    print("refused:", exc)
+print("capability", torch.backends.cpu.get_cpu_capability())
+"""
+
+
+def _pin_in_fresh_process(when: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from rsseg.kernels import VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in VARIABLES}  # this session pins them (conftest)
+    return subprocess.run([sys.executable, "-c", PIN, when], capture_output=True, text=True, env=env, check=True).stdout
+
+
+def test_cpu_kernels_avx2_pins_the_process_before_its_first_computation_and_refuses_after():
+    import platform
+    import subprocess
+    import sys
+
+    native = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, check=True).stdout.strip()
+    if platform.machine() != "x86_64" or native not in ("AVX2", "AVX512"):
+        pytest.skip(f"no AVX2 kernels on this {platform.machine()} CPU ({native})")
+    assert _pin_in_fresh_process("early").strip() == "capability AVX2"
+    late = _pin_in_fresh_process("late")
+    if native == "AVX512":  # the CPU's own path ran first: refused in one line naming the variables
+        assert "refused: runtime.cpu_kernels: avx2: this process already computes with AVX512 kernels" in late
+        assert "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2" in late
+    else:  # negative control on an AVX2 CPU: its own path is the pinned one
+        assert "refused" not in late
+
+
+def test_smoke_pins_the_kernels_and_small_leaves_them_native():
+    assert load_sweep(REPO / "sweeps" / "noise_ablation.yaml", "smoke").base.runtime.cpu_kernels == "avx2"
+    assert load_sweep(REPO / "sweeps" / "noise_ablation.yaml", "small").base.runtime.cpu_kernels == "native"

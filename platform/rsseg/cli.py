@@ -267,13 +267,14 @@ def _check_runnable(run, spec: Path) -> None:
 def _pretrained(run, wd, address: Optional[str], announce: str = "first (not in the store yet)", **train_kwargs):
     """The run's pre-training from the store; trained first on Ray if missing (the CLI's one
     find-or-train); None if the method needs none."""
-    from rsseg import raycluster
+    from rsseg import kernels, raycluster
     from rsseg.pretrain import store
     from rsseg.pretrain.ensure import ensure_pretrained
     from rsseg.progress import done
 
     if not run.needs_pretraining or store.find(run, wd) is not None:
         return ensure_pretrained(run, wd)
+    kernels.pin(run.runtime.cpu_kernels)  # before the local cluster starts: its workers inherit the path
     raycluster.init(address, warm=("mlflow", *run.plugin.imports))  # what the pre-training's driver imports next
     typer.echo(f"pre-training {run.method} {run.pretrain_fingerprint} {announce}")
     found = ensure_pretrained(run, wd, progress=True, **train_kwargs)

@@ -350,7 +350,10 @@ def run(run, workdir: Workdir | None = None, *, tracker=None, pretrained=None,
         progress: bool = False) -> FinetuneResult:
     """``progress``: print the iterations, their rate and ETA, and each validation's mIoU
     (`rsseg.progress`: in place on a terminal, throttled in a log)."""
+    from rsseg import kernels
+
     workdir = workdir or Workdir.resolve()
+    kernels.pin(run.runtime.cpu_kernels)
     if run.finetune.threads:
         torch.set_num_threads(run.finetune.threads)
     t_start = time.perf_counter()

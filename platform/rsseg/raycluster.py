@@ -48,7 +48,11 @@ def init(address: str | None = None, num_cpus: int | None = None, warm: tuple[st
         # Worker output stays in Ray's session logs unless asked for: the CLI shows progress.
         log_to_driver=os.environ.get("RSSEG_RAY_LOGS", "0") == "1",
     )
-    env = {k: os.environ[k] for k in ("RSSEG_WORKDIR", "RSSEG_STORAGE", "MLFLOW_TRACKING_URI", "GDAL_CACHEMAX") if k in os.environ}
+    from rsseg.kernels import VARIABLES
+
+    # what the workers of an existing cluster need of this environment (a local one inherits it)
+    env = {k: os.environ[k] for k in ("RSSEG_WORKDIR", "RSSEG_STORAGE", "MLFLOW_TRACKING_URI", "GDAL_CACHEMAX", *VARIABLES)
+           if k in os.environ}
     if address == "local":
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus

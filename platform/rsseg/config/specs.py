@@ -289,6 +289,10 @@ class RuntimeSpec(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     loader_workers: int = Field(0, ge=0, description="DataLoader worker processes reading tiles ahead")
+    cpu_kernels: Literal["native", "avx2"] = Field(
+        "native", description="CPU code path of pre-training and fine-tuning: native = the CPU's best (AVX-512 where it has "
+                              "it); avx2 = the AVX2 code on every x86 CPU, so that machines with and without AVX-512 compute "
+                              "the same numbers (rsseg.kernels; the smoke profile sets it)")
 
 
 class TrackingSpec(Strict):

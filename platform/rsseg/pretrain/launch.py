@@ -93,11 +93,12 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
     cluster right now (the sweep driver runs several when they fit). ``switch_steps``: steps of
     the archive phase where other planned runs of the same trunk switch; their trunk points are
     left on the way (this run's own switch step always is)."""
-    from rsseg import clustercheck, raycluster, tracking
+    from rsseg import clustercheck, kernels, raycluster, tracking
     from rsseg.pretrain.data import pretrain_datasets
     from rsseg.pretrain.identity import identity, lineage
 
     workdir = workdir or Workdir.resolve()
+    kernels.pin(run.runtime.cpu_kernels)  # before any CPU computation and the local cluster (its workers inherit it)
     runtime = run.pretrain.runtime
     workers = runtime.workers
     fp = run.pretrain_fingerprint

@@ -583,10 +583,12 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from rsseg import kernels
     from rsseg.workdir import Workdir
 
     plan = TrainPlan.from_dict(config["plan"])
     Workdir.at(plan.workdir, plan.storage).export()  # the store's files resolve against the driver's storage
+    kernels.pin(plan.run["runtime"]["cpu_kernels"])  # inherited from the driver on a local cluster; set here on any other
     ctx = ray.train.get_context()
     torch.set_num_threads(plan.threads)
     Trainer(plan, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), group=RayGroup()).fit()

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rsseg import tracking
+from rsseg import kernels, tracking
 from rsseg.errors import ConfigError, SweepError
 from rsseg.sweep import report
 from rsseg.sweep.plan import SweepPlan, make_plan, search_key
@@ -221,6 +221,7 @@ def run_sweep(loaded, workdir: Workdir | None = None, *, address: str | None = N
               resume: bool = False, progress: bool = True) -> SweepResult:
     workdir = workdir or Workdir.resolve()
     workdir.export()  # the planner, the store and the trials resolve this work directory
+    kernels.pin(loaded.base.runtime.cpu_kernels)  # before any CPU computation and the local cluster (its workers inherit it)
     with sweep_lock(workdir, loaded.spec.name):
         return _run_sweep(loaded, workdir, address=address, tracking_uri=tracking_uri, resume=resume, progress=progress)
 
