@@ -171,7 +171,8 @@ def test_table3_reference_rows_count_each_label_ratio_and_seed_once(tmp_path):
             "frozen": "true", "git_commit": "abc", "classes": "Bld,Rd,Tr", "split_by": "scene", "test_touching_train": "0/40"}
     for i, (method, weights, seed, miou, texture) in enumerate([
             ("ddpm", "ema", "0", 0.50, 0.40), ("mae", "", "0", 0.45, 0.40), ("ddpm", "random", "0", 0.30, 0.40),
-            ("ddpm", "ema", "1", 0.54, 0.44), ("mae", "", "1", 0.47, 0.44)]):
+            ("ddpm", "ema", "1", 0.54, 0.44), ("mae", "", "1", 0.47, 0.44),
+            ("convnext_random", "random", "0", 0.37, 0.40)]):  # a random-init baseline, tagged weights=random too
         r = c.create_run(exp, tags={**base, "method": method, "weights": weights, "seed": seed, "trial_key": f"k{i}"})
         for k, v in {"test/mIoU": miou, "reference/texture/mIoU": texture, "reference/colour/mIoU": 0.2}.items():
             c.log_metric(r.info.run_id, k, v)
@@ -182,6 +183,8 @@ def test_table3_reference_rows_count_each_label_ratio_and_seed_once(tmp_path):
     assert t3.cell("reference/colour", "0.02").n == 2
     assert t3.cell("ddpm_random/frozen", "0.02").mean == pytest.approx(30.0)
     assert t3.cell("ddpm/frozen", "0.02").n == 2  # the random-weights run is not ours
+    assert t3.cell("convnext_random/frozen", "0.02").mean == pytest.approx(37.0)  # its own method row, not a reference
+    assert not [r for r, _ in t3.rows if r.startswith("convnext_random_random")]
     md = (tmp_path / "tables" / "table3.md").read_text()
     assert "| reference: Texture classifier (colour + local statistics per pixel) | 42.0 ± 2.8 |" in md
     assert "| reference: the same UNet, random weights · Frozen | 30.0 |" in md

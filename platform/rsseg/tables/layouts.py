@@ -32,6 +32,9 @@ Obs = tuple  # (row, column, value) or (row, column, value, key): observations o
 REFERENCE = "reference"
 REFERENCES = {"texture": "Texture classifier (colour + local statistics per pixel)", "colour": "Colour classifier (a pixel's colour alone)"}
 RANDOM_SUFFIX = "_random"
+# methods whose runs with weights=random are a reference row of their own (a random-init baseline
+# such as convnext_random is tagged weights=random too, and is its own method row)
+RANDOM_REFERENCES = ("ddpm",)
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ def _setting(run) -> str:
 
 def _table3(run):
     weights = str(run.get("weights") or "")
-    method = run["method"] + (PUBLIC_SUFFIX if weights.startswith("public:") else RANDOM_SUFFIX if weights == "random" else "")
+    random = weights == "random" and run["method"] in RANDOM_REFERENCES
+    method = run["method"] + (PUBLIC_SUFFIX if weights.startswith("public:") else RANDOM_SUFFIX if random else "")
     row = f"{method}/{_setting(run)}"
     return [(row, run["label_ratio"], run["mIoU"])] + _ft(run, row) + _references(run)
 
@@ -170,7 +174,7 @@ def _t3_label(key: str) -> str:
     method, _, setting = key.partition("/")
     if method == REFERENCE:
         return f"reference: {REFERENCES.get(setting, setting)}"
-    if method.endswith(RANDOM_SUFFIX) and method[: -len(RANDOM_SUFFIX)] in ("ddpm",):
+    if method.endswith(RANDOM_SUFFIX) and method[: -len(RANDOM_SUFFIX)] in RANDOM_REFERENCES:
         name = "reference: the same UNet, random weights"
     else:
         name = method_label(method)
