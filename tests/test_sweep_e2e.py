@@ -434,7 +434,8 @@ def test_label_ratio_smoke_with_baselines_fills_table3(tmp_path, ray_cluster):
     result = run_sweep(loaded, wd, progress=False)
     uri = tracking.resolve_uri(None, wd)
     kids = children(uri, "label_ratio", result.parent_run_id)
-    assert len(kids) == 10 and all(k.info.status == "FINISHED" for k in kids), [(k.data.tags.get("method"), k.data.tags.get("error")) for k in kids]
+    # 5 methods and the random-weights UNet reference, frozen and fine-tuned
+    assert len(kids) == 12 and all(k.info.status == "FINISHED" for k in kids), [(k.data.tags.get("method"), k.data.tags.get("error")) for k in kids]
     params = {(k.data.tags["method"], k.data.tags["frozen"]): k.data.metrics["params/trainable"] for k in kids}
     for m in ("convnext_random", "mae", "scalemae", "ma3e", "ddpm"):
         assert params[(m, "true")] < params[(m, "false")], m  # fine-tuning trains the encoder too
@@ -445,6 +446,10 @@ def test_label_ratio_smoke_with_baselines_fills_table3(tmp_path, ray_cluster):
         for setting in ("frozen", "finetuned"):
             assert t3.cell(f"{m}/{setting}", "0.02").n == 1, (m, setting)
             assert t3.cell(f"{m}/{setting}", "ft_params_M").n == 1
+        assert t3.cell(f"ddpm_random/{setting}", "0.02").n == 1
+    # the reference classifiers, scored by all 12 runs on the same split and labels, count once
+    for ref in ("texture", "colour"):
+        assert t3.cell(f"reference/{ref}", "0.02").n == 1
     md = (tmp_path / "tables" / "table3.md").read_text()
     assert "| MAE · Frozen |" in md and "| 34.1 |" in md  # ours beside the paper's 34.1
 
