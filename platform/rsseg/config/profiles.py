@@ -111,10 +111,8 @@ def _flow(v: Any) -> str:
 
 
 def _record_profile_changes(doc: Document, before: dict[str, Any], profile: str) -> None:
-    doc.profile_changes = [f"{key}: {_flow(old)} -> {_flow(new)}" for key, old, new in changed_values(before, doc.data)
-                           if key not in ("profiles",)]
-    if doc.profile_changes:
-        doc.profile_changes = [f"profile {profile} changes {c}" for c in doc.profile_changes]
+    doc.profile_changes = [f"profile {profile} changes {key}: {_flow(old)} -> {_flow(new)}"
+                           for key, old, new in changed_values(before, doc.data)]
 
 
 def is_sweep_document(data: dict[str, Any]) -> bool:
