@@ -3,8 +3,9 @@ median of several runs, each in a fresh work directory, against a bare process d
 training steps (torch + diffusers only: no Ray, no MLflow, no platform).
 
 - ``platform --version``
-- ``platform pretrain`` of 20 smoke iterations (2 Ray Train workers, tiny UNet, 64 px) vs a bare
-  process running the same 20 DDPM steps at the same batch
+- ``platform pretrain`` of 20 smoke iterations (tiny UNet, 64 px) with 1 worker (Ray Train's
+  local mode: one process) and with 2 (worker actors, DDP) vs a bare process running the same 20
+  DDPM steps at the same batch
 - a 1-trial sweep (random-weight DDPM features, 20 fine-tuning iterations) vs a bare process
   fine-tuning the same run in-process (no Ray, no MLflow)
 
@@ -98,9 +99,10 @@ def measure(checkout: Path, runs: int, bare: bool = True) -> dict[str, tuple[flo
     out = {"platform --version": median_of(runs, lambda d: [platform, "--version"], checkout)}
     if bare:
         out["python -c 'import torch' (floor)"] = median_of(runs, lambda d: [py, "-c", "import torch"], REPO)
-    out["platform pretrain, 20 iterations"] = median_of(
-        runs, lambda d: [platform, "--workdir", str(d / "w"), "pretrain", "sweeps/pretrain.yaml", "--profile", "smoke", *PRETRAIN_20],
-        checkout)
+    for workers in (1, 2):  # one worker: Ray Train's local mode (this process); two: worker actors, DDP
+        out[f"platform pretrain, 20 iterations, {workers} worker{'s' if workers > 1 else ''}"] = median_of(
+            runs, lambda d: [platform, "--workdir", str(d / "w"), "pretrain", "sweeps/pretrain.yaml", "--profile", "smoke",
+                             *PRETRAIN_20, "--workers", str(workers)], checkout)
     if bare:
         out["bare process, the same 20 steps"] = median_of(runs, lambda d: [py, "-c", BARE_PRETRAIN], REPO)
     try:
@@ -138,9 +140,11 @@ def main() -> None:
     def overhead(d, key, base):
         return f"{d[key][0] - base:.0f} s" if key in d else "n/a"
 
-    lines += ["", "Start-up overhead (platform minus the bare process): pre-training "
-              f"{overhead(now, 'platform pretrain, 20 iterations', bare_pre)}, 1-trial sweep {overhead(now, 'platform sweep, 1 trial', bare_ft)}"
-              + (f"; previous checkout: {overhead(before, 'platform pretrain, 20 iterations', bare_pre)} and "
+    one, two = "platform pretrain, 20 iterations, 1 worker", "platform pretrain, 20 iterations, 2 workers"
+    lines += ["", "Start-up overhead (platform minus the bare process): pre-training with 1 worker "
+              f"{overhead(now, one, bare_pre)} (2 workers {overhead(now, two, bare_pre)}), 1-trial sweep "
+              f"{overhead(now, 'platform sweep, 1 trial', bare_ft)}"
+              + (f"; previous checkout: {overhead(before, one, bare_pre)} ({overhead(before, two, bare_pre)}) and "
                  f"{overhead(before, 'platform sweep, 1 trial', bare_ft)}" if before else "") + "."]
     append("CLI start-up overhead: platform commands vs bare processes", "\n".join(lines))
     print("\n".join(lines))

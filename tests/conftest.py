@@ -128,7 +128,7 @@ def train_objective(obj, tiles, steps: int) -> list[tuple[float, dict]]:
     return out
 
 
-# One worker: the fingerprint ignores the worker count. (A 600-iteration recipe at lr 1.5e-3 was
+# One worker (the small profile's, stated here too: the fingerprint ignores the worker count). (A 600-iteration recipe at lr 1.5e-3 was
 # tried to halve this fixture's ~5 min: 67.6 % once, 57.2 % the next time, too close to the
 # bound below, so the test uses the profile's 1 200 iterations: 79 %.)
 SMOKE_PRETRAIN = ["pretrain.runtime.workers=1"]

@@ -109,6 +109,81 @@ def test_worker_crash_resumes_from_last_checkpoint(reference, tmp_path, ray_clus
     assert_same_weights(result, ref)
 
 
+def _trainer_pids(monkeypatch) -> list[int]:
+    """The pids of the processes in which `Trainer.fit` ran *in this process's module*: a worker
+    actor imports its own copy, so a run on worker actors leaves the list empty."""
+    import os
+
+    from rsseg.pretrain import trainer
+
+    pids: list[int] = []
+    real_fit = trainer.Trainer.fit
+
+    def fit(self):
+        pids.append(os.getpid())
+        return real_fit(self)
+
+    monkeypatch.setattr(trainer.Trainer, "fit", fit)
+    return pids
+
+
+def test_one_worker_trains_in_this_process_and_resumes_exactly_after_a_kill(tmp_path, ray_cluster, monkeypatch):
+    """One worker and no cluster address: Ray Train's local mode runs the worker loop in the
+    driver's own process (no worker actor). A process killed mid-run (local mode has no worker
+    group to restart) is resumed by running it again, from its last checkpoint, and ends
+    bit-identical to the uninterrupted run, in the same MLflow run."""
+    import os
+    import subprocess
+    import sys
+
+    # one thread: the same in this process (a local cluster of 2 CPUs) and in the child (any machine)
+    run = tiny_run(pretrain={"runtime": {"workers": 1, "cpus_per_worker": 1}})
+    pids = _trainer_pids(monkeypatch)
+    ref_wd = Workdir.resolve(tmp_path / "ref").ensure()
+    ref = launch.train(run, ref_wd)
+    assert pids == [os.getpid()]
+    c = tracking.client(tracking.resolve_uri(None, ref_wd))
+    tags = c.get_run(ref.mlflow_run_id).data.tags
+    assert tags["ray_train"] == "local mode (this process)" and tags["workers"] == "1" and tags["worker_nodes"].startswith("rank0=")
+
+    # killed at step 6 in a fresh process without Ray (as `platform pretrain` runs it): the whole process dies
+    wd = Workdir.resolve(tmp_path / "killed").ensure()
+    marker = tmp_path / "killed.txt"
+    script = ("import sys, json; from rsseg.runspec import parse_run; from rsseg.pretrain import launch; "
+              "from rsseg.pretrain.trainer import Fault; from rsseg.workdir import Workdir; "
+              f"launch.train(parse_run(json.loads(sys.argv[1])), Workdir.resolve({str(wd.root)!r}), "
+              f"fault=Fault(step=6, rank=0, marker={str(marker)!r})); print('not killed')")
+    child = subprocess.run([sys.executable, "-c", script, run.model_dump_json()], capture_output=True, text=True, timeout=300)
+    assert child.returncode == 1 and "not killed" not in child.stdout, child.stderr[-2000:]
+    assert marker.exists(), child.stderr[-3000:]
+    assert marker.read_text().startswith("worker 0 killed at step 6")
+    threads = torch.get_num_threads()
+    resumed = launch.train(run, wd)
+    assert torch.get_num_threads() == threads
+    assert json.loads(store.StoreDir.for_run(run, wd).done.read_text())["resumed_from"] == 4
+    assert_same_weights(resumed, ref)
+    c = tracking.client(tracking.resolve_uri(None, wd))
+    runs = c.search_runs([c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT).experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the killed process's run was continued
+    starts = [m.value for m in c.get_metric_history(runs[0].info.run_id, "train/group_start")]
+    assert starts == [0, 4]
+
+
+def test_two_workers_still_run_on_worker_actors_with_ddp(reference, tmp_path, monkeypatch):
+    """Negative control of the test above: two workers are Ray Train worker actors (DDP over
+    gloo), not this process."""
+    wd, run, ref = reference
+    assert run.pretrain.runtime.workers == 2
+    c = tracking.client(tracking.resolve_uri(None, wd))
+    tags = c.get_run(ref.mlflow_run_id).data.tags
+    assert tags["ray_train"] == "worker actors"
+    assert set(dict(kv.split("=") for kv in tags["worker_nodes"].split(","))) == {"rank0", "rank1"}
+    pids = _trainer_pids(monkeypatch)
+    short = tiny_run(pretrain={"seed": 3, "iterations": {"archive": 0, "homogeneous": 2}})
+    assert launch.train(short, Workdir.resolve(tmp_path / "two").ensure()) is not None
+    assert pids == []
+
+
 def test_second_ensure_does_not_train(reference, monkeypatch):
     wd, run, ref = reference
 

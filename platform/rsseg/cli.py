@@ -275,7 +275,8 @@ def _pretrained(run, wd, address: Optional[str], announce: str = "first (not in 
     if not run.needs_pretraining or store.find(run, wd) is not None:
         return ensure_pretrained(run, wd)
     kernels.pin(run.runtime.cpu_kernels)  # before the local cluster starts: its workers inherit the path
-    raycluster.init(address, warm=("mlflow", *run.plugin.imports))  # what the pre-training's driver imports next
+    if not raycluster.local_mode(run.pretrain.runtime.workers, address=address):  # local mode needs no cluster
+        raycluster.init(address, warm=("mlflow", *run.plugin.imports))  # what the pre-training's driver imports next
     typer.echo(f"pre-training {run.method} {run.pretrain_fingerprint} {announce}")
     found = ensure_pretrained(run, wd, progress=True, **train_kwargs)
     done()

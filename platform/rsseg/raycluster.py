@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from rsseg.errors import ConfigError
 
 
+# the GCS address of the local cluster this process started, if it did (`local_mode`)
+_local_gcs: str | None = None
+
 LOCAL_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
@@ -79,6 +82,8 @@ def init(address: str | None = None, num_cpus: int | None = None, warm: tuple[st
         if warmer is not None:
             warmer.join()
     if address == "local":
+        global _local_gcs
+        _local_gcs = ray.get_runtime_context().gcs_address
         _record_session()
 
 
@@ -230,40 +235,84 @@ class WorkerResources:
         return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
 
 
-def worker_resources(runtime, device: str, concurrent: int = 1) -> WorkerResources:
-    """Per-worker CPUs and GPUs of a pre-training, ``concurrent`` of which share the cluster.
+@dataclass(frozen=True)
+class Capacity:
+    """What the pre-training workers can be given: CPUs and GPUs in all, and on the largest node
+    (a worker's request must fit on one node). ``where`` names it in messages."""
+
+    cpus: float
+    gpus: float
+    node_cpus: float
+    node_gpus: float
+    where: str = "the Ray cluster"
+
+    @classmethod
+    def of_ray(cls) -> "Capacity":
+        return cls(total_cpus(), total_gpus(), largest_node("CPU"), largest_node("GPU"))
+
+    @classmethod
+    def of_this_machine(cls) -> "Capacity":
+        """This process's machine, for Ray Train's local mode (no cluster): the CPUs it may run on
+        (its affinity, as Ray counts them for a local cluster) and the GPUs torch sees."""
+        import torch
+
+        cpus, gpus = float(len(os.sched_getaffinity(0))), float(torch.cuda.device_count())
+        return cls(cpus, gpus, cpus, gpus, "this machine")
+
+
+def worker_resources(runtime, device: str, concurrent: int = 1, capacity: Capacity | None = None) -> WorkerResources:
+    """Per-worker CPUs and GPUs of a pre-training, ``concurrent`` of which share the cluster
+    (``capacity``: the Ray cluster's unless given).
 
     GPUs: ``pretrain.runtime.gpus_per_worker``, else 1 when the device policy says CUDA (``cuda``,
     or ``auto`` on a cluster with GPUs), else 0. CPUs: ``cpus_per_worker``, else the cluster's
     CPUs divided among all workers of the concurrent pre-trainings, but never more than one node
     has — a request no node can satisfy would wait forever."""
-    workers = runtime.workers
-    cluster_gpus, cluster_cpus, node_cpus = total_gpus(), total_cpus(), largest_node("CPU")
-    if device == "cuda" and cluster_gpus == 0:
-        raise ConfigError("runtime.device: cuda, but the Ray cluster has no GPU for the pre-training workers")
+    cap = capacity or Capacity.of_ray()
+    workers, where = runtime.workers, cap.where
+    if device == "cuda" and cap.gpus == 0:
+        raise ConfigError(f"runtime.device: cuda, but {where} has no GPU for the pre-training workers")
     gpus = runtime.gpus_per_worker
     if gpus is None:
-        gpus = 1.0 if (device == "cuda" or (device == "auto" and cluster_gpus > 0)) else 0.0
-    if gpus > largest_node("GPU"):
-        raise ConfigError(f"pretrain.runtime.gpus_per_worker: {gpus:g} GPU per worker, but no node of the Ray cluster has that many "
-                          f"(largest: {largest_node('GPU'):g})")
+        gpus = 1.0 if (device == "cuda" or (device == "auto" and cap.gpus > 0)) else 0.0
+    if gpus > cap.node_gpus:
+        has = "no node of the Ray cluster has that many (largest:" if where == "the Ray cluster" else f"{where} has ("
+        raise ConfigError(f"pretrain.runtime.gpus_per_worker: {gpus:g} GPU per worker, but {has} {cap.node_gpus:g})")
     if device == "cpu" and gpus > 0:
         raise ConfigError(f"runtime.device: cpu, but pretrain.runtime.gpus_per_worker is {gpus:g}")
-    if gpus > 0 and workers * gpus * concurrent > cluster_gpus:  # all workers of all concurrent pre-trainings at once
-        fit = int(cluster_gpus // gpus)
+    if gpus > 0 and workers * gpus * concurrent > cap.gpus:  # all workers of all concurrent pre-trainings at once
+        fit = int(cap.gpus // gpus)
         during = f" x {concurrent} concurrent pre-trainings" if concurrent > 1 else ""
         raise ConfigError(f"pretrain.runtime.workers: {workers} workers x {gpus:g} GPU{during} need {workers * gpus * concurrent:g} GPUs, "
-                          f"the Ray cluster has {cluster_gpus:g}; use --workers {max(1, fit // concurrent)} (or "
+                          f"{where} has {cap.gpus:g}; use --workers {max(1, fit // concurrent)} (or "
                           f"--set pretrain.runtime.workers={max(1, fit // concurrent)})")
     cpus = runtime.cpus_per_worker
     if cpus is None:
-        if cluster_cpus < workers * concurrent:
-            raise ConfigError(f"pretrain.runtime.workers: {workers} workers need {workers} CPUs, the Ray cluster has {cluster_cpus:g}")
-        cpus = max(1.0, min(node_cpus, float(int(cluster_cpus // (workers * concurrent)))))
-    elif cpus > node_cpus:
-        raise ConfigError(f"pretrain.runtime.cpus_per_worker: {cpus:g} CPUs per worker, but the largest node of the Ray cluster "
-                          f"has {node_cpus:g}")
+        if cap.cpus < workers * concurrent:
+            raise ConfigError(f"pretrain.runtime.workers: {workers} workers need {workers} CPUs, {where} has {cap.cpus:g}")
+        cpus = max(1.0, min(cap.node_cpus, float(int(cap.cpus // (workers * concurrent)))))
+    elif cpus > cap.node_cpus:
+        largest = "the largest node of the Ray cluster" if where == "the Ray cluster" else where
+        raise ConfigError(f"pretrain.runtime.cpus_per_worker: {cpus:g} CPUs per worker, but {largest} "
+                          f"has {cap.node_cpus:g}")
     return WorkerResources(cpus=float(cpus), gpus=float(gpus))
+
+
+def local_mode(workers: int, concurrent: int = 1, address: str | None = None) -> bool:
+    """Whether a pre-training runs in Ray Train's local mode (its training function in this
+    process, no worker actors, no cluster needed): one worker, no other pre-training beside it
+    (their threads would share this process), and no cluster to run on — no address (argument or
+    RAY_ADDRESS), or Ray already connected to the local cluster this process started."""
+    import sys
+
+    if workers != 1 or concurrent != 1:
+        return False
+    if (address or os.environ.get("RAY_ADDRESS") or "local") != "local":
+        return False
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return _local_gcs is not None and ray.get_runtime_context().gcs_address == _local_gcs
+    return True
 
 
 def concurrent_pretrainings(runtime, device: str, todo: int) -> int:

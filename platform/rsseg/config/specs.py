@@ -180,7 +180,8 @@ class PretrainRuntimeSpec(Strict):
     """How a pre-training runs on Ray Train (not what it learns): excluded from its fingerprint.
     The device comes from the run's `RuntimeSpec` (``runtime.device``)."""
 
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP); 1 with no cluster address runs in Ray Train's "
+                                                "local mode, in the command's own process (docs/sweeps.md)")
     cpus_per_worker: float | None = Field(
         None, gt=0, description="CPUs each Train worker reserves; default: the cluster's CPUs shared by the pre-trainings "
                                 "that run at once, at most one node's")
@@ -189,7 +190,8 @@ class PretrainRuntimeSpec(Strict):
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(50, ge=1)
-    max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint (worker actors; "
+                                                          "in local mode, re-running the command resumes)")
     controller_failure_limit: int = Field(3, ge=0, description="bound on retries when resources are lost")
     samples: int = Field(4, ge=0, description="denoised samples in the artifact grid")
     sample_steps: int = Field(50, ge=1, description="reverse steps for the sample grid (DDIM-free, strided DDPM)")

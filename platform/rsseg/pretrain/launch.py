@@ -93,7 +93,7 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
     cluster right now (the sweep driver runs several when they fit). ``switch_steps``: steps of
     the archive phase where other planned runs of the same trunk switch; their trunk points are
     left on the way (this run's own switch step always is)."""
-    from rsseg import clustercheck, kernels, raycluster, tracking
+    from rsseg import kernels, tracking
     from rsseg.pretrain.data import pretrain_datasets
     from rsseg.pretrain.identity import identity, lineage
 
@@ -111,12 +111,11 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
     store.write_spec(sdir, run, identity(run))
     _check_space(run, sdir, int(homogeneous_ds[0]["image"].shape[0]))
     uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, workdir)
-    raycluster.init()
-    res = raycluster.worker_resources(runtime, run.runtime.device, concurrent)  # before the MLflow run: a refusal leaves none
-    clustercheck.preflight(uri, workdir, clustercheck.run_paths([], [run]))  # every node reaches the server, storage, data
+    local, res = _placement(run, concurrent, uri, workdir)  # before the MLflow run: a refusal leaves none
     lin = lineage(run)
     mlrun = _open_run(run, workdir, uri, profile, (tags or {}) | ({"trunk_note": lin.why} if lin.why else {}))
     mlrun.set_tags({"device": "cuda" if res.use_gpu else "cpu", "workers": str(workers),
+                    "ray_train": "local mode (this process)" if local else "worker actors",
                     "resources_per_worker": ", ".join(f"{k} {v:g}" for k, v in res.as_dict().items())})
     plan = TrainPlan(
         fingerprint=fp, store_root=str(sdir.root), workdir=str(workdir.root),
@@ -124,6 +123,7 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
         in_channels=int(homogeneous_ds[0]["image"].shape[0]), counts=counts, tracking_uri=uri, mlflow_run_id=mlrun.run_id,
         threads=threads_per_worker or max(1, int(res.cpus)), stop_after=stop_after,
         resume_from=str(resume_from) if resume_from else None, fault=fault,
+        local_device=("cuda" if res.use_gpu else "cpu") if local else None,
         **_trunk_fields(run, lin, workdir, switch_steps),
     )
     trainer = _torch_trainer(plan, run, res, workdir)
@@ -145,6 +145,25 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
         return found
 
 
+def _placement(run, concurrent: int, uri: str, workdir: Workdir):
+    """(local mode?, each worker's resources). One worker, alone, with no cluster address runs in
+    Ray Train's local mode, in this process: no Ray session is needed (a sweep's local cluster, if
+    one is up, has this machine's capacity). Otherwise the cluster is connected and every node is
+    checked to reach the tracking server, the storage and the data."""
+    from rsseg import clustercheck, raycluster
+
+    runtime = run.pretrain.runtime
+    if raycluster.local_mode(runtime.workers, concurrent):
+        import ray
+
+        capacity = raycluster.Capacity.of_ray() if ray.is_initialized() else raycluster.Capacity.of_this_machine()
+        return True, raycluster.worker_resources(runtime, run.runtime.device, concurrent, capacity)
+    raycluster.init()
+    res = raycluster.worker_resources(runtime, run.runtime.device, concurrent)
+    clustercheck.preflight(uri, workdir, clustercheck.run_paths([], [run]))
+    return False, res
+
+
 def _trunk_fields(run, lin, workdir: Workdir, switch_steps: tuple[int, ...]) -> dict:
     """The TrainPlan's trunk: where its points live, and the switch steps to leave points at."""
     if lin.trunk is None:
@@ -163,6 +182,12 @@ def _torch_trainer(plan: TrainPlan, run, res, workdir: Workdir):
     from rsseg import storage
 
     runtime = run.pretrain.runtime
+    if plan.local_device is not None:
+        # Ray Train's local mode: the same worker_loop and ray.train API in this process, no worker
+        # group (so no FailureConfig retries: re-running resumes from the store's last checkpoint)
+        _quiet_local_mode()
+        return TorchTrainer(worker_loop, train_loop_config={"plan": asdict(plan)}, scaling_config=ScalingConfig(num_workers=0),
+                            run_config=RunConfig(name=f"pretrain-{run.method}-{plan.fingerprint}"))
     _no_retry_of_fatal_errors()
     storage_path, storage_fs = storage.ray_location(workdir)
     return TorchTrainer(
@@ -212,6 +237,15 @@ def _check_space(run, sdir, in_channels: int) -> None:
         return
     need = 16 * counts[0] * (run.pretrain.runtime.keep_checkpoints + 1) + 32 * MB
     require(sdir.root, need, f"pre-training {run.pretrain_fingerprint[:8]} ({run.pretrain.runtime.keep_checkpoints} checkpoints + final)")
+
+
+def _quiet_local_mode() -> None:
+    """Local mode logs a notice when it starts and every report at INFO on the terminal; the
+    progress line says the same once a second."""
+    import logging
+
+    for name in ("ray.train.v2.api.config", "ray.train.v2._internal.execution.train_fn_utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _no_retry_of_fatal_errors() -> None:

@@ -84,6 +84,9 @@ class TrainPlan:
     trunk: str | None = None
     trunk_root: str | None = None
     switch_steps: tuple[int, ...] = ()
+    # Ray Train's local mode (one worker in the driver's process): the device the driver's policy
+    # chose ("cuda" / "cpu"); None: a worker actor, whose device Ray's grant decides
+    local_device: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainPlan":
@@ -267,14 +270,25 @@ class Group(Protocol):
 
 
 class RayGroup:
-    """Ray Train's worker group: DDP set up by Ray, reports (and checkpoint pointers) to it."""
+    """Ray Train's worker group: DDP set up by Ray, reports (and checkpoint pointers) to it.
+    ``local``: Ray Train's local mode, one worker in the driver's process (no group to restart,
+    no DDP, no Ray node)."""
+
+    def __init__(self, local: bool = False):
+        self.local = local
 
     def prepare(self, net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        if self.local:
+            return net.to(device)
         import ray.train.torch
 
         return ray.train.torch.prepare_model(net)
 
     def node(self) -> str:
+        if self.local:
+            import socket
+
+            return socket.gethostname()
         import ray
 
         return ray.get_runtime_context().get_node_id()
@@ -283,10 +297,11 @@ class RayGroup:
         """Every rank reports; rank 0 attaches a pointer to the checkpoint it just wrote, so a
         worker failure restarts the group from there (Ray Train FailureConfig). The checkpoint
         itself is in the storage (pushed there by `store.save`, read by any node through its
-        mirror), so it is written once, with its manifest, not a second time into Ray's storage."""
+        mirror), so it is written once, with its manifest, not a second time into Ray's storage.
+        Local mode restarts nothing: the report carries no pointer."""
         import ray.train
 
-        if ckpt_path is None:
+        if ckpt_path is None or self.local:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
@@ -590,5 +605,13 @@ def worker_loop(config: dict[str, Any]) -> None:
     Workdir.at(plan.workdir, plan.storage).export()  # the store's files resolve against the driver's storage
     kernels.pin(plan.run["runtime"]["cpu_kernels"])  # inherited from the driver on a local cluster; set here on any other
     ctx = ray.train.get_context()
+    if plan.local_device is None:  # a worker actor: its process, its threads, the device Ray granted
+        torch.set_num_threads(plan.threads)
+        Trainer(plan, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), group=RayGroup()).fit()
+        return
+    before = torch.get_num_threads()  # local mode: the driver's process, which goes on after this
     torch.set_num_threads(plan.threads)
-    Trainer(plan, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), group=RayGroup()).fit()
+    try:
+        Trainer(plan, 0, 1, torch.device(plan.local_device), group=RayGroup(local=True)).fit()
+    finally:
+        torch.set_num_threads(before)

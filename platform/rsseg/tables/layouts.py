@@ -65,7 +65,8 @@ class Layout:
             return self.title
         import re
 
-        return re.sub(r"MiniFrance(-[SML])?|the GID validation set|GID-15", f"dataset {dataset}", self.title)
+        title = self.title.replace("MiniFrance-S / M / L", f"S / M / L of dataset {dataset}")  # Table 3's ratio names
+        return re.sub(r"MiniFrance(-[SML])?|the GID validation set|GID-15", f"dataset {dataset}", title)
 
 
 def method_label(name: str) -> str:
@@ -225,8 +226,8 @@ LAYOUTS: dict[str, Layout] = {
                             "(finetune.references) are trained and scored on exactly the runs' label subsets and test splits, "
                             "and the random-weights UNet is ours without its pre-training. If the texture row beats the method, "
                             "the pre-training did not pay off on this data.",
-                            "IN-init needs ImageNet ConvNeXt-B weights on local disk (RSSEG_CONVNEXT_WEIGHTS); the smoke "
-                            "profile leaves it out (there are none for its pico ConvNeXt).",
+                            "IN-init needs ImageNet ConvNeXt-B weights on local disk (RSSEG_CONVNEXT_WEIGHTS); the small "
+                            "and smoke profiles leave it out (there are none for its pico ConvNeXt).",
                             "Ft Params: ours are the trainable parameters of our runs (smoke: pico/tiny networks); "
                             "the paper's differ by architecture size, heads and neck (see docs/benchmarks.md)."]),
     "table4": Layout("table4", "Table 4. Per-class IoU (%) on MiniFrance: ours beside the published state of the art",
