@@ -605,6 +605,33 @@ def test_feature_selection_smoke_finishes_every_trial_and_fills_table1(noise_abl
     assert len([d for d in (wd.cache / "features").iterdir() if d.is_dir()]) == 10
 
 
+def test_sota_sweeps_smoke_finish_every_trial_and_fill_tables_4_and_5(noise_ablation, tmp_path):
+    """Tables 4 and 5's sweeps under smoke (shrunk), in the noise ablation's work directory: ours
+    (frozen DDPM + MLP) and SegFormer run here (a pico MiT, fully fine-tuned) at each label ratio;
+    every trial FINISHED and each row of ours in the tables has its run. Both read the noise
+    ablation's pre-training (the same recipe on the same synthetic data)."""
+    from rsseg.tables.build import build_all
+    from rsseg.tables.layouts import FT
+
+    wd, _, _ = noise_ablation
+    uri = tracking.resolve_uri(None, wd)
+    c = tracking.client(uri)
+    pre_exp = c.get_experiment_by_name(tracking.PRETRAIN_EXPERIMENT).experiment_id
+    pretrainings = len(c.search_runs([pre_exp]))
+    for name, trials in (("sota_minifrance", 4), ("sota_gid", 2)):
+        result = run_sweep(load_sweep(REPO / "sweeps" / f"{name}.yaml", "smoke", SHRINK), wd, progress=False)
+        kids = children(uri, name, result.parent_run_id)
+        assert len(kids) == trials and all(k.info.status == "FINISHED" for k in kids), [k.data.tags.get("error") for k in kids]
+        assert result.failed == 0 and {k.data.tags["method"] for k in kids} == {"ddpm", "segformer"}
+        assert len(c.search_runs([pre_exp])) == pretrainings
+    built = build_all(uri, tmp_path / "tables").built
+    for table, rows in (("table4", ("ddpm/0.02", "ddpm/1", "segformer/0.02", "segformer/1")), ("table5", ("ddpm", "segformer"))):
+        assert built[table].n_runs == len(rows), table
+        for row in rows:
+            assert built[table].cell(row, "mIoU").n == 1 and built[table].cell(row, FT).n == 1, (table, row)
+        assert built[table].cell("SETR" if table == "table4" else "SETR-M", "mIoU").n == 0  # published rows: not ours
+
+
 def _documented_own_data_commands() -> list[list[str]]:
     """The `platform ...` lines of docs/own-data.md's tested block, split as a shell would."""
     import shlex
