@@ -236,7 +236,8 @@ def pretrain_cmd(
     if found is not None:
         typer.echo(f"already pre-trained: fingerprint {run.pretrain_fingerprint}\n  checkpoint {found.path}\n  MLflow run {found.mlflow_run_id}")
         return
-    result = _pretrained(run, wd, address, announce=f"({run.pretrain.iterations.n_total} iterations, {run.pretrain.runtime.workers} workers)",
+    n = run.pretrain.runtime.workers
+    result = _pretrained(run, wd, address, announce=f"({run.pretrain.iterations.n_total} iterations, {n} worker{'s' if n != 1 else ''})",
                          resume_from=resume_from, tracking_uri=tracking_uri, profile=profile)
     typer.echo(f"finished: fingerprint {run.pretrain_fingerprint}\n  checkpoint {result.path}\n  MLflow run {result.mlflow_run_id}")
 
