@@ -179,7 +179,7 @@ def test_two_workers_still_run_on_worker_actors_with_ddp(reference, tmp_path, mo
     assert tags["ray_train"] == "worker actors"
     assert set(dict(kv.split("=") for kv in tags["worker_nodes"].split(","))) == {"rank0", "rank1"}
     pids = _trainer_pids(monkeypatch)
-    short = tiny_run(pretrain={"seed": 3, "iterations": {"archive": 0, "homogeneous": 2}})
+    short = tiny_run(pretrain={"seed": 3, "iterations": {"archive": 0, "homogeneous": 6}})
     assert launch.train(short, Workdir.resolve(tmp_path / "two").ensure()) is not None
     assert pids == []
 
