@@ -180,8 +180,12 @@ def test_two_workers_still_run_on_worker_actors_with_ddp(reference, tmp_path, mo
     assert set(dict(kv.split("=") for kv in tags["worker_nodes"].split(","))) == {"rank0", "rank1"}
     pids = _trainer_pids(monkeypatch)
     short = tiny_run(pretrain={"seed": 3, "iterations": {"archive": 0, "homogeneous": 6}})
-    assert launch.train(short, Workdir.resolve(tmp_path / "two").ensure()) is not None
-    assert pids == []
+    two = Workdir.resolve(tmp_path / "two").ensure()
+    trained = launch.train(short, two)
+    assert pids == []  # Trainer.fit ran in the worker actors' processes, never in this one
+    assert trained.fingerprint == short.pretrain_fingerprint and trained.load()["step"] == 6
+    short_tags = tracking.client(tracking.resolve_uri(None, two)).get_run(trained.mlflow_run_id).data.tags
+    assert short_tags["ray_train"] == "worker actors" and short_tags["workers"] == "2"
 
 
 def test_second_ensure_does_not_train(reference, monkeypatch):
