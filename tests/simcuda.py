@@ -17,8 +17,11 @@ CUDA device whose kernels are strict about where their operands live:
   ``torch.Generator`` passed to a draw on the device raises, as CUDA does.
 - ``.numpy()`` of a device tensor raises, as it does on CUDA. ``torch.save`` writes device
   tensors as CPU tensors (what loading with ``map_location="cpu"`` gives back).
-- ``torch.autocast("cuda", dtype=bfloat16)`` is CPU autocast (bf16 kernels on the host), so the
-  mixed-precision paths run with the dtypes they have on a GPU.
+- ``torch.autocast("cuda", dtype=bfloat16)`` is CPU autocast, so the mixed-precision paths run
+  with the dtypes they have on a GPU. The convolutions and matrix products of bf16 operands
+  compute in fp32 and round their outputs to bf16, as a GPU's tensor cores do (fp32
+  accumulation); the host's own bf16 kernels are ~100x slower without AVX-512 BF16 (3 GFLOP/s),
+  and the simulation checks dtypes and devices, not the kernels.
 - Host synchronisations are counted per call site (the first frame in the platform's or the
   baselines' code): ``.item()`` / ``float()`` / ``bool()`` / ``int()`` of a device tensor,
   ``.tolist()``, copies to the host, ops whose output size depends on the data
@@ -54,6 +57,9 @@ WATCHED = (str(REPO / "platform"), str(REPO / "baselines"), str(REPO / "bench"))
 SIZE_FROM_DATA = {"aten.nonzero.default", "aten.masked_select.default", "aten._unique2.default", "aten.unique_dim.default",
                   "aten.unique_consecutive.default", "aten.nonzero_static.default"}
 # ops that may take their indices (or a scalar operand) on the host
+# bf16 ops computed in fp32, outputs rounded to bf16 (see the module's docstring)
+FP32_ACCUMULATE = {"aten.convolution.default", "aten.convolution_backward.default", "aten.mm.default", "aten.addmm.default",
+                   "aten.bmm.default", "aten.baddbmm.default"}
 MIXED_OK = {"aten.copy_.default", "aten.index.Tensor", "aten.index_put_.default", "aten._index_put_impl_.default",
             "aten.index_put.default", "aten.lift_fresh.default", "aten._to_copy.default", "aten.set_.source_Tensor"}
 
@@ -157,6 +163,8 @@ class SimTensor(torch.Tensor):
         unwrapped_kwargs = tree_map(_unwrap, kwargs)
         if on_device and gen is None and torch.Tag.nondeterministic_seeded in func.tags:
             out = _on_device_rng(lambda: func(*unwrapped_args, **unwrapped_kwargs))
+        elif on_device and name in FP32_ACCUMULATE and _all_bf16(flat):
+            out = tree_map(_to_bf16, func(*tree_map(_to_fp32, unwrapped_args), **tree_map(_to_fp32, unwrapped_kwargs)))
         else:
             out = func(*unwrapped_args, **unwrapped_kwargs)
         if name == "aten.copy_.default" and not isinstance(args[0], SimTensor):
@@ -168,6 +176,20 @@ class SimTensor(torch.Tensor):
 
 def _unwrap(x):
     return x.elem if isinstance(x, SimTensor) else x
+
+
+def _all_bf16(flat) -> bool:
+    """Every floating operand is bf16 (a mix of dtypes keeps the real kernel, and its error)."""
+    floats = [x.dtype for x in flat if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    return bool(floats) and all(d == torch.bfloat16 for d in floats)
+
+
+def _to_fp32(x):
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 else x
+
+
+def _to_bf16(x):
+    return x.to(torch.bfloat16) if isinstance(x, torch.Tensor) and x.dtype == torch.float32 else x
 
 
 def _on_device_rng(draw):

@@ -110,6 +110,29 @@ def test_the_simulated_device_refuses_what_cuda_refuses():
             mean_over_ranks(torch.tensor(2.0), 2)
 
 
+def test_bf16_convolutions_and_products_accumulate_in_fp32_and_keep_their_dtypes():
+    """The simulation's bf16 convolutions and matrix products run in fp32 with bf16 outputs (a GPU's
+    fp32 accumulation; the host's bf16 kernels are too slow for the suite): the dtypes, gradients'
+    dtypes and errors are the real ones."""
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(2, 3, 16, 16)
+    expected = torch.nn.functional.conv2d(x.bfloat16().float(), conv.weight.bfloat16().float(),
+                                          conv.bias.bfloat16().float(), padding=1).bfloat16()
+    with simulated_cuda():
+        conv.to("cuda")
+        xd = x.to("cuda").requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = conv(xd)
+        assert y.dtype == torch.bfloat16 and y.device.type == "cuda"
+        assert torch.equal(host(y.detach()), expected)
+        y.float().sum().backward()
+        assert conv.weight.grad.dtype == torch.float32 and xd.grad.dtype == torch.float32  # autocast's casts, undone
+        a, b = torch.randn(4, 5, device="cuda").bfloat16(), torch.randn(5, 3, device="cuda")
+        assert (a @ b.bfloat16()).dtype == torch.bfloat16
+        with pytest.raises(RuntimeError, match="same dtype|dtype"):
+            a @ b  # a bf16 x fp32 product: refused, as by the real kernel
+
+
 # ---------------------------------------------------------------------------------------------- pre-training
 
 

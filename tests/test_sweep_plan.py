@@ -102,6 +102,20 @@ def test_noise_ablation_plan_shares_one_pretraining():
     assert len({t.key for t in plan.trials}) == 18
 
 
+@pytest.mark.parametrize("networks", [False, True])
+def test_a_running_sweeps_plan_counts_no_parameters_and_imports_no_diffusers(networks):
+    # The parameter counts are for `--dry-run`'s table; a running sweep's driver skips them and the
+    # seconds of diffusers imports they cost (issue 29: the 1-trial sweep's overhead).
+    import subprocess
+    import sys
+
+    code = (f"import sys; from rsseg.runspec import load_sweep; from rsseg.sweep.plan import make_plan\n"
+            f"plan = make_plan(load_sweep({str(REPO / 'sweeps' / 'noise_ablation.yaml')!r}, 'smoke'), networks={networks})\n"
+            "print(plan.trials[0].network, plan.trials[0].params is not None, 'diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO / "platform", check=True)
+    assert out.stdout.split() == (["tiny", "True", "True"] if networks else ["False", "False"])
+
+
 def write(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "s.yaml"
     p.write_text(text)

@@ -390,7 +390,7 @@ def sweep_cmd(
         from rsseg.workdir import Workdir
 
         bill = cost.load_rates(rates)
-        plan = planning.make_plan(loaded)
+        plan = planning.make_plan(loaded, networks=True)
         typer.echo(planning.describe(plan), nl=False)
         typer.echo(passes.describe(passes.count(plan, Workdir.resolve())))
         typer.echo(cost.describe(plan, Workdir.resolve(), bill), nl=False)

@@ -172,7 +172,10 @@ def _validated(base: dict[str, Any], sets: dict[str, Any], path, model) -> RunSp
         raise ConfigError(f"{path}: space.{axis}: the trial {where} is invalid: {str(inner).split(': ', 1)[1]}") from None
 
 
-def make_plan(loaded: LoadedSweep, workdir=None) -> SweepPlan:
+def make_plan(loaded: LoadedSweep, workdir=None, networks: bool = False) -> SweepPlan:
+    """The sweep's trials and pre-trainings, every check that needs nothing started. ``networks``
+    also counts each trial's parameters (on the meta device) for `describe`: `--dry-run` shows them;
+    a running sweep does not, and skips the seconds of diffusers imports they cost its driver."""
     from rsseg.device import check_sweep_resources
     from rsseg.methods import registry
     from rsseg.pretrain import store
@@ -191,7 +194,7 @@ def make_plan(loaded: LoadedSweep, workdir=None) -> SweepPlan:
     trials, skipped = [], []
     seen_fps: dict[str, PlannedPretraining] = {}
     preflighted: set[str] = set()
-    networks: dict[str, tuple] = {}
+    summaries: dict[str, tuple] = {}
     for combo in itertools.product(*(spec.space[k].cells(k) for k in grid_axes)) if grid_axes else [()]:
         values = {k: shown for k, (shown, _) in zip(grid_axes, combo)}
         sets = {dotted: v for _, setting in combo for dotted, v in setting.items()}
@@ -211,15 +214,15 @@ def make_plan(loaded: LoadedSweep, workdir=None) -> SweepPlan:
                 raise ConfigError(f"{path}: {key}: {message}")
         run_json = run.model_dump(mode="json", by_alias=True)
         net_key = fingerprint({k: run_json[k] for k in ("method", "data", "finetune", run.plugin.block or "method") if k in run_json})
-        if net_key not in networks:
-            networks[net_key] = network_summary(run)
+        if networks and net_key not in summaries:
+            summaries[net_key] = network_summary(run)
         fp = run.pretrain_fingerprint if run.needs_pretraining else None
         if fp is not None and fp not in seen_fps:
             it = run.pretrain.iterations.counts()
             seen_fps[fp] = PlannedPretraining(fp, run, store.find(run, workdir) is not None,
                                               f"{method}, {sum(it)} iterations ({it[0]} archive + {it[1]} homogeneous), "
                                               f"{run.pretrain.runtime.workers} worker(s)")
-        trials.append(PlannedTrial(values, run_json, trial_key(run), fp, *networks[net_key]))
+        trials.append(PlannedTrial(values, run_json, trial_key(run), fp, *summaries.get(net_key, ())))
     if not trials:
         raise ConfigError(f"{path}: every trial was skipped ({skipped[0][1] if skipped else 'empty grid'})")
     _check_searched_pretraining(search_axes, trials, path)
