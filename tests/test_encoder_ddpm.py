@@ -335,3 +335,15 @@ def test_features_read_ddpm_cds_way_first_map_per_level_full_resolution_included
     check_contract(enc, x, feats)
     assert [fi.stride for fi in enc.feature_info] == [16, 8, 4, 2, 1] and all(fi.group.endswith(".0") for fi in enc.feature_info)
     assert enc.cache_id is None  # fresh noise: computed every call
+
+
+@pytest.mark.parametrize("conditioning, last", [("timestep", 999), ("noise_level", 1000)])
+def test_the_timestep_bound_is_one_rule_at_its_boundary(conditioning, last):
+    """A feature timestep may name 0..T-1 (diffusers' step index) or 0..T (DDPM-CD's table, 1 at t = 0)."""
+    from rsseg.methods.ddpm.noise import ForwardProcess, max_feature_timestep, timesteps_outside
+    from rsseg.methods.ddpm.spec import NoiseScheduleSpec
+
+    assert max_feature_timestep(1000, conditioning) == last
+    assert ForwardProcess(NoiseScheduleSpec(), conditioning).max_timestep == last
+    assert timesteps_outside([0, last], 1000, conditioning) is None
+    assert timesteps_outside([0, last + 1], 1000, conditioning) == f"{last + 1} is outside the schedule's 0..{last}"

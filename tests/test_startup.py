@@ -108,3 +108,35 @@ def test_the_local_cluster_starts_without_dashboard_or_preemption_watcher_and_us
     assert not any("Head" in c and "dashboard/dashboard.py" not in c for c in cmdlines), cmdlines  # no module processes
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.2"  # conftest's own setting, not the 0.5 default
+
+
+SIGTERM_AFTER_INIT = """
+import os, signal, sys
+from rsseg import cli, raycluster
+signal.signal(signal.SIGTERM, cli._terminated)  # what `platform` installs in main()
+if sys.argv[1] == "ray":
+    raycluster.init(num_cpus=1)
+else:  # the negative control: a bare ray.init replaces it
+    import ray
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+except SystemExit as exc:
+    print("SystemExit", exc.code)
+"""
+
+
+@pytest.mark.parametrize("through", ["ray", "bare"])
+def test_sigterm_still_ends_a_command_like_ctrl_c_after_ray_starts(through, tmp_path):
+    """A scheduler's SIGTERM (SLURM, Kubernetes) must reach the CLI's handler, which ends a command
+    like Ctrl-C (the sweep marks its runs KILLED); ray.init installs its own (sys.exit), and
+    `raycluster.init` puts ours back."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_INIT, through], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={**os.environ, "RSSEG_WORKDIR": str(tmp_path / "w")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == ("KeyboardInterrupt" if through == "ray" else "SystemExit 15"), out.stdout

@@ -408,9 +408,12 @@ def test_tables_from_the_noise_ablation_sweep(noise_ablation, tmp_path):
     report = build_all(tracking.resolve_uri(None, wd), tmp_path / "tables")
     t2 = report.built["table2"]
     assert t2.n_runs == 6 and t2.group == {"profile": "smoke", "dataset": "synthetic"}
-    for key in ("0", "50", "100", "100,50", "200,100,50", "150,100,50"):
-        cell = t2.cell(key, "mIoU")
-        assert cell.n == 1 and 0 <= cell.mean <= 100
+    uri = tracking.resolve_uri(None, wd)
+    by_timesteps = {k.data.tags["timesteps"]: k.data.metrics["test/mIoU"] for k in children(uri, "noise_ablation")}
+    assert set(by_timesteps) == {"0", "50", "100", "100,50", "200,100,50", "150,100,50"}
+    for key, miou in by_timesteps.items():
+        cell = t2.cell(key, "mIoU")  # each cell is its one run's test mIoU, in percent
+        assert cell.n == 1 and abs(cell.mean - 100 * miou) < 1e-6, (key, cell.mean, miou)
     md = (tmp_path / "tables" / "table2.md").read_text()
     assert "| t = [150, 100, 50] (paper) | 58.1 |" in md and "**Synthetic data**" in md
     assert report.built["table3"].n_runs == 0 and (tmp_path / "tables" / "table3.md").exists()

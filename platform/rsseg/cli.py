@@ -347,10 +347,11 @@ def viz_cmd(
     if not ts or min(ts) < 0:
         raise ConfigError(f"--timesteps: {timesteps!r}: expected non-negative timesteps such as 0,50,100,150 (0 = the clean image)")
     run = load_run(spec, profile, set_ or []).spec
-    from rsseg.methods.ddpm import max_timestep
+    from rsseg.methods.ddpm import timesteps_outside
 
-    if max(ts, default=0) > max_timestep(run):
-        raise ConfigError(f"--timesteps: {max(ts)} is outside the schedule's 0..{max_timestep(run)}")
+    outside = timesteps_outside(run, ts)
+    if outside:
+        raise ConfigError(f"--timesteps: {outside}")
     wd = _workdir()
     pretrained = _pretrained(run, wd, address) if run.method == "ddpm" else None
     r = run_viz(run, wd, out, tiles=tiles, points=points, timesteps=ts, pretrained=pretrained)

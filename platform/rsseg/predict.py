@@ -359,12 +359,7 @@ def predict_scene(model, scene: Path, out_dir: Path, *, overlap: int | None = No
     meta = model.meta
     reader, notes = _open_checked(scene, meta, bands, value_range)
     valid_pixels = [0]
-    src = reader.src
-    profile = dict(driver="GTiff", width=src.width, height=src.height, count=1, dtype="uint8", nodata=NODATA,
-                   tiled=True, blockxsize=256, blockysize=256, compress="deflate")
-    if src.crs is not None:
-        profile["crs"] = src.crs
-    profile["transform"] = src.transform
+    profile = _map_profile(reader.src)
     out_dir.mkdir(parents=True, exist_ok=True)
     names, colors = meta["classes"]["names"], meta["classes"]["colors"]
     t0 = time.perf_counter()
@@ -394,11 +389,7 @@ def predict_scene(model, scene: Path, out_dir: Path, *, overlap: int | None = No
             dst.close()
             _to_cog(work, final_tmp)
             if pdst is not None:
-                for i, n in enumerate(names):
-                    pdst.set_band_description(i + 1, f"p({n})")
-                pdst.close()
-                with atomic_path(probs_path, suffix=".tif") as ptmp:
-                    _to_cog(pwork, ptmp)
+                _finish_probabilities(pdst, pwork, probs_path, names)
         finally:
             reader.close()
             for p in (work, pwork):
@@ -408,6 +399,26 @@ def predict_scene(model, scene: Path, out_dir: Path, *, overlap: int | None = No
     if valid_pixels[0] == 0:
         notes.append(f"{scene}: every pixel is nodata, so the class map is all nodata ({NODATA})")
     return PredictResult(scene, classes_path, probs_path if probabilities else None, windows, time.perf_counter() - t0, notes)
+
+
+def _finish_probabilities(pdst, work: Path, probs_path: Path, names: list[str]) -> None:
+    """The probabilities' strips (``pdst``, open on ``work``) -> their COG at ``probs_path``, atomically."""
+    from rsseg.atomic import atomic_path
+
+    for i, n in enumerate(names):
+        pdst.set_band_description(i + 1, f"p({n})")
+    pdst.close()
+    with atomic_path(probs_path, suffix=".tif") as ptmp:
+        _to_cog(work, ptmp)
+
+
+def _map_profile(src) -> dict:
+    """The class map's GeoTIFF profile: the scene's grid and georeference, one tiled uint8 band."""
+    profile = dict(driver="GTiff", width=src.width, height=src.height, count=1, dtype="uint8", nodata=NODATA,
+                   tiled=True, blockxsize=256, blockysize=256, compress="deflate", transform=src.transform)
+    if src.crs is not None:
+        profile["crs"] = src.crs
+    return profile
 
 
 def _open_checked(scene: Path, meta: dict, bands, value_range) -> tuple[SceneReader, list[str]]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 from rsseg.errors import ConfigError
@@ -72,6 +73,12 @@ def init(address: str | None = None, num_cpus: int | None = None, warm: tuple[st
         reap_leftovers()
     elif env:
         kwargs["runtime_env"] = {"env_vars": env}
+    import signal
+
+    # ray.init replaces the process's SIGTERM handler with sys.exit; ours (the CLI's: SIGTERM ends a
+    # command like Ctrl-C, its runs marked KILLED) is put back, or a scheduler's SIGTERM (SLURM,
+    # Kubernetes) would leave the trials' runs RUNNING
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as exc:  # ray:// or host:port where no cluster answers
@@ -79,6 +86,8 @@ def init(address: str | None = None, num_cpus: int | None = None, warm: tuple[st
         raise ConfigError(f"--address {address}: no Ray cluster answers there ({reason}); start one (`ray start --head`) "
                           "or fix --address / RAY_ADDRESS") from None
     finally:
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
         if warmer is not None:
             warmer.join()
     if address == "local":

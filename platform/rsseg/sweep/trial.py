@@ -131,20 +131,27 @@ def _report_finished(tune, c, tracker, run, metric: str) -> None:
                  "trainable_params": m.get("params/trainable", 0.0), "done": 1.0})
 
 
-def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
-    from ray import tune
-
-    from rsseg import runner
+def _trial_run(config: dict[str, Any], context: dict[str, Any], trial_id: str):
+    """(the trial's run spec: the planned cell's plus Optuna's samples, its axis values, its slot)."""
     from rsseg.runspec import parse_run
-    from rsseg.sweep.plan import overlay, trial_key
-    from rsseg.workdir import Workdir
+    from rsseg.sweep.plan import overlay
 
-    trial_id = tune.get_context().get_trial_id()
     cell = config["cell"]
     slot = cell.get("slot") or f"{cell['index']}:{trial_id}"  # grid cells carry theirs; Optuna's samples are new trials
     sampled = sampled_values(config, context["search_axes"])
     run = parse_run(overlay(cell["run"], sampled)) if sampled else parse_run(cell["run"])
-    values = {**cell["values"], **sampled}
+    return run, {**cell["values"], **sampled}, slot
+
+
+def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
+    from ray import tune
+
+    from rsseg import runner
+    from rsseg.sweep.plan import trial_key
+    from rsseg.workdir import Workdir
+
+    trial_id = tune.get_context().get_trial_id()
+    run, values, slot = _trial_run(config, context, trial_id)
     torch.set_num_threads(max(1, int(context["threads"])))
     workdir = Workdir.at(context["workdir"], context.get("storage"))
     workdir.export()

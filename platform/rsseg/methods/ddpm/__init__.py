@@ -77,10 +77,9 @@ def checks(run) -> list[tuple[str, str]]:
     if warmup > total:
         problems.append(("ddpm.optim.warmup_iterations",
                          f"warm-up of {warmup} iterations is longer than the whole pre-training ({total} iterations, pretrain.iterations)"))
-    f = run.ddpm.features
-    last = max_timestep(run)
-    if f.timesteps and max(f.timesteps) > last:
-        problems.append(("ddpm.features.timesteps", f"timestep {max(f.timesteps)} is outside the schedule's 0..{last}"))
+    outside = timesteps_outside(run)
+    if outside:
+        problems.append(("ddpm.features.timesteps", f"timestep {outside}"))
     return problems + network_checks(run)
 
 
@@ -109,14 +108,14 @@ def network_checks(run) -> list[tuple[str, str]]:
     return problems
 
 
-def max_timestep(run) -> int:
-    """The largest feature timestep: T - 1 for a timestep-conditioned UNet, T for an SR3 one
-    (DDPM-CD's t indexes sqrt_alphas_cumprod_prev, 0..T)."""
+def timesteps_outside(run, timesteps=None) -> str | None:
+    """The run's feature timesteps (or ``timesteps``) against its schedule and its UNet's conditioning
+    (`noise.timesteps_outside`): the reason they do not fit, or None."""
+    from rsseg.methods.ddpm import noise
     from rsseg.methods.ddpm.unet import conditioning_of
 
-    cfg = network(run)
-    T = run.ddpm.schedule.train_steps
-    return T - 1 if conditioning_of(cfg) == "timestep" else T
+    ts = run.ddpm.features.timesteps if timesteps is None else timesteps
+    return noise.timesteps_outside(ts, run.ddpm.schedule.train_steps, conditioning_of(network(run)))
 
 
 def preflight(run) -> list[tuple[str, str]]:

@@ -27,7 +27,7 @@ import torch
 
 from rsseg.encoders import FeatureInfo, freeze
 from rsseg.errors import ConfigError
-from rsseg.methods.ddpm.noise import ForwardProcess
+from rsseg.methods.ddpm.noise import ForwardProcess, timesteps_outside
 from rsseg.methods.ddpm.spec import DdpmFeaturesSpec, NoiseScheduleSpec
 from rsseg.provenance import fingerprint
 
@@ -93,9 +93,9 @@ class DdpmEncoder(torch.nn.Module):
         self.unet = unet
         self.spec = features
         self.process = ForwardProcess(schedule, conditioning)
-        bad = [t for t in features.timesteps if t > self.process.max_timestep]
-        if bad:
-            raise ConfigError(f"ddpm.features.timesteps: {bad[0]} is outside the schedule's 0..{self.process.max_timestep}")
+        outside = timesteps_outside(features.timesteps, schedule.train_steps, conditioning)
+        if outside:
+            raise ConfigError(f"ddpm.features.timesteps: {outside}")
         self.timesteps = list(features.timesteps)
         self.maps = select_maps(unet, features)
         self.feature_info = [

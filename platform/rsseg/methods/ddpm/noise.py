@@ -25,6 +25,19 @@ from rsseg.methods.ddpm.spec import NoiseScheduleSpec
 CONDITIONINGS = ("timestep", "noise_level")
 
 
+def max_feature_timestep(train_steps: int, conditioning: str) -> int:
+    """The largest t a feature timestep may name: T - 1 for a timestep-conditioned UNet, T for an
+    SR3 one (DDPM-CD's t indexes sqrt_alphas_cumprod_prev, 0..T). The one place of this rule."""
+    return train_steps - 1 if conditioning == "timestep" else train_steps
+
+
+def timesteps_outside(timesteps, train_steps: int, conditioning: str) -> str | None:
+    """Why these feature timesteps do not fit the schedule ("<t> is outside the schedule's 0..<last>"), or None."""
+    last = max_feature_timestep(train_steps, conditioning)
+    bad = [t for t in timesteps if t > last]
+    return f"{bad[0]} is outside the schedule's 0..{last}" if bad else None
+
+
 def build_scheduler(spec: NoiseScheduleSpec):
     from diffusers import DDPMScheduler
 
@@ -67,7 +80,7 @@ class ForwardProcess:
     @property
     def max_timestep(self) -> int:
         """The largest t a feature timestep may name."""
-        return self.spec.train_steps - 1 if self.conditioning == "timestep" else self.spec.train_steps
+        return max_feature_timestep(self.spec.train_steps, self.conditioning)
 
     def signal(self, t: int) -> float:
         """sqrt(abar_t): how much of x_0 survives at timestep t (1.0 at t = 0)."""
