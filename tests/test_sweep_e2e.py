@@ -680,10 +680,13 @@ def test_own_data_as_documented(tmp_path, monkeypatch, ray_cluster):
     assert len(kids) == 1 and kids[0].info.status == "FINISHED" and kids[0].info.run_name == "timesteps=[100] seed=0"
 
 
-def test_ctrl_c_ends_the_sweep_killed_and_prints_the_resume_command_that_finishes_it(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_ends_the_sweep_killed_and_prints_the_resume_command_that_finishes_it(tmp_path, sig):
     """Ctrl-C (SIGINT to the driver) mid-sweep: Tune's own handler used to end the fit normally, so
     the parent run was marked FINISHED and Ray's `Tuner.restore(...)` hint was printed. Now the
-    parent and its running trials are KILLED, exit 130, and the printed command finishes the sweep."""
+    parent and its running trials are KILLED, exit 130, and the printed command finishes the sweep.
+    A scheduler's SIGTERM (SLURM, Kubernetes) ends it the same way (ray.init had replaced the CLI's
+    handler with sys.exit, and the trials' runs stayed RUNNING)."""
     import shlex
 
     import ray
@@ -701,7 +704,7 @@ def test_ctrl_c_ends_the_sweep_killed_and_prints_the_resume_command_that_finishe
         for text in proc.stdout:
             if "1 running" in text:
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -713,6 +716,8 @@ def test_ctrl_c_ends_the_sweep_killed_and_prints_the_resume_command_that_finishe
     uri = tracking.resolve_uri(None, Workdir.resolve(wd))
     assert [p.info.status for p in parents(uri, "ctrlc")] == ["KILLED"]
     assert "RUNNING" not in {k.info.status for k in children(uri, "ctrlc")}
+    if sig == signal.SIGTERM:
+        return  # the resume below is the same whichever signal ended the sweep
     again = shlex.split(hint[0].split("continue it with: ", 1)[1])
     out = subprocess.run([exe] + again[1:], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
