@@ -153,3 +153,15 @@ def test_a_sweep_names_one_of_the_tables_the_platform_builds(tmp_path):
     with pytest.raises(ConfigError, match=r"s.yaml: table: unknown table 'table9': expected one of table1, .*fig10 \(or no table\); "
                                           r"did you mean 'table5'\?"):
         load_sweep(f, "smoke")
+
+
+@pytest.mark.parametrize("data, bands", [
+    ({}, 3), ({"dataset": "minifrance"}, 3), ({"dataset": "gid"}, 3), ({"dataset": "gid", "gid": {"image": "nirrgb"}}, 4),
+    ({"dataset": "folder"}, None), ({"dataset": "gid", "gid": {"image": "nirrgb"}, "bands": [2, 3, 4]}, 3),
+])
+def test_the_declared_input_bands_are_one_rule(data, bands):
+    """What the planner counts parameters with and the pre-training fingerprint records: None where
+    only the rasters say (a folder dataset)."""
+    from rsseg.config.specs import DataSpec
+
+    assert DataSpec(**data).declared_bands == bands

@@ -65,6 +65,16 @@ class DataSpec(Strict):
     synthetic: SyntheticSpec = SyntheticSpec()
     gid: GidSpec = GidSpec()
 
+    @property
+    def declared_bands(self) -> int | None:
+        """The input bands, known without reading a raster: ``bands`` if set, NIR-RGB GID 4, RGB GID,
+        MiniFrance and synthetic 3; None for a folder dataset (its rasters say). The one place of this rule."""
+        if self.bands:
+            return len(self.bands)
+        if self.dataset == "gid":
+            return 4 if self.gid.image == "nirrgb" else 3
+        return {"synthetic": 3, "minifrance": 3}.get(self.dataset)
+
     @field_validator("split")
     @classmethod
     def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:

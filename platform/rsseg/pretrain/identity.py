@@ -26,9 +26,6 @@ from rsseg.provenance import fingerprint as hash_of
 
 STORE_VERSION = 2
 
-# band counts known without reading a raster (a folder dataset's must be read: no sharing across those)
-_DECLARED_BANDS = {"synthetic": 3, "minifrance": 3}
-
 
 @dataclass(frozen=True)
 class Lineage:
@@ -38,14 +35,6 @@ class Lineage:
     switch: int  # the last archive step (= the archive iterations)
     homogeneous: int  # iterations after the switch
     why: str | None = None
-
-
-def _declared_bands(data) -> int | None:
-    if data.bands:
-        return len(data.bands)
-    if data.dataset == "gid":
-        return 4 if data.gid.image == "nirrgb" else 3
-    return _DECLARED_BANDS.get(data.dataset)
 
 
 def _objective(run) -> dict[str, Any]:
@@ -78,7 +67,7 @@ def trunk_identity(run) -> dict[str, Any]:
         "batch_size": p.batch_size, "seed": p.seed, "ema": p.ema.model_dump(mode="json"),
         "archive": p.archive.model_dump(mode="json"),
         "tiling": {"tile_size": d.tile_size, "stride": d.stride, "min_valid_fraction": d.min_valid_fraction, "bands": d.bands},
-        "in_bands": _declared_bands(d), **_init(run),
+        "in_bands": d.declared_bands, **_init(run),
     }
     if archive_source(run) == "synthetic":  # the archive scenes' generator inputs (not the labelled scenes')
         from rsseg.config.specs import SyntheticSpec

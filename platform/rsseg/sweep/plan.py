@@ -118,11 +118,9 @@ def trial_key(run: RunSpecBase) -> str:
 
 
 def plan_bands(data) -> int:
-    """The input bands a network of this dataset gets, known without reading a raster:
-    ``data.bands`` if set, NIR-RGB GID 4, else 3."""
-    if data.bands:
-        return len(data.bands)
-    return 4 if data.dataset == "gid" and data.gid.image == "nirrgb" else 3
+    """The input bands a planned network is counted with: the declared ones (`DataSpec.declared_bands`),
+    3 for a folder dataset whose rasters are not read at planning."""
+    return data.declared_bands or 3
 
 
 def _classes(data) -> int | None:
