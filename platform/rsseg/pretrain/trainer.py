@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from rsseg.device import autocast
+from rsseg.device import autocast, describe
 from rsseg.errors import CheckpointError
 from rsseg.pretrain import schedule, store
 from rsseg.provenance import stamp
@@ -460,7 +460,7 @@ class Trainer:
             dist.all_gather_object(nodes, node)
         if self.tracker is not None:
             self.tracker.set_tags({"worker_nodes": ",".join(f"rank{r}={n}" for r, n in enumerate(nodes)),
-                                   "device": str(self.device)})
+                                   "device": describe(self.device)})  # as fine-tuning runs spell it
             redone = max(0, self.metrics.logged_up_to - self.start) if self.start or self.metrics.logged_up_to > 0 else 0
             self.tracker.log_metrics({"train/group_start": self.start, "train/steps_redone": redone}, step=self.start)
 
