@@ -165,3 +165,12 @@ def test_the_declared_input_bands_are_one_rule(data, bands):
     from rsseg.config.specs import DataSpec
 
     assert DataSpec(**data).declared_bands == bands
+
+
+@pytest.mark.parametrize("frozen, head", [(True, "mlp"), (False, "upernet")])
+def test_the_auto_head_is_resolved_in_one_place(frozen, head):
+    """``finetune.head: auto`` is the method's default for frozen features / fine-tuning (MAE: MLP
+    on frozen features, UPerNet when fine-tuned); a named head is kept."""
+    assert RunSpec(method="mae", finetune={"head": "auto", "frozen": frozen}).head_name == head
+    assert RunSpec(method="mae", finetune={"head": "segformer", "frozen": frozen}).head_name == "segformer"
+    assert RunSpec(finetune={"head": "auto", "frozen": frozen}).head_name == "mlp"  # DDPM's, either way

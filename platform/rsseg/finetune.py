@@ -155,7 +155,7 @@ def prepare(run, workdir: Workdir, pretrained=None) -> Prepared:
     if ft.frozen:
         encoder.freeze()
     torch.manual_seed(run.seed)
-    head_name = ft.head if ft.head != "auto" else method.default_head(ft.frozen)
+    head_name = run.head_name
     neck = method.build_neck(run, encoder.feature_info)
     head = build_head(head_name, neck.feature_info if neck is not None else encoder.feature_info, index.table.num_classes, ft)
     if neck is not None:

@@ -73,8 +73,7 @@ def _networks(run, bands: int, classes: int):
     with torch.device("meta"):
         encoder = load_object(method.skeleton)(run, bands)
         neck = method.build_neck(run, encoder.feature_info)
-        name = run.finetune.head if run.finetune.head != "auto" else method.default_head(run.finetune.frozen)
-        head = build_head(name, (neck or encoder).feature_info, classes, run.finetune)
+        head = build_head(run.head_name, (neck or encoder).feature_info, classes, run.finetune)
         if neck is not None:
             head = NeckHead(neck, head)
     return encoder, head

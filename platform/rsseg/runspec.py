@@ -56,6 +56,13 @@ class _Checked(RunSpecBase):
     def needs_pretraining(self) -> bool:
         return self.plugin.needs_pretraining(self)
 
+    @property
+    def head_name(self) -> str:
+        """The head this run fine-tunes: ``finetune.head``, or for ``auto`` its method's default
+        (one for frozen features, one for fine-tuning). The one place ``auto`` is resolved."""
+        ft = self.finetune
+        return ft.head if ft.head != "auto" else self.plugin.default_head(ft.frozen)
+
     @functools.cached_property
     def pretrain_fingerprint(self) -> str:
         """The identity of this run's pre-training (computed once per spec)."""
@@ -74,9 +81,8 @@ class _Checked(RunSpecBase):
             if data["dataset"] != sub:
                 data.pop(sub, None)
         ft = out["finetune"] = dict(out["finetune"])
-        head = ft["head"] if ft["head"] != "auto" else self.plugin.default_head(self.finetune.frozen)
         for name in ("mlp", "upernet", "segformer"):
-            if name != head:
+            if name != self.head_name:
                 ft.pop(name, None)
         if self.needs_pretraining:  # what the weights are; how the pre-training ran is on its own run
             out["pretrain"] = {k: v for k, v in full["pretrain"].items() if k != "runtime"}

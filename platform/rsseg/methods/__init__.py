@@ -112,8 +112,7 @@ class Method:
         with torch.device("meta"):
             encoder = load_object(self.skeleton)(run, in_channels)
             neck = self.build_neck(run, encoder.feature_info)
-            head_name = run.finetune.head if run.finetune.head != "auto" else self.default_head(run.finetune.frozen)
-            head = build_head(head_name, (neck or encoder).feature_info, num_classes, run.finetune)
+            head = build_head(run.head_name, (neck or encoder).feature_info, num_classes, run.finetune)
         return count_parameters(encoder), count_parameters(head) + (count_parameters(neck) if neck is not None else 0)
 
     def default_head(self, frozen: bool) -> str:
