@@ -46,19 +46,11 @@ def disk_full_path(exc: BaseException) -> str | None:
     worker errors, or their text when only that crossed the process boundary), else None."""
     import re
 
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _chain(exc):
         if isinstance(e, DiskFullError):
             return str(e).removeprefix("no space left on ").split(" ")[0]
         if isinstance(e, OSError) and e.errno in _NO_SPACE:
             return str(e.filename or "?")
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        todo += list((getattr(e, "worker_failures", None) or {}).values())
         m = re.search(r"\[Errno (28|122)\] [^:'\n]*(?::\s*'([^']*)')?", str(e))
         if m:
             return m.group(2) or "?"
@@ -80,14 +72,19 @@ def _unretryable(e: BaseException) -> bool:
 
 def is_fatal(exc: BaseException) -> bool:
     """An error no retry can fix: bad input (an RssegError), a full disk, or one of `UNRETRYABLE`."""
-    seen, todo = set(), [exc]
+    return any(isinstance(e, RssegError) or _unretryable(e) for e in _chain(exc)) or disk_full_path(exc) is not None
+
+
+def _chain(exc: BaseException):
+    """``exc`` and every exception behind it, each once: causes, contexts, Ray's wrapped ``cause``
+    and a Train worker group's ``worker_failures``."""
+    seen: set[int] = set()
+    todo = [exc]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, RssegError) or _unretryable(e):
-            return True
+        yield e
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         todo += list((getattr(e, "worker_failures", None) or {}).values())
-    return disk_full_path(exc) is not None
