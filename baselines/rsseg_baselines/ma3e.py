@@ -32,6 +32,7 @@ from pydantic import Field
 from torch import nn
 
 from rsseg.errors import ConfigError
+from rsseg.pretrain.objective import bare
 from rsseg_baselines.vit import SIZES, MaeObjective, MaeSpec, init_mae, mae_config, patchify
 
 
@@ -251,7 +252,7 @@ class Ma3eObjective(MaeObjective):
         net.eval()
         x = images[:4]
         composite, _, pred, mask = self._forward(net, x, generator)
-        mae = net.mae if hasattr(net, "mae") else net.module.mae
+        mae = bare(net).mae
         p = self.config.patch_size
         m = mask.unsqueeze(-1)
         shown = patchify(composite.float(), p)

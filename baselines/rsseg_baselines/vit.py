@@ -28,6 +28,7 @@ from torch import nn
 from rsseg.config.specs import OptimSpec, Strict
 from rsseg.encoders import FeatureInfo, freeze
 from rsseg.errors import ConfigError
+from rsseg.pretrain.objective import bare
 
 SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16,
@@ -191,7 +192,7 @@ class MaeObjective:
         if self.config.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
             pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
         m = out.mask.unsqueeze(-1)
-        fold = net.unpatchify if hasattr(net, "unpatchify") else net.module.unpatchify
+        fold = bare(net).unpatchify
         masked = fold(target * (1 - m))
         recon = fold(pred * m + target * (1 - m))
         net.train()
@@ -233,7 +234,7 @@ class ScaleMaeObjective(MaeObjective):
         high_pred, low_pred, mask = net(x, self.noise(x, generator))
         p = self.config.patch_size
         low, high = two_bands(x.float())
-        mae = net.mae if hasattr(net, "mae") else net.module.mae
+        mae = bare(net).mae
         m = mask.unsqueeze(-1)
         high_rec = mae.unpatchify(high_pred.float() * m + patchify(high, p) * (1 - m))
         net.train()

@@ -23,6 +23,12 @@ import torch
 from rsseg.config.specs import OptimSpec
 
 
+def bare(net: torch.nn.Module) -> torch.nn.Module:
+    """The network inside the trainer's DDP wrapper (several workers), or ``net`` itself: what an
+    objective reaches for the network's own methods (``unpatchify``, sub-modules)."""
+    return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+
+
 class Objective(Protocol):
     network: torch.nn.Module
     optim: OptimSpec
