@@ -18,6 +18,7 @@ from rsseg.config.specs import Strict
 from rsseg.data.registry import input_bands
 from rsseg.errors import ConfigError
 from rsseg.provenance import fingerprint
+from rsseg.tensorfile import read_tensors
 from rsseg_baselines.stages import StageEncoder
 
 SIZES = {
@@ -74,12 +75,7 @@ def _unwrap(state: Any, f: Path) -> dict[str, Any]:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     f = _weights_file(Path(path).expanduser())
     try:
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(f))
-        else:
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        state = read_tensors(f, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file reads the same to the user
         raise _unreadable(f, exc) from None
     return _unwrap(state, f)

@@ -369,13 +369,10 @@ def import_diffusers(path: Path) -> dict[str, Any]:
     weights = next((path / n for n in DIFFUSERS_WEIGHTS if (path / n).exists()), None)
     if weights is None:
         raise CheckpointError(f"{path}: no {' or '.join(DIFFUSERS_WEIGHTS)}")
-    try:
-        if weights.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from rsseg.tensorfile import read_tensors
 
-            state = load_file(str(weights))
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        state = read_tensors(weights)
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{weights}: not readable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     from rsseg.methods.ddpm.unet import build_unet
