@@ -129,41 +129,38 @@ def test_an_imagenet_weights_file_of_another_network_fails_at_plan_time_naming_i
         make_plan(load_sweep(REPO / "sweeps" / "label_ratio.yaml", "paper"))
 
 
-def test_train_worker_requests_always_fit_on_one_node(monkeypatch):
+def test_train_worker_requests_always_fit_on_one_node():
     from rsseg import raycluster
     from rsseg.config.specs import PretrainRuntimeSpec
 
-    monkeypatch.setattr(raycluster, "total_cpus", lambda: 2.0)
-    monkeypatch.setattr(raycluster, "total_gpus", lambda: 0.0)
-    monkeypatch.setattr(raycluster, "largest_node", lambda r="CPU": 1.0 if r == "CPU" else 0.0)  # two 1-CPU nodes
-    one = raycluster.worker_resources(PretrainRuntimeSpec(workers=1), "auto")
+    nodes = raycluster.Capacity(cpus=2.0, gpus=0.0, node_cpus=1.0, node_gpus=0.0)  # two 1-CPU nodes
+    one = raycluster.worker_resources(PretrainRuntimeSpec(workers=1), "auto", capacity=nodes)
     assert (one.cpus, one.gpus) == (1.0, 0.0)  # not both CPUs: no node has two
-    two = raycluster.worker_resources(PretrainRuntimeSpec(workers=2), "auto")
-    assert two.cpus == 1.0 and raycluster.concurrent_pretrainings(PretrainRuntimeSpec(workers=1), "auto", 3) == 2
+    two = raycluster.worker_resources(PretrainRuntimeSpec(workers=2), "auto", capacity=nodes)
+    assert two.cpus == 1.0 and raycluster.concurrent_pretrainings(PretrainRuntimeSpec(workers=1), "auto", 3, nodes) == 2
     with pytest.raises(ConfigError, match=r"pretrain.runtime.cpus_per_worker: 2 CPUs per worker, but the largest node of the Ray cluster has 1"):
-        raycluster.worker_resources(PretrainRuntimeSpec(workers=1, cpus_per_worker=2), "auto")
+        raycluster.worker_resources(PretrainRuntimeSpec(workers=1, cpus_per_worker=2), "auto", capacity=nodes)
     with pytest.raises(ConfigError, match=r"runtime.device: cuda, but the Ray cluster has no GPU"):
-        raycluster.worker_resources(PretrainRuntimeSpec(), "cuda")
+        raycluster.worker_resources(PretrainRuntimeSpec(), "cuda", capacity=nodes)
 
 
-def test_gpu_capacity_is_checked_for_all_workers_of_all_concurrent_pretrainings(monkeypatch):
+def test_gpu_capacity_is_checked_for_all_workers_of_all_concurrent_pretrainings():
     """workers x GPUs per worker (x concurrent pre-trainings) against the cluster's GPUs, before
     anything waits for GPUs that will never come."""
     from rsseg import raycluster
     from rsseg.config.specs import PretrainRuntimeSpec
 
-    monkeypatch.setattr(raycluster, "total_cpus", lambda: 16.0)
-    monkeypatch.setattr(raycluster, "total_gpus", lambda: 1.0)
-    monkeypatch.setattr(raycluster, "largest_node", lambda r="CPU": 16.0 if r == "CPU" else 1.0)  # one 1-GPU machine
-    one = raycluster.worker_resources(PretrainRuntimeSpec(workers=1), "cuda")
+    machine = raycluster.Capacity(cpus=16.0, gpus=1.0, node_cpus=16.0, node_gpus=1.0)  # one 1-GPU machine
+    one = raycluster.worker_resources(PretrainRuntimeSpec(workers=1), "cuda", capacity=machine)
     assert (one.gpus, one.cpus) == (1.0, 16.0)
     with pytest.raises(ConfigError, match=r"^pretrain.runtime.workers: 2 workers x 1 GPU need 2 GPUs, the Ray cluster has 1; "
                                           r"use --workers 1 \(or --set pretrain.runtime.workers=1\)$"):
-        raycluster.worker_resources(PretrainRuntimeSpec(workers=2), "cuda")
+        raycluster.worker_resources(PretrainRuntimeSpec(workers=2), "cuda", capacity=machine)
     with pytest.raises(ConfigError, match=r"1 workers x 1 GPU x 2 concurrent pre-trainings need 2 GPUs, the Ray cluster has 1"):
-        raycluster.worker_resources(PretrainRuntimeSpec(workers=1), "cuda", concurrent=2)
-    assert raycluster.concurrent_pretrainings(PretrainRuntimeSpec(workers=1), "cuda", 3) == 1  # the sweep runs them one by one
-    half = raycluster.worker_resources(PretrainRuntimeSpec(workers=2, gpus_per_worker=0.5), "cuda")  # two workers share it
+        raycluster.worker_resources(PretrainRuntimeSpec(workers=1), "cuda", concurrent=2, capacity=machine)
+    # the sweep runs them one by one
+    assert raycluster.concurrent_pretrainings(PretrainRuntimeSpec(workers=1), "cuda", 3, machine) == 1
+    half = raycluster.worker_resources(PretrainRuntimeSpec(workers=2, gpus_per_worker=0.5), "cuda", capacity=machine)  # two share it
     assert half.gpus == 0.5
 
 

@@ -324,10 +324,12 @@ def local_mode(workers: int, concurrent: int = 1, address: str | None = None) ->
     return True
 
 
-def concurrent_pretrainings(runtime, device: str, todo: int) -> int:
-    """How many pre-trainings of this shape fit on the cluster at once (at least 1)."""
-    per = worker_resources(runtime, device, 1)
-    fit = int(total_cpus() // (runtime.workers * (runtime.cpus_per_worker or 1.0)))
+def concurrent_pretrainings(runtime, device: str, todo: int, capacity: Capacity | None = None) -> int:
+    """How many pre-trainings of this shape fit at once on ``capacity`` (the Ray cluster's unless
+    given; at least 1)."""
+    capacity = capacity or Capacity.of_ray()
+    per = worker_resources(runtime, device, 1, capacity)
+    fit = int(capacity.cpus // (runtime.workers * (runtime.cpus_per_worker or 1.0)))
     if per.gpus:
-        fit = min(fit, int(total_gpus() // (runtime.workers * per.gpus)))
+        fit = min(fit, int(capacity.gpus // (runtime.workers * per.gpus)))
     return max(1, min(todo, fit))
