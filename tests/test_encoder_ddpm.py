@@ -191,10 +191,11 @@ def test_a_tile_computes_only_the_timesteps_it_lacks(tmp_path, monkeypatch):
         torch.testing.assert_close(a, d, rtol=2e-3, atol=2e-3)
 
 
-def test_a_key_claimed_by_another_process_is_waited_for_not_recomputed(tmp_path):
+def test_a_key_claimed_by_another_process_is_waited_for_not_recomputed(tmp_path, monkeypatch):
     import json
-    import threading
     import time
+
+    import rsseg.cache
 
     enc = encoder(timesteps=[50])
     cache = FeatureCache.open(tmp_path / "c", budget_gb=1)
@@ -205,15 +206,24 @@ def test_a_key_claimed_by_another_process_is_waited_for_not_recomputed(tmp_path)
     with torch.no_grad():
         maps = enc(x, ["s:0:0"], [0], parts=["t50"])
 
-    def other_process_finishes():
-        time.sleep(0.3)
-        cache.put(cache_key(enc, "fp32"), "t50", "s:0:0", 0, [m[0] for m in maps])
-        claim.unlink()
+    class OtherProcessFinishesWhileWeWait:  # at the waiter's first poll: provably waiting, no race
+        polls = 0
 
-    threading.Thread(target=other_process_finishes).start()
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def sleep(self, seconds):
+            self.polls += 1
+            if self.polls == 1:
+                cache.put(cache_key(enc, "fp32"), "t50", "s:0:0", 0, [m[0] for m in maps])
+                claim.unlink()
+
+    clock = OtherProcessFinishesWhileWeWait()
+    monkeypatch.setattr(rsseg.cache, "time", clock)
     waiter = CachedEncoder(enc, FeatureCache.open(tmp_path / "c", budget_gb=1))
     out = waiter(x, ["s:0:0"], [0])
-    assert waiter.cache.stats.computed == 0 and waiter.cache.stats.waited == 1
+    assert clock.polls == 1 and waiter.cache.stats.computed == 0 and waiter.cache.stats.waited == 1
+    monkeypatch.undo()
     assert torch.equal(out[0], maps[0][:1].to(torch.float16).float())
     # a claim whose process is gone (this host) is taken over
     claim.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": 2**22 + 12345}))

@@ -168,7 +168,13 @@ def test_mlflow_ui_shows_the_runs_of_a_copied_workdir(noise_ablation, tmp_path):
         # SIGTERM to `platform ui` alone stops the server it started (mlflow, uvicorn, huey)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-        time.sleep(1)
+        deadline = time.time() + 30  # the server's sockets close as its processes end
+        while time.time() < deadline:
+            try:
+                _get(base + "/health")
+            except OSError:
+                break
+            time.sleep(0.2)
         with pytest.raises(OSError):
             _get(base + "/health")
     finally:
