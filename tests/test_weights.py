@@ -239,3 +239,23 @@ def test_pretraining_continues_from_the_128_wide_release_on_the_runs_schedule(tm
     assert set(final["model"]) == set(imported["model"])
     drift = max((final["model"][k] - v).abs().max().item() for k, v in imported["model"].items())
     assert 0 < drift < 0.05  # 4 AdamW steps (lr <= 1e-3) away from the release
+
+
+def test_load_checked_allows_only_the_listed_keys():
+    """The one weights-loading helper: listed missing keys (exact) and left-over prefixes pass; any
+    other missing or left-over key raises the caller's error, naming it."""
+    import torch
+
+    from rsseg.errors import CheckpointError
+    from rsseg.tensorfile import load_checked
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    state = dict(net.state_dict())
+    partial = {k: v for k, v in state.items() if k != "1.bias"} | {"decoder.w": torch.zeros(1)}
+    load_checked(net, partial, "ok", error=CheckpointError, allowed_missing=frozenset({"1.bias"}), allowed_unexpected=("decoder.",))
+    with pytest.raises(CheckpointError, match=r"^x: missing \['1.bias'\], unexpected \[\]$"):
+        load_checked(net, {k: v for k, v in state.items() if k != "1.bias"}, "x", error=CheckpointError)
+    with pytest.raises(CheckpointError, match=r"^x: missing \[\], unexpected \['decoder.w'\]$"):
+        load_checked(net, state | {"decoder.w": torch.zeros(1)}, "x", error=CheckpointError)
+    with pytest.raises(CheckpointError, match=r"unexpected \['set.aside'\]$"):
+        load_checked(net, state, "x", error=CheckpointError, extra_unexpected=["set.aside"])

@@ -29,6 +29,7 @@ from rsseg.config.specs import OptimSpec, Strict
 from rsseg.encoders import FeatureInfo, freeze
 from rsseg.errors import ConfigError
 from rsseg.pretrain.objective import bare
+from rsseg.tensorfile import load_checked
 
 SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16,
@@ -298,11 +299,8 @@ def load_vit(vit, state: dict[str, torch.Tensor], prefix: str, fixed_positions: 
     leftover = sorted(k for k in state if not k.startswith(prefix))
     allowed = ("decoder.", "mae.decoder.", "low_pred.", "angle_embed")
     bad = [k for k in leftover if not k.startswith(allowed)]
-    missing, unexpected = vit.load_state_dict(sub, strict=False)
-    if fixed_positions:
-        missing = [k for k in missing if k != "embeddings.position_embeddings"]
-    if missing or unexpected or bad:
-        raise ConfigError(f"pre-trained ViT checkpoint does not fit: missing {missing[:4]}, unexpected {(list(unexpected) + bad)[:4]}")
+    load_checked(vit, sub, "pre-trained ViT checkpoint does not fit", error=ConfigError, extra_unexpected=bad,
+                 allowed_missing=frozenset({"embeddings.position_embeddings"} if fixed_positions else ()))
 
 
 def skeleton(run, in_channels: int) -> VitEncoder:

@@ -229,9 +229,9 @@ def load_model(ref: str, workdir: Workdir | None = None, *, device: str | None =
     head = build_head(meta["head"], (neck or encoder).feature_info, meta["num_classes"], run.finetune)
     if neck is not None:
         head = NeckHead(neck, head)
-    missing, unexpected = head.load_state_dict(weights["head"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}/model.pt: the head does not fit its model.json: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    from rsseg.tensorfile import load_checked
+
+    load_checked(head, weights["head"], f"{path}/model.pt: the head does not fit its model.json", error=CheckpointError)
     dev = resolve(run.runtime.device)
     return LoadedModel(meta, run, encoder.to(dev).eval(), head.to(dev).eval(), dev, str(path))
 

@@ -49,13 +49,10 @@ SR3_RES_BLOCKS = 2  # DDPM-CD's config/ddpm_train.json
 
 
 def load_unet_weights(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    result = unet.load_state_dict(state, strict=False)
-    missing = set(result.missing_keys) - ALLOWED_MISSING
-    unexpected = set(result.unexpected_keys) - ALLOWED_UNEXPECTED
-    if missing or unexpected:
-        raise ConfigError(
-            f"DDPM checkpoint does not fit the UNet: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
+    from rsseg.tensorfile import load_checked
+
+    load_checked(unet, state, "DDPM checkpoint does not fit the UNet", error=ConfigError,
+                 allowed_missing=ALLOWED_MISSING, allowed_unexpected=tuple(ALLOWED_UNEXPECTED))
 
 
 def unet_weights(unet: torch.nn.Module, state: dict[str, Any], which: str) -> None:
