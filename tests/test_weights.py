@@ -242,8 +242,8 @@ def test_pretraining_continues_from_the_128_wide_release_on_the_runs_schedule(tm
 
 
 def test_load_checked_allows_only_the_listed_keys():
-    """The one weights-loading helper: listed missing keys (exact) and left-over prefixes pass; any
-    other missing or left-over key raises the caller's error, naming it."""
+    """The one weights-loading helper: the listed missing and left-over keys pass; any other missing
+    or left-over key raises the caller's error, naming it."""
     import torch
 
     from rsseg.errors import CheckpointError
@@ -252,10 +252,12 @@ def test_load_checked_allows_only_the_listed_keys():
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     state = dict(net.state_dict())
     partial = {k: v for k, v in state.items() if k != "1.bias"} | {"decoder.w": torch.zeros(1)}
-    load_checked(net, partial, "ok", error=CheckpointError, allowed_missing=frozenset({"1.bias"}), allowed_unexpected=("decoder.",))
+    load_checked(net, partial, "ok", error=CheckpointError, allowed_missing=frozenset({"1.bias"}),
+                 allowed_unexpected=frozenset({"decoder.w"}))
     with pytest.raises(CheckpointError, match=r"^x: missing \['1.bias'\], unexpected \[\]$"):
         load_checked(net, {k: v for k, v in state.items() if k != "1.bias"}, "x", error=CheckpointError)
-    with pytest.raises(CheckpointError, match=r"^x: missing \[\], unexpected \['decoder.w'\]$"):
-        load_checked(net, state | {"decoder.w": torch.zeros(1)}, "x", error=CheckpointError)
+    with pytest.raises(CheckpointError, match=r"^x: missing \[\], unexpected \['decoder.w2'\]$"):
+        load_checked(net, state | {"decoder.w": torch.zeros(1), "decoder.w2": torch.zeros(1)}, "x", error=CheckpointError,
+                     allowed_unexpected=frozenset({"decoder.w"}))  # exact names, not prefixes
     with pytest.raises(CheckpointError, match=r"unexpected \['set.aside'\]$"):
         load_checked(net, state, "x", error=CheckpointError, extra_unexpected=["set.aside"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass
 
@@ -73,8 +74,6 @@ def init(address: str | None = None, num_cpus: int | None = None, warm: tuple[st
         reap_leftovers()
     elif env:
         kwargs["runtime_env"] = {"env_vars": env}
-    import signal
-
     # ray.init replaces the process's SIGTERM handler with sys.exit; ours (the CLI's: SIGTERM ends a
     # command like Ctrl-C, its runs marked KILLED) is put back, or a scheduler's SIGTERM (SLURM,
     # Kubernetes) would leave the trials' runs RUNNING

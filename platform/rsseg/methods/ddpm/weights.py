@@ -52,7 +52,7 @@ def load_unet_weights(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     from rsseg.tensorfile import load_checked
 
     load_checked(unet, state, "DDPM checkpoint does not fit the UNet", error=ConfigError,
-                 allowed_missing=ALLOWED_MISSING, allowed_unexpected=tuple(ALLOWED_UNEXPECTED))
+                 allowed_missing=ALLOWED_MISSING, allowed_unexpected=ALLOWED_UNEXPECTED)
 
 
 def unet_weights(unet: torch.nn.Module, state: dict[str, Any], which: str) -> None:
