@@ -32,7 +32,7 @@ def main() -> None:
     from rsseg.runspec import load_run
     from rsseg.data.dataset import TileDataset
     from rsseg.data.pixel_baselines import colour_baseline, texture_baseline
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
     from rsseg.pretrain.ensure import ensure_pretrained
     from rsseg.workdir import Workdir
 

@@ -25,7 +25,9 @@ def main() -> None:
     from rsseg.methods.ddpm.unet import build_preset, conditioning_of, unet_config
     from rsseg.tables import published
     from rsseg_baselines.convnext import ConvNextEncoder, ConvNextSpec
-    from rsseg_baselines.vit import MaeSpec, SimplePyramid, VitEncoder, mae_config
+    from rsseg_baselines.vit.encoder import SimplePyramid, VitEncoder
+    from rsseg_baselines.vit.network import mae_config
+    from rsseg_baselines.vit.spec import MaeSpec
 
     paper = published.values("table3")
     rows = []

@@ -169,7 +169,7 @@ def item_peak(device: torch.device, sizes: Sizes) -> None:
 
 
 def _plan(run, root: Path, steps: int):
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
     from rsseg.pretrain.trainer import TrainPlan
 
     sdir = store.StoreDir(root / "store")

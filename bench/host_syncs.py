@@ -50,7 +50,7 @@ def per_step(counts: list[Counter]) -> tuple[float, Counter]:
 
 
 def pretraining(wd) -> tuple[list[int], Counter]:
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
     from rsseg.pretrain.trainer import LocalGroup, Trainer, TrainPlan
 
     run = run_spec()
@@ -97,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
     from rsseg.pretrain.trainer import Trainer, TrainPlan
     from rsseg.workdir import Workdir
 

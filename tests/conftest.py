@@ -77,6 +77,21 @@ def ray_cluster():
     yield ray
 
 
+def install_plugin(root, monkeypatch, module: str, source: str, group: str, entry: str) -> None:
+    """A package installed beside the platform, as pip would leave it: ``<module>.py`` holding
+    ``source`` and a dist-info declaring ``entry`` ("name = module:attr") in the entry-point
+    ``group``, both on sys.path for this test."""
+    import importlib
+
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{group}]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+
+
 def tiny_run(**overrides):
     """A run spec for CPU tests: tiny UNet, tiny synthetic data (32 px tiles), 2 workers."""
     from rsseg.config.loader import merge

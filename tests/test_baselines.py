@@ -13,11 +13,14 @@ from rsseg.errors import ConfigError
 from rsseg.heads import NeckHead, build_head
 from rsseg.heads.upernet import UperNetSegHead
 from rsseg.methods import registry
-from rsseg_baselines import convnext, vit
+from rsseg_baselines import convnext
+from rsseg_baselines.vit import network as vit_network, rules as vit_rules, weights as vit_weights
 from rsseg_baselines.convnext import ConvNextEncoder, ConvNextSpec
-from rsseg_baselines.vit import MaeObjective, MaeSpec, ScaleMaeObjective, ScaleMaeSpec, SimplePyramid, VitEncoder
+from rsseg_baselines.vit.encoder import SimplePyramid, VitEncoder
+from rsseg_baselines.vit.objective import MaeObjective, ScaleMaeObjective
+from rsseg_baselines.vit.spec import MaeSpec, ScaleMaeSpec
 
-from conftest import tiny_run, train_objective
+from conftest import install_plugin, tiny_run, train_objective
 
 
 def test_methods_are_plugins_and_listed():
@@ -28,6 +31,43 @@ def test_methods_are_plugins_and_listed():
     for name in ("convnext_random", "convnext_imagenet", "mae", "scalemae", "ma3e", "segformer", "ddpm"):
         assert name in res.output
     assert "rsseg_baselines" in res.output  # where each comes from
+
+
+BROKEN_PLUGIN = """
+from rsseg.methods import Method
+
+METHOD = Method(name="broken", summary="", label="Broken", encoder=lambda run, pretrained: None,
+                checks=lambda run, other: [])
+"""
+
+
+def test_a_methods_hooks_are_functions_checked_when_the_method_is_made(tmp_path, monkeypatch):
+    """Hooks are callables (no import strings): one the platform cannot call as it will is refused
+    when the method is made, naming the method, the hook and what it must take; an installed
+    plugin with such a hook is left out of the registry with that warning."""
+    from rsseg.methods import Method
+
+    ok = Method(name="x", summary="", label="X", encoder=lambda run, pretrained: None, tags=lambda run, extra=None: {},
+                importers=(("fmt", lambda path, norm_groups=None: {}),))
+    assert ok.build_encoder(None, None) is None and ok.run_tags(None) == {}
+    with pytest.raises(TypeError, match=r"^method 'x': encoder must be a function of \(run, pretrained\), got 'my.module:build'$"):
+        Method(name="x", summary="", label="X", encoder="my.module:build")
+    with pytest.raises(TypeError, match=r"^method 'x': tags must be a function of \(run\), got <function"):
+        Method(name="x", summary="", label="X", encoder=lambda run, pretrained: None, tags=lambda: {})
+    with pytest.raises(TypeError, match=r"^method 'x': importer 'fmt' must be a function of \(path\)"):
+        Method(name="x", summary="", label="X", encoder=lambda run, pretrained: None, importers=(("fmt", lambda: {}),))
+    with pytest.raises(TypeError, match=r"^method 'x': encoder must be a function of \(run, pretrained\), got None$"):
+        Method(name="x", summary="", label="X", encoder=None)
+
+    install_plugin(tmp_path, monkeypatch, "broken_method", BROKEN_PLUGIN, "rsseg.methods", "broken = broken_method:METHOD")
+    registry.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"method plugin 'broken' \(broken_method:METHOD\) failed to load: "
+                                             r"method 'broken': checks must be a function of \(run\)"):
+            methods = registry()
+        assert "broken" not in methods and "ddpm" in methods
+    finally:
+        registry.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------- parameter counts
@@ -43,7 +83,7 @@ def test_convnext_b_upernet_counts_the_papers_122m():
 
 
 def test_vit_b16_encoder_counts_85_8m():
-    cfg = vit.mae_config(MaeSpec(size="base"), 224, 3)
+    cfg = vit_network.mae_config(MaeSpec(size="base"), 224, 3)
     with torch.device("meta"):
         n = count_parameters(VitEncoder(cfg, (3, 5, 7, 11), "x"))
     assert round(n / 1e6, 1) == 85.8
@@ -51,7 +91,7 @@ def test_vit_b16_encoder_counts_85_8m():
 
 def test_tiny_variants_pinned():
     assert count_parameters(ConvNextEncoder(ConvNextSpec(size="pico"), 3, "x", imagenet=False)) == 269_232
-    enc = VitEncoder(vit.mae_config(MaeSpec(size="pico"), 64, 3), (3, 5, 7, 11), "x")
+    enc = VitEncoder(vit_network.mae_config(MaeSpec(size="pico"), 64, 3), (3, 5, 7, 11), "x")
     assert count_parameters(enc) == 418_368
     assert count_parameters(SimplePyramid(enc.feature_info)) == 49_472
     assert count_parameters(MaeObjective(MaeSpec(size="pico"), 64, 3).network) == 506_304
@@ -65,7 +105,7 @@ def test_encoders_obey_the_feature_contract():
     cn = ConvNextEncoder(ConvNextSpec(size="pico"), 3, "x", imagenet=False)
     check_contract(cn, x, cn(x))
     assert [fi.stride for fi in cn.feature_info] == [4, 8, 16, 32]
-    v = VitEncoder(vit.mae_config(MaeSpec(size="pico"), 64, 3), (3, 5, 7, 11), "x")
+    v = VitEncoder(vit_network.mae_config(MaeSpec(size="pico"), 64, 3), (3, 5, 7, 11), "x")
     feats = v(x)
     check_contract(v, x, feats)
     neck = SimplePyramid(v.feature_info)
@@ -76,7 +116,7 @@ def test_encoders_obey_the_feature_contract():
 
 def test_vit_encoder_blocks_equal_transformers_forward():
     """Our early-exit forward (no masking, original order) equals ViTMAEModel's hidden states."""
-    cfg = vit.mae_config(MaeSpec(size="pico"), 32, 3)
+    cfg = vit_network.mae_config(MaeSpec(size="pico"), 32, 3)
     enc = VitEncoder(cfg, (3, 5, 7, 11), "x").eval()
     x = torch.randn(2, 3, 32, 32)
     n = (32 // 8) ** 2
@@ -122,7 +162,7 @@ def _formula(dim, g, scale):
 
 
 def test_scalemae_position_encoding_is_the_gsd_scaled_formula():
-    cfg = vit.mae_config(ScaleMaeSpec(size="pico"), 32, 3)
+    cfg = vit_network.mae_config(ScaleMaeSpec(size="pico"), 32, 3)
     mae = MaeObjective(MaeSpec(size="pico"), 32, 3).network.vit.embeddings.position_embeddings[0].numpy()
     np.testing.assert_allclose(mae, _formula(64, 4, 1.0), atol=1e-6)  # MAE's table = scale 1 (not zeros: see init_mae)
     tables = {}
@@ -138,7 +178,7 @@ def test_scalemae_position_encoding_is_the_gsd_scaled_formula():
 
 def test_two_bands_reconstruct_the_image():
     x = torch.randn(2, 3, 16, 16)
-    low, high = vit.two_bands(x)
+    low, high = vit_network.two_bands(x)
     assert low.shape == (2, 3, 8, 8)
     up = torch.nn.functional.interpolate(low, scale_factor=2, mode="bilinear", align_corners=False)
     torch.testing.assert_close(up + high, x)
@@ -161,7 +201,7 @@ def test_pretraining_loss_goes_down_on_synthetic_tiles(synthetic_tiles, kind):
 def _encoders():
     yield "convnext", ConvNextEncoder(ConvNextSpec(size="pico"), 3, "x", imagenet=False), None
     for kind in ("mae", "scalemae"):
-        enc = VitEncoder(vit.mae_config(MaeSpec(size="pico"), 32, 3), (3, 5, 7, 11), "x")
+        enc = VitEncoder(vit_network.mae_config(MaeSpec(size="pico"), 32, 3), (3, 5, 7, 11), "x")
         yield kind, enc, SimplePyramid(enc.feature_info)
 
 
@@ -256,8 +296,8 @@ def _released_mae(tmp_path, image_size=32, name="mae-release"):
     from transformers import ViTMAEForPreTraining
 
     torch.manual_seed(5)
-    net = ViTMAEForPreTraining(vit.mae_config(MaeSpec(size="pico"), image_size, 3))
-    vit.init_mae(net)
+    net = ViTMAEForPreTraining(vit_network.mae_config(MaeSpec(size="pico"), image_size, 3))
+    vit_network.init_mae(net)
     out = tmp_path / name
     net.save_pretrained(out)
     return out, net
@@ -290,10 +330,10 @@ def test_public_mae_weights_import_and_give_transformers_hidden_states(tmp_path,
     for b, f in zip((3, 5, 7, 11), ours):
         torch.testing.assert_close(f, out.hidden_states[b + 1][:, 1:].transpose(1, 2).reshape(2, -1, 4, 4))
     big = method.build_encoder(tiny_run(method="mae", mae={"size": "pico", "weights": "mae_pub"}, data={"tile_size": 64}), None)
-    table = torch.from_numpy(vit.sincos_2d(64, 8)).float()[None]
+    table = torch.from_numpy(vit_network.sincos_2d(64, 8)).float()[None]
     torch.testing.assert_close(big.vit.embeddings.position_embeddings, table)
     assert [f.shape for f in big(torch.randn(1, 3, 64, 64))] == [(1, 64, 8, 8)] * 4
-    assert vit.mae_tags(run)["weights"] == "public:mae_pub"
+    assert vit_rules.mae_tags(run)["weights"] == "public:mae_pub"
     from rsseg.tables.layouts import method_label
 
     assert method_label("mae_public") == "MAE (public weights)"
@@ -309,9 +349,9 @@ def test_public_mae_weights_errors_name_the_directory_and_the_keys(tmp_path, mon
     cfg["num_hidden_layers"] = 6  # the weights hold 12 blocks
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"mae-release: does not fit the ViTMAE of its config.json: unexpected .*layers\.(6|7|8|9|1[01])\."):
-        vit.import_vitmae(path)
+        vit_weights.import_vitmae(path)
     with pytest.raises(CheckpointError, match=r"nope: not a transformers ViTMAE directory"):
-        vit.import_vitmae(tmp_path / "nope")
+        vit_weights.import_vitmae(tmp_path / "nope")
     monkeypatch.setenv("RSSEG_WORKDIR", str(tmp_path / "w"))
     run = tiny_run(method="mae", mae={"size": "pico", "weights": "never_imported"})
     assert "public weights 'never_imported' are not imported" in registry()["mae"].unavailable_reason(run)
@@ -368,7 +408,7 @@ def test_scalemae_release_checkpoint_maps_timm_keys_and_rebuilds_gsd_positions(t
     enc = registry()["scalemae"].build_encoder(run, None).eval()
     grid = 64 // 16
     with torch.no_grad():
-        pe = torch.from_numpy(vit.sincos_2d(384, grid, 0.5)).float()[None]  # (1, 1 + grid^2, 384)
+        pe = torch.from_numpy(vit_network.sincos_2d(384, grid, 0.5)).float()[None]  # (1, 1 + grid^2, 384)
         x = torch.rand(2, 3, 64, 64) * 2 - 1
         ours = enc(x)
         tokens = ref.embeddings.patch_embeddings(imagenet_normalise(x)) + pe[:, 1:]
@@ -385,10 +425,10 @@ def test_a_scalemae_release_that_does_not_fit_is_one_line_naming_the_key(tmp_pat
 
     path, _ = _scalemae_release(tmp_path, drop="blocks.1.attn.qkv.weight")
     with pytest.raises(CheckpointError, match=r"scalemae-vitl.pth: missing blocks.1.attn.qkv.weight \(a timm ViT encoder key\)$"):
-        vit.import_scalemae(path)
+        vit_weights.import_scalemae(path)
     path, _ = _scalemae_release(tmp_path, extra={"head.weight": torch.zeros(3)})
     with pytest.raises(CheckpointError, match=r"does not fit a ViT of 2 blocks, 384 wide: unexpected head.weight$"):
-        vit.import_scalemae(path)
+        vit_weights.import_scalemae(path)
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match=r"junk.pth: not readable"):
-        vit.import_scalemae(tmp_path / "junk.pth")
+        vit_weights.import_scalemae(tmp_path / "junk.pth")

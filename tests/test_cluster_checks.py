@@ -111,7 +111,7 @@ class FakeResult:  # what the driver reads of a Tune Result
 
 
 def test_trials_tune_ran_that_the_store_does_not_hold_are_named():
-    from rsseg.sweep.driver import lost_trials
+    from rsseg.sweep.record import lost_trials
 
     grid = [FakeResult({"cell": {"slot": "0.0"}}, {"trial_id": "a"}),
             FakeResult({"cell": {"slot": "1.0"}}, {"trial_id": "b"}),
@@ -141,7 +141,7 @@ def test_object_storage_round_trip_between_two_nodes_mirrors(tmp_path, monkeypat
     import torch
 
     from rsseg import storage
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
 
     for k, v in servers.S3_ENV.items():
         monkeypatch.setenv(k, v)

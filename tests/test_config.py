@@ -174,3 +174,16 @@ def test_the_auto_head_is_resolved_in_one_place(frozen, head):
     assert RunSpec(method="mae", finetune={"head": "auto", "frozen": frozen}).head_name == head
     assert RunSpec(method="mae", finetune={"head": "segformer", "frozen": frozen}).head_name == "segformer"
     assert RunSpec(finetune={"head": "auto", "frozen": frozen}).head_name == "mlp"  # DDPM's, either way
+
+
+@pytest.mark.parametrize("source, dataset, root, expected", [
+    ("auto", "synthetic", None, "synthetic"), ("auto", "synthetic", "/arch", "synthetic"),
+    ("auto", "folder", "/arch", "folder"), ("auto", "gid", None, "none"),
+    ("folder", "synthetic", "/arch", "folder"), ("none", "synthetic", None, "none"), ("synthetic", "gid", None, "synthetic"),
+])
+def test_the_archive_source_is_resolved_by_one_rule(source, dataset, root, expected):
+    """``pretrain.archive.source: auto`` -> synthetic / folder / none in one place (the fingerprint,
+    the data checks, the node checks and the archive reader all ask `ArchiveSpec.source_for`)."""
+    from rsseg.config.specs import ArchiveSpec, DataSpec
+
+    assert ArchiveSpec(source=source, root=root).source_for(DataSpec(dataset=dataset, root="/data")) == expected

@@ -97,7 +97,7 @@ def test_unknown_dataset_and_class_table_names(workdir, tmp_path):
 def test_label_ratio_outside_range_from_the_cli(workdir):
     result = CliRunner().invoke(app, ["--workdir", str(workdir.root), "data", "info", "synthetic", "--set", "label_ratio=1.5"])
     assert result.exit_code == 2
-    assert "error: --set label_ratio: label_ratio: input should be less than or equal to 1, got 1.5" in result.output
+    assert "error: --set label_ratio: label_ratio: label ratio 1.5 is outside (0, 1]; use e.g. 0.02 (S), 0.4 (M) or 1.0 (L)" in result.output
 
 
 def test_label_without_image_and_folder_without_table(workdir, tmp_path):

@@ -134,6 +134,21 @@ def test_no_archive_imagery_is_found_at_plan_time_with_the_exact_override(tmp_pa
     assert not fixed.problems
 
 
+def test_a_pretraining_already_in_the_store_needs_no_archive_imagery(tmp_path, workdir):
+    """The archive folder is read only by a pre-training still to do: once its checkpoint is in the
+    store (trained on another machine, or before the folder moved), the sweep plans without it."""
+    from rsseg.checkpoints import store
+    from rsseg.sweep.plan import make_plan
+
+    root = write_folder_dataset(tmp_path / "own")
+    loaded = load_sweep(_own_sweep(tmp_path, root), "small")
+    before = make_plan(loaded, workdir)
+    assert any("no archive imagery" in q for q in before.problems)  # negative control: still to train, so it is needed
+    store.finalize(store.StoreDir.for_run(before.pretrainings[0].spec, workdir), {"model": {}, "ema": None, "objective": {}, "step": 1}, None)
+    after = make_plan(loaded, workdir)
+    assert after.pretrainings[0].cached and after.problems == []
+
+
 def test_a_spec_naming_another_class_table_than_the_datasets_own_is_an_error(tmp_path, workdir):
     from rsseg.data import registry
 
@@ -297,3 +312,21 @@ def test_progress_in_a_log_is_one_line_per_stream_per_interval_and_state_changes
     progress.line("pretrain ab12 step 1/10")
     progress.line("pretrain ab12 step 2/10")
     assert capsys.readouterr().out.splitlines() == ["pretrain ab12 step 1/10", "pretrain ab12 step 2/10"]
+
+
+def test_a_missing_dataset_root_stops_a_sweep_whose_pretraining_is_in_the_store(tmp_path, workdir):
+    """The dataset is read by every trial: its root missing is a plan problem even when the
+    pre-training, which the root's absence no longer concerns, is already in the store."""
+    from rsseg.checkpoints import store
+    from rsseg.sweep.plan import make_plan
+
+    root = write_folder_dataset(tmp_path / "own")
+    loaded = load_sweep(_own_sweep(tmp_path, root), "small")
+    store.finalize(store.StoreDir.for_run(make_plan(loaded, workdir).pretrainings[0].spec, workdir),
+                   {"model": {}, "ema": None, "objective": {}, "step": 1}, None)
+    gone = tmp_path / "moved"
+    root.rename(gone)
+    plan = make_plan(loaded, workdir)
+    assert plan.pretrainings[0].cached
+    assert [q for q in plan.problems if q.startswith("data.root:")] == [f"data.root: {root} is not a directory (the folder dataset; "
+                                                                         "set RSSEG_DATA or --set data.root=DIR)"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_run
+from conftest import install_plugin, tiny_run
 from rsseg import finetune, runner, tracking
 from rsseg.encoders import count_parameters
 from rsseg.heads.mlp import segmentor_parameters
@@ -93,3 +93,48 @@ def test_non_finite_loss_fails_the_run_with_the_reason(workdir):
     exp = c.get_experiment_by_name(tracking.FINETUNE_EXPERIMENT)
     failed = c.search_runs([exp.experiment_id])
     assert failed[0].info.status == "FAILED" and "NonFiniteLoss" in failed[0].data.tags["error"]
+
+
+USER_HEAD = '''
+import torch
+import torch.nn.functional as F
+
+from rsseg.heads import SegHead
+
+
+class TinyConv(SegHead):
+    """Every map upsampled to the tile and concatenated, then one 1x1 convolution."""
+
+    def __init__(self, feature_info, num_classes):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(sum(f.channels for f in feature_info), num_classes, 1)
+
+    def forward(self, features, size):
+        up = [F.interpolate(f.float(), size=size, mode="bilinear", align_corners=False) for f in features]
+        return self.proj(torch.cat(up, dim=1))
+
+
+def build(feature_info, num_classes, finetune):
+    return TinyConv(feature_info, num_classes)
+'''
+
+
+def test_a_head_from_an_installed_package_is_chosen_from_yaml_and_fine_tunes(workdir, tmp_path, monkeypatch):
+    from rsseg.errors import ConfigError
+    from rsseg.runspec import load_run
+
+    doc = tmp_path / "run.yaml"
+    doc.write_text("method: ddpm\nfinetune:\n  head: tiny_conv\n")
+    # negative control: not installed, the name is refused with the heads there are
+    with pytest.raises(ConfigError, match=r"run.yaml: finetune.head: unknown head 'tiny_conv'; expected auto or one of mlp, segformer, upernet$"):
+        load_run(doc)
+    (tmp_path / "site").mkdir()
+    install_plugin(tmp_path / "site", monkeypatch, "my_heads", USER_HEAD, "rsseg.heads", "tiny_conv = my_heads:build")
+    assert load_run(doc).spec.head_name == "tiny_conv"
+    run = random_features_run(finetune={"head": "tiny_conv", "iterations": 4, "eval_every": 2})
+    assert "mlp" not in run.active_config()["finetune"] and "upernet" not in run.active_config()["finetune"]
+    seen = _spy_prepare(monkeypatch)
+    result = finetune.run(run, workdir)
+    assert type(seen["p"].head).__module__ == "my_heads"
+    assert result.trainable_params == count_parameters(seen["p"].head) > 0
+    assert 0 <= result.test.miou <= 1

@@ -10,7 +10,7 @@ import torch
 from conftest import RGB_BYTE, tiny_run
 from simcuda import SimTensor, host, on_device, simulated_cuda
 from rsseg import finetune
-from rsseg.pretrain import store
+from rsseg.checkpoints import store
 from rsseg.pretrain.trainer import LocalGroup, TrainPlan, Trainer, mean_over_ranks
 from rsseg.workdir import Workdir
 
@@ -342,7 +342,8 @@ def test_a_saved_model_loads_on_cuda_and_predicts_a_whole_scene(data_wd, pretrai
 @pytest.mark.parametrize("kind", ["mae", "scalemae", "ma3e"])
 def test_baseline_objectives_step_on_cuda_without_waiting_for_the_device(kind, synthetic_tiles):
     from rsseg_baselines.ma3e import Ma3eObjective, Ma3eSpec
-    from rsseg_baselines.vit import MaeObjective, MaeSpec, ScaleMaeObjective, ScaleMaeSpec
+    from rsseg_baselines.vit.objective import MaeObjective, ScaleMaeObjective
+    from rsseg_baselines.vit.spec import MaeSpec, ScaleMaeSpec
 
     tiles = synthetic_tiles[:8]
     with simulated_cuda() as sim:

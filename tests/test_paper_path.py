@@ -111,7 +111,8 @@ def test_two_node_ddp_pretraining_survives_losing_a_node(tmp_path, tracking_serv
     import ray
     from ray.cluster_utils import Cluster
 
-    from rsseg.pretrain import launch, store
+    from rsseg.checkpoints import store
+    from rsseg.pretrain import launch
 
     if ray.is_initialized():
         ray.shutdown()

@@ -10,7 +10,8 @@ from conftest import tiny_run
 from rsseg.config.specs import OptimSpec
 from rsseg.methods.ddpm.spec import NoiseScheduleSpec
 from rsseg.errors import CheckpointError, ConfigError
-from rsseg.pretrain import schedule, store
+from rsseg.checkpoints import store
+from rsseg.pretrain import schedule
 from rsseg.methods.ddpm.noise import ForwardProcess, add_noise, build_scheduler
 from rsseg.methods.ddpm.objective import build_objective
 
@@ -137,10 +138,10 @@ def test_bad_pretrain_specs_are_refused_with_the_key(tmp_path):
             load_run(f)
 
 
-# -- trunks: shared archive phases (rsseg.pretrain.identity) ----------------------------------------
+# -- trunks: shared archive phases (rsseg.checkpoints.identity) ----------------------------------------
 
 def test_runs_of_one_archive_phase_share_a_trunk_whatever_their_target_and_length():
-    from rsseg.pretrain.identity import lineage
+    from rsseg.checkpoints.identity import lineage
 
     run = tiny_run()  # 12 archive + 12 homogeneous
     longer = tiny_run(pretrain={"iterations": {"archive": 20, "homogeneous": 4}})
@@ -160,7 +161,7 @@ def test_runs_of_one_archive_phase_share_a_trunk_whatever_their_target_and_lengt
 
 
 def test_a_schedule_tied_to_the_total_is_not_shared_and_says_why():
-    from rsseg.pretrain.identity import lineage
+    from rsseg.checkpoints.identity import lineage
 
     cosine = tiny_run(ddpm={"optim": {"after_warmup": "cosine"}})
     lin = lineage(cosine)

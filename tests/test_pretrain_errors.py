@@ -5,7 +5,8 @@ import torch
 
 from conftest import tiny_run
 from rsseg.errors import CheckpointError, ConfigError, DataError
-from rsseg.pretrain import launch, store
+from rsseg.checkpoints import store
+from rsseg.pretrain import launch
 
 
 def test_no_unlabeled_tiles(workdir):

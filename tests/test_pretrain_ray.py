@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from conftest import tiny_run
 from rsseg import tracking
 from rsseg.errors import CheckpointError, DataError
-from rsseg.pretrain import launch, store
+from rsseg.checkpoints import store
+from rsseg.pretrain import launch
 from rsseg.pretrain.ensure import ensure_pretrained
 from rsseg.pretrain.trainer import Fault
 from rsseg.workdir import Workdir
@@ -321,7 +322,7 @@ def test_a_run_branched_from_a_shared_trunk_equals_the_run_trained_alone(referen
     """The trunk (a longer run of the same archive phase, killed once and resumed) leaves a point
     at the other run's switch step; that run then trains only its homogeneous phase from there and
     ends bit-identical to the same run trained alone."""
-    from rsseg.pretrain.identity import lineage
+    from rsseg.checkpoints.identity import lineage
 
     ref_wd, run, ref = reference  # 12 archive + 12 homogeneous, trained alone
     longer = tiny_run(pretrain={"iterations": {"archive": 20, "homogeneous": 4}})

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from rsseg import raycluster, tracking
+from rsseg.tracking import template
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def test_a_store_that_already_holds_runs_is_neither_replaced_nor_kept_as_the_tem
     tracking.init_store(_uri(store))
     _usable(_uri(store))
     tracking.template_path().unlink()
-    tracking._save_template(store)  # what a second first-time init of a used store would try
+    template.save_from(store)  # what a second first-time init of a used store would try
     assert not tracking.template_path().exists()
     tracking._INITIALISED.discard(_uri(store))
     tracking.init_store(_uri(store))  # an existing store is opened, not overwritten by a template

@@ -252,27 +252,27 @@ def test_a_lock_left_by_a_killed_driver_is_stale_and_taken_over(tmp_path, workdi
 def test_resume_refuses_ray_storage_owned_by_another_user(workdir, monkeypatch):
     import os
 
-    from rsseg.sweep import driver
+    from rsseg.sweep import state
 
     storage = workdir.ray_storage / "sweeps" / "t-20261202"
     storage.mkdir(parents=True)
-    driver._check_owner(workdir, "t", ["t-20261202"])  # ours: fine
-    monkeypatch.setattr(driver.os, "getuid", lambda: os.stat(storage).st_uid + 1)
+    state.check_owner(workdir, "t", ["t-20261202"])  # ours: fine
+    monkeypatch.setattr(state.os, "getuid", lambda: os.stat(storage).st_uid + 1)
     with pytest.raises(SweepError, match=r"cannot resume sweep 't': .*t-20261202 belongs to another user .*trust boundary"):
-        driver._check_owner(workdir, "t", ["t-20261202"])
+        state.check_owner(workdir, "t", ["t-20261202"])
 
 
 def test_the_sweeps_ray_storage_is_private_whatever_the_umask(workdir):
     import os
     import stat
 
-    from rsseg.sweep import driver
+    from rsseg.sweep import state
 
     old = os.umask(0o002)  # a team's shared work dir: group-writable by default
     try:
         workdir.ray_storage.mkdir(parents=True, exist_ok=True)
         os.chmod(workdir.ray_storage, 0o775)
-        storage, fs = driver.private_storage(workdir)
+        storage, fs = state.private_storage(workdir)
         storage = Path(storage)
         assert fs is None
     finally:
@@ -317,7 +317,8 @@ def test_missing_slots_are_the_trials_mlflow_and_tune_have_not_seen_end(tmp_path
     from mlflow.tracking import MlflowClient
     from ray.air.result import Result
 
-    from rsseg.sweep.driver import EARLY_STOPPED, grid_cells, missing_slots
+    from rsseg.sweep.plan import grid_cells
+    from rsseg.sweep.record import EARLY_STOPPED, missing_slots
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
     exp = client.create_experiment("t")

@@ -74,11 +74,21 @@ def test_label_ratio_outside_unit_interval(workdir, ratio):
         index.subset(ratio)
 
 
-def test_label_ratio_in_config_is_checked():
-    from rsseg.config.specs import DataSpec
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
+def test_the_config_and_the_tile_index_refuse_a_label_ratio_with_one_rule(workdir, ratio):
+    """One rule (`label_ratio_problem`) and one message for the spec and the library call."""
+    from rsseg.config.specs import DataSpec, label_ratio_problem
 
-    with pytest.raises(ValueError, match="label_ratio\n  Input should be greater than 0"):
-        DataSpec(label_ratio=0)
+    message = label_ratio_problem(ratio)
+    assert message == f"label ratio {ratio!r} is outside (0, 1]; use e.g. 0.02 (S), 0.4 (M) or 1.0 (L)"
+    with pytest.raises(ValueError) as spec_error:
+        DataSpec(label_ratio=ratio)
+    with pytest.raises(DataError) as index_error:
+        tiles.build(small_synthetic(), workdir).subset_size(ratio)
+    assert message in str(spec_error.value) and str(index_error.value) == message
+    # the boundary: 1.0 (every labelled tile) holds, so does a small share
+    assert label_ratio_problem(1.0) is None and label_ratio_problem(0.02) is None
+    assert DataSpec(label_ratio=1.0).label_ratio == 1.0
 
 
 def test_index_cached_and_rebuilt_when_tiling_changes(workdir):

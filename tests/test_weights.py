@@ -213,7 +213,7 @@ def test_pretraining_continues_from_the_128_wide_release_on_the_runs_schedule(tm
     weights the starting point, the run's own (linear) schedule, a fingerprint that covers the
     import; a few steps run and the plan counts the imported network's parameters."""
     from rsseg.methods.ddpm.weights import cosine_betas
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
     from rsseg.pretrain.trainer import Trainer, TrainPlan
 
     ref = wide()
@@ -254,10 +254,21 @@ def test_load_checked_allows_only_the_listed_keys():
     partial = {k: v for k, v in state.items() if k != "1.bias"} | {"decoder.w": torch.zeros(1)}
     load_checked(net, partial, "ok", error=CheckpointError, allowed_missing=frozenset({"1.bias"}),
                  allowed_unexpected=frozenset({"decoder.w"}))
-    with pytest.raises(CheckpointError, match=r"^x: missing \['1.bias'\], unexpected \[\]$"):
+    with pytest.raises(CheckpointError, match=r"^x: missing 1 key\(s\): 1.bias$"):
         load_checked(net, {k: v for k, v in state.items() if k != "1.bias"}, "x", error=CheckpointError)
-    with pytest.raises(CheckpointError, match=r"^x: missing \[\], unexpected \['decoder.w2'\]$"):
+    with pytest.raises(CheckpointError, match=r"^x: unexpected 1 key\(s\): decoder.w2$"):
         load_checked(net, state | {"decoder.w": torch.zeros(1), "decoder.w2": torch.zeros(1)}, "x", error=CheckpointError,
                      allowed_unexpected=frozenset({"decoder.w"}))  # exact names, not prefixes
-    with pytest.raises(CheckpointError, match=r"unexpected \['set.aside'\]$"):
+    with pytest.raises(CheckpointError, match=r"^x: unexpected 1 key\(s\): set.aside$"):
         load_checked(net, state, "x", error=CheckpointError, extra_unexpected=["set.aside"])
+
+
+def test_key_problems_is_the_one_rule_of_allowed_keys():
+    """Names are allowed exactly, prefixes when they end in "."; what is left is counted and listed
+    (four at most), missing before unexpected: the wording of every weights loader's error."""
+    from rsseg.tensorfile import key_problems
+
+    assert key_problems(["norms.0.w", "norms.1.w"], ["classifier.w"], allowed_missing=["norms."], allowed_unexpected=["classifier.w"]) == []
+    assert key_problems(["norms0.w"], [], allowed_missing=["norms"]) == ["missing 1 key(s): norms0.w"]  # "norms" is a name, not a prefix
+    assert key_problems(list("fedcba"), ["x.y"], allowed_unexpected=["x."]) == ["missing 6 key(s): a, b, c, d ..."]
+    assert key_problems(["a"], ["z", "y"]) == ["missing 1 key(s): a", "unexpected 2 key(s): y, z"]

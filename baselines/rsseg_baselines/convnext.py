@@ -18,7 +18,7 @@ from rsseg.config.specs import Strict
 from rsseg.data.registry import input_bands
 from rsseg.errors import ConfigError
 from rsseg.provenance import fingerprint
-from rsseg.tensorfile import read_tensors
+from rsseg.tensorfile import key_problems, read_tensors
 from rsseg_baselines.stages import StageEncoder
 
 SIZES = {
@@ -101,17 +101,10 @@ def check_fit(own: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], 
     for prefix in ("convnext.", "backbone."):
         if any(k.startswith(prefix) for k in shapes):
             shapes = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in shapes.items()}
-    missing = sorted(k for k in own if k not in shapes)
-    unexpected = sorted(k for k in shapes if k not in own)
-    bad_missing = [k for k in missing if not k.startswith(ALLOWED_MISSING_PREFIX)]
-    bad_unexpected = [k for k in unexpected if k not in ALLOWED_UNEXPECTED]
-    if bad_missing or bad_unexpected:
-        what = []
-        if bad_missing:
-            what.append(f"missing {len(bad_missing)} key(s): {', '.join(bad_missing[:4])}{' ...' if len(bad_missing) > 4 else ''}")
-        if bad_unexpected:
-            what.append(f"unexpected {len(bad_unexpected)} key(s): {', '.join(bad_unexpected[:4])}{' ...' if len(bad_unexpected) > 4 else ''}")
-        raise ConfigError(f"convnext.weights: {path} does not fit this ConvNeXt: {'; '.join(what)}")
+    problems = key_problems(own.keys() - shapes.keys(), shapes.keys() - own.keys(), allowed_missing=(ALLOWED_MISSING_PREFIX,),
+                            allowed_unexpected=ALLOWED_UNEXPECTED)
+    if problems:
+        raise ConfigError(f"convnext.weights: {path} does not fit this ConvNeXt: {'; '.join(problems)}")
     wrong = [k for k in own if k in shapes and tuple(shapes[k]) != tuple(own[k].shape)]
     if wrong:
         k = wrong[0]

@@ -17,7 +17,7 @@ Per tile (our reading of the paper and its release, not its code):
    to the ORIGINAL tile's window patches by optimal transport (entropic, Sinkhorn) on the
    squared distance of L2-normalised patches — the OT loss is <P, C> with P the plan.
 
-Downstream, the ViT is read exactly as MAE's (rsseg_baselines.vit.build_encoder); the angle
+Downstream, the ViT is read exactly as MAE's (rsseg_baselines.vit.encoder.build_encoder); the angle
 embedding is a pre-training device and is left over.
 """
 
@@ -33,7 +33,9 @@ from torch import nn
 
 from rsseg.errors import ConfigError
 from rsseg.pretrain.objective import bare
-from rsseg_baselines.vit import SIZES, MaeObjective, MaeSpec, init_mae, mae_config, patchify
+from rsseg_baselines.vit.network import init_mae, mae_config, patchify
+from rsseg_baselines.vit.objective import MaeObjective
+from rsseg_baselines.vit.spec import SIZES, MaeSpec
 
 
 class Ma3eSpec(MaeSpec):

@@ -19,6 +19,7 @@ from rsseg.config.specs import Strict
 from rsseg.data.registry import input_bands
 from rsseg.errors import ConfigError
 from rsseg.provenance import fingerprint
+from rsseg.tensorfile import key_problems
 from rsseg_baselines.stages import StageEncoder
 
 SIZES = {
@@ -77,12 +78,7 @@ def load_imagenet(spec: SegformerSpec, in_channels: int):
         raise ConfigError(f"segformer.weights: {path}: not loadable as a SegFormer ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    problems = []
-    if info["missing_keys"]:
-        problems.append(f"missing {len(info['missing_keys'])} key(s): {', '.join(sorted(info['missing_keys'])[:4])}")
-    bad = sorted(k for k in info["unexpected_keys"] if not k.startswith(ALLOWED_UNEXPECTED_PREFIXES))
-    if bad:
-        problems.append(f"unexpected {len(bad)} key(s): {', '.join(bad[:4])}")
+    problems = key_problems(info["missing_keys"], info["unexpected_keys"], allowed_unexpected=ALLOWED_UNEXPECTED_PREFIXES)
     if info["mismatched_keys"]:
         problems.append(f"shapes differ for {', '.join(sorted(str(k) for k in info['mismatched_keys'])[:4])}")
     want = SIZES[spec.size]

@@ -6,7 +6,6 @@ Errors a user can cause print as one line (``error: ...``) with exit status 2.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -219,7 +218,7 @@ def pretrain_cmd(
     Trains only if no finished checkpoint with this spec's fingerprint exists; re-running an
     interrupted spec resumes from its last checkpoint.
     """
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
     from rsseg.runspec import load_run
 
     overrides = list(set_ or [])
@@ -256,20 +255,21 @@ def _check_runnable(run, spec: Path) -> None:
     problems = run.plugin.preflight_problems(run)
     if problems:
         raise ConfigError(f"{spec}: {problems[0][0]}: {problems[0][1]}")
-    if run.needs_pretraining:
-        from rsseg.pretrain import store
-        from rsseg.pretrain.data import data_problems
+    from rsseg.checkpoints import store
+    from rsseg.pretrain.data import data_problems, dataset_problems
 
-        found = data_problems(run) if store.find(run, _workdir()) is None else []
-        if found:
-            raise ConfigError(f"{spec}: {found[0]}")
+    # what the sweep plan asks too: the dataset always, the other imagery of a pre-training still to do
+    pending = run.needs_pretraining and store.find(run, _workdir()) is None
+    found = data_problems(run) if pending else dataset_problems(run.data)
+    if found:
+        raise ConfigError(f"{spec}: {found[0]}")
 
 
 def _pretrained(run, wd, address: Optional[str], announce: str = "first (not in the store yet)", **train_kwargs):
     """The run's pre-training from the store; trained first on Ray if missing (the CLI's one
     find-or-train); None if the method needs none."""
     from rsseg import kernels, raycluster
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
     from rsseg.pretrain.ensure import ensure_pretrained
     from rsseg.progress import done
 
@@ -337,7 +337,7 @@ def viz_cmd(
     """Figs. 5 and 6 for a checkpoint: t-SNE of encoder vs decoder features per class, and k-means
     maps of decoder features at several noise levels (PNGs)."""
     from rsseg.errors import ConfigError
-    from rsseg.featureviz import run_viz
+    from rsseg.featureviz import check_viz, run_viz
     from rsseg.runspec import load_run
 
     try:
@@ -347,13 +347,9 @@ def viz_cmd(
     if not ts or min(ts) < 0:
         raise ConfigError(f"--timesteps: {timesteps!r}: expected non-negative timesteps such as 0,50,100,150 (0 = the clean image)")
     run = load_run(spec, profile, set_ or []).spec
-    from rsseg.methods.ddpm import timesteps_outside
-
-    outside = timesteps_outside(run, ts)
-    if outside:
-        raise ConfigError(f"--timesteps: {outside}")
+    check_viz(run, ts, "--timesteps")  # before a pre-training it would start
     wd = _workdir()
-    pretrained = _pretrained(run, wd, address) if run.method == "ddpm" else None
+    pretrained = _pretrained(run, wd, address)
     r = run_viz(run, wd, out, tiles=tiles, points=points, timesteps=ts, pretrained=pretrained)
     typer.echo(f"silhouette of the classes: encoder {r['silhouette_encoder']:.3f}, decoder {r['silhouette_decoder']:.3f}")
     typer.echo("k-means vs labels (adjusted Rand index): " + ", ".join(f"t={t} {v:.3f}" for t, v in r["ari"].items()))
@@ -396,7 +392,8 @@ def sweep_cmd(
         typer.echo(passes.describe(passes.count(plan, Workdir.resolve())))
         typer.echo(cost.describe(plan, Workdir.resolve(), bill), nl=False)
         return
-    from rsseg.sweep.driver import run_sweep, summary_table
+    from rsseg.sweep.driver import run_sweep
+    from rsseg.sweep.record import summary_table
 
     try:
         result = run_sweep(loaded, _workdir(), address=address, tracking_uri=tracking_uri, resume=resume)
@@ -434,7 +431,7 @@ def weights_import(
     """Convert released weights once into the checkpoint store (fingerprinted by the file's hash)."""
     from rsseg.weights import import_weights
 
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
 
     wd = _workdir()
     found, new = import_weights(path, fmt, name, wd, {"norm_groups": norm_groups, "schedule": schedule})
@@ -446,7 +443,7 @@ def weights_import(
 @weights_app.command("list")
 def weights_list() -> None:
     """Imported weights: name, method, format, fingerprint, source."""
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
 
     rows = store.list_imported(_workdir())
     if not rows:
@@ -462,7 +459,7 @@ def weights_export(
 ) -> None:
     """Write DDPM weights (imported or pre-trained here) as a diffusers UNet2DModel directory."""
     from rsseg.methods.ddpm.weights import export_diffusers
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
 
     wd = _workdir()
     found = store.find_imported(wd, name)

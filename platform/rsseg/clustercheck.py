@@ -155,7 +155,6 @@ def run_paths(runs, pretrainings=()) -> list[tuple[str, str]]:
             out.setdefault(str(run.data.root), "data root")
     for run in pretrainings:
         arch = run.pretrain.archive
-        from_folder = arch.source == "folder" or (arch.source == "auto" and run.data.dataset != "synthetic")
-        if from_folder and arch.root is not None and run.pretrain.iterations.counts()[0]:
+        if arch.source_for(run.data) == "folder" and arch.root is not None and run.pretrain.iterations.counts()[0]:
             out.setdefault(str(arch.root), "archive root")
     return [(label, path) for path, label in out.items()]

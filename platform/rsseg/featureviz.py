@@ -121,6 +121,19 @@ def _tiles(run, workdir, n: int):
     return collate(items[:n]), index.table
 
 
+def check_viz(run, timesteps: Sequence[int], key: str = "timesteps") -> None:
+    """Before anything is read or trained: Figs. 5-6 show a DDPM's features, at timesteps its
+    schedule and UNet take (``key`` names them in the error: ``--timesteps`` for the CLI)."""
+    from rsseg.errors import ConfigError
+
+    if run.method != "ddpm":
+        raise ConfigError(f"method: platform viz shows DDPM features; {run.method!r} is not ddpm")
+    from rsseg.methods.ddpm.rules import timesteps_outside
+
+    if outside := timesteps_outside(run, list(timesteps)):
+        raise ConfigError(f"{key}: {outside}")
+
+
 def run_viz(run, workdir, out: Path, *, tiles: int = 8, points: int = 2000, timesteps: Sequence[int] = (0, 50, 100, 150, 200),
             seed: int = 0, pretrained=None) -> dict[str, object]:
     """Write ``tsne_encoder_vs_decoder.png`` and ``kmeans_noise_levels.png`` into ``out``."""
@@ -128,10 +141,7 @@ def run_viz(run, workdir, out: Path, *, tiles: int = 8, points: int = 2000, time
 
     from rsseg.pretrain.ensure import ensure_pretrained
 
-    if run.method != "ddpm":
-        from rsseg.errors import ConfigError
-
-        raise ConfigError(f"method: platform viz shows DDPM features; {run.method!r} is not ddpm")
+    check_viz(run, timesteps)
     if pretrained is None:
         pretrained = ensure_pretrained(run, workdir, allow_training=False)
     batch, table = _tiles(run, workdir, tiles)

@@ -67,11 +67,10 @@ def pretrain_flops(run, bands: int) -> float | None:
 def _networks(run, bands: int, classes: int):
     """(encoder, head with its neck) of the run, untrained, on the meta device."""
     from rsseg.heads import NeckHead, build_head
-    from rsseg.imports import load_object
 
     method = run.plugin
     with torch.device("meta"):
-        encoder = load_object(method.skeleton)(run, bands)
+        encoder = method.build_skeleton(run, bands)
         neck = method.build_neck(run, encoder.feature_info)
         head = build_head(run.head_name, (neck or encoder).feature_info, classes, run.finetune)
         if neck is not None:

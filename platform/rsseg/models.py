@@ -38,7 +38,7 @@ def encoder_reference(run, pretrained) -> dict[str, Any]:
     block = run.method_block
     imported = getattr(getattr(block, "features", None), "imported", None)
     if imported:
-        from rsseg.pretrain.store import imported_fingerprint
+        from rsseg.checkpoints.store import imported_fingerprint
 
         return {"kind": "imported", "name": imported, "fingerprint": imported_fingerprint(Workdir.resolve(), imported)}
     if pretrained is not None:
@@ -198,7 +198,7 @@ def best_run(experiment: str, workdir: Workdir, tracking_uri: str | None = None)
 def load_model(ref: str, workdir: Workdir | None = None, *, device: str | None = None, tracking_uri: str | None = None) -> LoadedModel:
     from rsseg.device import resolve
     from rsseg.heads import NeckHead, build_head
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
     from rsseg.runspec import parse_run
 
     workdir = workdir or Workdir.resolve()
@@ -237,11 +237,9 @@ def load_model(ref: str, workdir: Workdir | None = None, *, device: str | None =
 
 
 def _skeleton(run, meta):
-    from rsseg.imports import load_object
-
     if run.plugin.skeleton is None:
         raise ConfigError(f"method {run.method!r} cannot rebuild a fine-tuned encoder (no skeleton builder)")
-    return load_object(run.plugin.skeleton)(run, int(meta.get("in_channels") or 3))
+    return run.plugin.build_skeleton(run, int(meta.get("in_channels") or 3))
 
 
 def list_models(workdir: Workdir) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from pydantic import create_model, field_validator, model_validator
 from rsseg.config.loader import Document, load_document, validate
 from rsseg.config.profiles import dump_yaml, is_sweep_document, run_document, sweep_document
 from rsseg.config.specs import RunSpecBase, SweepSpec
+from rsseg.heads import head_names
 from rsseg.methods import Method, registry
 
 
@@ -35,6 +36,9 @@ class _Checked(RunSpecBase):
 
     @model_validator(mode="after")
     def _method_checks(self) -> "_Checked":
+        heads = head_names()
+        if self.finetune.head != "auto" and self.finetune.head not in heads:
+            raise ValueError(f"@finetune.head: unknown head {self.finetune.head!r}; expected auto or one of {', '.join(heads)}")
         problems = self.plugin.check(self)
         if problems:
             key, message = problems[0]
@@ -66,7 +70,7 @@ class _Checked(RunSpecBase):
     @functools.cached_property
     def pretrain_fingerprint(self) -> str:
         """The identity of this run's pre-training (computed once per spec)."""
-        from rsseg.pretrain.identity import fingerprint
+        from rsseg.checkpoints.identity import fingerprint
 
         return fingerprint(self)
 
@@ -81,8 +85,8 @@ class _Checked(RunSpecBase):
             if data["dataset"] != sub:
                 data.pop(sub, None)
         ft = out["finetune"] = dict(out["finetune"])
-        for name in ("mlp", "upernet", "segformer"):
-            if name != self.head_name:
+        for name in head_names():  # the option blocks of the heads not used (built-in heads have one)
+            if name != self.head_name and isinstance(ft.get(name), dict):
                 ft.pop(name, None)
         if self.needs_pretraining:  # what the weights are; how the pre-training ran is on its own run
             out["pretrain"] = {k: v for k, v in full["pretrain"].items() if k != "runtime"}

@@ -34,7 +34,7 @@ class RunTags:
     pretrain_fingerprint: str = ""
     homogeneous_share: str = ""  # Fig. 9/10 key: the share of homogeneous pre-training iterations
     homogeneous_source: str = ""  # the dataset of step 2 when it is not the target's own (Fig. 9's non-homogeneous)
-    trunk_fingerprint: str = ""  # lineage: the shared archive phase (rsseg.pretrain.identity) ...
+    trunk_fingerprint: str = ""  # lineage: the shared archive phase (rsseg.checkpoints.identity) ...
     switch_step: str = ""  # ... and the step where this pre-training left it
     method_tags: dict[str, str] = field(default_factory=dict)  # the method's own (Method.tag_keys)
     space: dict[str, str] = field(default_factory=dict)  # the sweep axes' values (space.<key>)
@@ -52,7 +52,7 @@ class RunTags:
         if kind == "pretrain":
             values.update(label_ratio="", frozen="", seed="")
         if run.needs_pretraining:
-            from rsseg.pretrain.identity import lineage
+            from rsseg.checkpoints.identity import lineage
 
             lin = lineage(run)
             other = run.pretrain.homogeneous_data

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import Callable
 
 from rsseg.errors import CheckpointError, ConfigError
 from rsseg.workdir import Workdir
@@ -20,11 +21,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RESERVED = ("ema", "raw", "random")
 
 
-def formats() -> dict[str, tuple[str, str]]:
-    """format -> (method, "module:function") over the installed methods."""
+def formats() -> dict[str, tuple[str, Callable[..., dict]]]:
+    """format -> (method, converter) over the installed methods."""
     from rsseg.methods import registry
 
-    return {fmt: (m.name, ref) for m in registry().values() for fmt, ref in m.importers}
+    return {fmt: (m.name, converter) for m in registry().values() for fmt, converter in m.importers}
 
 
 def source_hash(path: Path) -> str:
@@ -39,15 +40,13 @@ def source_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_options(fmt: str, ref: str, options: dict[str, object]) -> dict[str, object]:
+def import_options(fmt: str, converter: Callable[..., dict], options: dict[str, object]) -> dict[str, object]:
     """The options given for this import (None: not given), checked against what the format's
     converter reads (``--norm-groups`` and ``--schedule`` for ddpm-cd)."""
     import inspect
 
-    from rsseg.imports import load_object
-
     given = {k: v for k, v in (options or {}).items() if v is not None}
-    accepted = set(inspect.signature(load_object(ref)).parameters) - {"path"}
+    accepted = set(inspect.signature(converter).parameters) - {"path"}
     for key in given:
         if key not in accepted:
             flag = "--" + key.replace("_", "-")
@@ -63,8 +62,7 @@ def import_weights(path: Path, fmt: str, name: str, workdir: Workdir | None = No
     part of the import's identity (its fingerprint), as the file is."""
     import json
 
-    from rsseg.imports import load_object
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
 
     workdir = workdir or Workdir.resolve()
     known = formats()
@@ -72,8 +70,8 @@ def import_weights(path: Path, fmt: str, name: str, workdir: Workdir | None = No
         raise ConfigError(f"--format {fmt!r}: unknown weights format; expected one of {', '.join(sorted(known))}")
     if not NAME_RE.match(name) or name in RESERVED:
         raise ConfigError(f"--name {name!r}: expected letters, digits, '.', '_' or '-' (and not {', '.join(RESERVED)})")
-    method, ref = known[fmt]
-    given = import_options(fmt, ref, options or {})
+    method, converter = known[fmt]
+    given = import_options(fmt, converter, options or {})
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise CheckpointError(f"{path}: weights not found")
@@ -86,18 +84,5 @@ def import_weights(path: Path, fmt: str, name: str, workdir: Workdir | None = No
             return store.find_imported(workdir, name), False
         raise CheckpointError(f"--name {name!r}: other weights are already imported under this name ({existing}); "
                               "choose another --name")
-    state = load_object(ref)(path, **given)
+    state = converter(path, **given)
     return store.write_imported(workdir, name, method, state, {"source": str(path), "format": fmt, "sha256": sha, "options": given}), True
-
-
-def imported(name: str, workdir: Workdir | None = None):
-    """The imported weights ``name`` (a one-line error saying how to import them when absent)."""
-    from rsseg.pretrain import store
-
-    workdir = workdir or Workdir.resolve()
-    found = store.find_imported(workdir, name)
-    if found is None:
-        have = ", ".join(d["name"] for d in store.list_imported(workdir)) or "none"
-        raise CheckpointError(f"weights {name!r} are not imported in {workdir.root} (imported: {have}); "
-                              f"run `platform weights import PATH --format ... --name {name}`")
-    return found

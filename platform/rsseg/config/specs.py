@@ -46,6 +46,23 @@ class GidSpec(Strict):
     image: Literal["rgb", "nirrgb"] = "rgb"
 
 
+def label_ratio_problem(ratio: object) -> str | None:
+    """The one rule for a label ratio (the share of training tiles with labels): a number in
+    (0, 1]. None when it holds, else what is wrong and what to write instead."""
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0.0 < ratio <= 1.0:
+        return None
+    return f"label ratio {ratio!r} is outside (0, 1]; use e.g. 0.02 (S), 0.4 (M) or 1.0 (L)"
+
+
+def _label_ratio(ratio: float) -> float:
+    if problem := label_ratio_problem(ratio):
+        raise ValueError(problem)
+    return ratio
+
+
+LabelRatio = Annotated[float, AfterValidator(_label_ratio)]
+
+
 class DataSpec(Strict):
     dataset: Literal["synthetic", "minifrance", "gid", "folder"] = "synthetic"
     root: AbsPath | None = Field(None, description="dataset root (synthetic: where to generate; default under the workdir)")
@@ -61,7 +78,7 @@ class DataSpec(Strict):
         "auto", description="tile: tiles shuffled across all scenes (the paper's random split); scene: every image wholly in one "
                             "split, so neighbouring tiles never sit in train and test (what a map of new places needs); auto: "
                             "scene for a folder dataset of at least 3 labelled scenes, else tile (the paper's datasets)")
-    label_ratio: float = Field(0.02, gt=0.0, le=1.0, description="share of training tiles with labels (S=0.02, M=0.4, L=1.0)")
+    label_ratio: LabelRatio = Field(0.02, description="share of training tiles with labels (S=0.02, M=0.4, L=1.0)")
     synthetic: SyntheticSpec = SyntheticSpec()
     gid: GidSpec = GidSpec()
 
@@ -115,6 +132,14 @@ class ArchiveSpec(Strict):
     glob: str = "**/*.tif"
     bands: list[int] | None = None
     value_range: tuple[float, float] | None = None
+
+    def source_for(self, data: DataSpec) -> Literal["synthetic", "folder", "none"]:
+        """Where the archive imagery comes from for this dataset, ``auto`` resolved: the synthetic
+        archive domain for synthetic data, else the folder at ``root``, else none. The one place of
+        this rule (the fingerprint, the data checks, the node checks and the reader use it)."""
+        if self.source != "auto":
+            return self.source
+        return "synthetic" if data.dataset == "synthetic" else ("folder" if self.root else "none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +293,8 @@ class CacheSpec(Strict):
 
 
 class FinetuneSpec(Strict):
-    head: Literal["auto", "mlp", "upernet", "segformer"] = Field("auto", description="auto: the method's default for frozen / fine-tuned")
+    head: str = Field("auto", description="a registered head (built in: mlp, upernet, segformer; a package adds its own through "
+                                          "the rsseg.heads entry points); auto: the method's default for frozen / fine-tuned")
     mlp: MlpHeadSpec = MlpHeadSpec()
     upernet: UperNetHeadSpec = UperNetHeadSpec()
     segformer: SegformerHeadSpec = SegformerHeadSpec()

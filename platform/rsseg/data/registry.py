@@ -69,9 +69,7 @@ def scenes(spec: DataSpec, workdir: Workdir | None = None) -> SceneSet:
 def archive_scenes(spec: ArchiveSpec, data: DataSpec, workdir: Workdir | None = None) -> SceneSet | None:
     """The step-1 archive imagery, or None when the spec has none."""
     workdir = workdir or Workdir.resolve()
-    source = spec.source
-    if source == "auto":
-        source = "synthetic" if data.dataset == "synthetic" else ("folder" if spec.root else "none")
+    source = spec.source_for(data)
     if source == "none":
         return None
     bands = tuple(spec.bands) if spec.bands else (tuple(data.bands) if data.bands else None)

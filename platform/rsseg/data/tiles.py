@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rsseg.config.specs import DataSpec
+from rsseg.config.specs import DataSpec, label_ratio_problem
 from rsseg.data.pixels import check_image, read_error, sample_windows
 from rsseg.data.classes import IGNORE_INDEX, ClassTable, decode_codes, decode_colours
 from rsseg.data.scenes import SceneSet, check_bands, check_pair, check_same_bands, check_tile_fits, open_raster, raster_meta
@@ -265,8 +265,8 @@ def touching(a: "pl.DataFrame", b: "pl.DataFrame") -> int:
 
 
 def check_ratio(ratio: float) -> None:
-    if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
-        raise DataError(f"label ratio {ratio!r} is outside (0, 1]; use e.g. 0.02 (S), 0.4 (M) or 1.0 (L)")
+    if problem := label_ratio_problem(ratio):
+        raise DataError(problem)
 
 
 def index_key(scenes: SceneSet, params: TilingParams) -> str:

@@ -6,12 +6,20 @@ A head is an ``nn.Module`` built by ``builder(feature_info, num_classes, finetun
 - ``loss(features, logits, mask) -> scalar``: its training loss (cross-entropy with the ignore
   index; a head with an auxiliary output adds its own term, e.g. UPerNet's FCN head).
 
-Built in: ``mlp`` (the paper's MLP segmentor), ``upernet`` and ``segformer`` (SegFormer's all-MLP decoder); `register_head` adds another.
+Built in: ``mlp`` (the paper's MLP segmentor), ``upernet`` and ``segformer`` (SegFormer's all-MLP
+decoder). A user's own head comes from their package through the ``rsseg.heads`` entry-point group
+(listed by name without importing it) and is then chosen from YAML as ``finetune.head: NAME``::
+
+    [project.entry-points."rsseg.heads"]
+    my_head = "my_package.heads:build"
+
+`register_head` adds one in-process (tests, notebooks).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from importlib import metadata
 from typing import Any, Callable
 
 import torch
@@ -19,6 +27,8 @@ import torch.nn.functional as F
 
 from rsseg.encoders import FeatureInfo
 from rsseg.labels import IGNORE_INDEX
+
+ENTRY_POINT_GROUP = "rsseg.heads"
 
 # name -> "module:function" (loaded on first use) or the builder itself
 HEADS: dict[str, str | Callable[..., torch.nn.Module]] = {
@@ -32,13 +42,23 @@ def register_head(name: str, builder: str | Callable[..., torch.nn.Module]) -> N
     HEADS[name] = builder
 
 
+def _installed() -> dict[str, str]:
+    """The heads installed packages declare: name -> "module:function" (nothing imported)."""
+    return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def head_names() -> list[str]:
+    """Every head a run may name: built in, installed, registered in this process."""
+    return sorted(set(HEADS) | set(_installed()))
+
+
 def build_head(name: str, feature_info: list[FeatureInfo], num_classes: int, finetune: Any) -> torch.nn.Module:
     """A head for these features; ``finetune`` is the run's FinetuneSpec (head options)."""
     from rsseg.imports import load_object
 
-    if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; registered: {', '.join(sorted(HEADS))}")
-    builder = HEADS[name]
+    builder = HEADS.get(name) or _installed().get(name)
+    if builder is None:
+        raise ValueError(f"unknown head {name!r}; registered: {', '.join(head_names())}")
     if isinstance(builder, str):
         builder = load_object(builder)
     return builder(feature_info, num_classes, finetune)

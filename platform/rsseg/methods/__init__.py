@@ -8,23 +8,41 @@ their own package and no edit to ``platform/`` (docs/methods.md)::
     [project.entry-points."rsseg.methods"]
     my_method = "my_package.method:METHOD"
 
-The registry holds only light objects: builders are import strings, loaded when first used, so
-listing or validating methods never imports a network.
+Its hooks are functions (timm's ``register_model``), checked when the method is made: a hook that
+is not callable with the arguments the platform passes is a load error naming the method and the
+hook, not a failure in the middle of a sweep. A method's modules import torch at most at their top;
+diffusers and transformers are imported inside the builders that need them (`Method.imports`).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from rsseg.imports import load_object
-
 ENTRY_POINT_GROUP = "rsseg.methods"
+
+Hook = Callable[..., Any]
+
+# hook -> the arguments the platform calls it with
+HOOK_ARGS: dict[str, tuple[str, ...]] = {
+    "objective": ("run", "in_channels"), "encoder": ("run", "pretrained"), "tags": ("run",),
+    "needs_pretraining_fn": ("run",), "checks": ("run",), "neck": ("run", "feature_info"),
+    "unavailable": ("run",), "preflight": ("run",), "skeleton": ("run", "in_channels"),
+}
+
+
+def check_hook(method: str, hook: str, fn: Any, args: tuple[str, ...]) -> None:
+    """``fn`` can be called as the platform calls ``hook`` (``args`` positionally), else TypeError."""
+    try:
+        inspect.signature(fn).bind(*args)
+    except (TypeError, ValueError):
+        raise TypeError(f"method {method!r}: {hook} must be a function of ({', '.join(args)}), got {fn!r}") from None
 
 
 @dataclass(frozen=True)
@@ -33,71 +51,85 @@ class Method:
     summary: str
     # How the tables name the method's rows (Table 3: "MAE · Frozen", ...).
     label: str
+    # (run: RunSpec, pretrained: Pretrained | None) -> Encoder
+    encoder: Hook
     # The RunSpec block holding this method's options (several methods may share one block).
     block: str | None = None
     spec: type[BaseModel] | None = None
-    # "module:function" (run: RunSpec, in_channels: int) -> Objective, or None when the method is
-    # not pre-trained by the platform (random or ImageNet initialisation).
-    objective: str | None = None
+    # (run: RunSpec, in_channels: int) -> Objective, or None when the method is not pre-trained by
+    # the platform (random or ImageNet initialisation).
+    objective: Hook | None = None
     # Fields of the method's block that change what pre-training learns (they enter the
     # pre-training fingerprint; the rest, e.g. feature selection, does not).
     pretrain_keys: tuple[str, ...] = ()
-    # "module:function" (run: RunSpec, pretrained: Pretrained | None) -> Encoder
-    encoder: str = ""
     # Default heads: (frozen, fine-tuned).
     heads: tuple[str, str] = ("mlp", "upernet")
-    # "module:function" (run) -> dict: MLflow tags describing the method's setting (timesteps, ...),
-    # with their names in `tag_keys` (the run-tag schema reads them back by these names).
-    tags: str | None = None
+    # (run) -> dict: MLflow tags describing the method's setting (timesteps, ...), with their names
+    # in `tag_keys` (the run-tag schema reads them back by these names).
+    tags: Hook | None = None
     tag_keys: tuple[str, ...] = ()
-    # "module:function" (run) -> bool: whether this run needs the platform's pre-training
-    # (default: whenever the method has an objective).
-    needs_pretraining_fn: str | None = None
-    # "module:function" (run) -> list of (dotted key, message): checks across blocks that a
-    # field validator cannot make (e.g. warm-up longer than the whole pre-training).
-    checks: str | None = None
-    # "module:function" (run, feature_info) -> nn.Module with its own ``feature_info``: a trainable
-    # neck between encoder and head (a ViT's single-stride blocks -> a 4-scale pyramid). It is
-    # trained with the head, also when the encoder is frozen (so frozen features stay cacheable).
-    neck: str | None = None
-    # "module:function" (run) -> str | None: why this run cannot be made here (e.g. no local
-    # ImageNet weights). A sweep skips such cells with the reason instead of failing.
-    unavailable: str | None = None
-    # "module:function" (run) -> list of (dotted key, message): checks too slow for every
-    # validation (reading a weights file's keys), made once per sweep plan before anything runs.
-    preflight: str | None = None
-    # "module:function" (run, in_channels) -> Encoder with untrained weights: built on the meta
-    # device to count parameters at plan time (no data, no checkpoint, nothing allocated).
-    skeleton: str | None = None
-    # Released weights this method reads (`platform weights import --format F`): (format, "module:function"
-    # (path) -> state in the store's final form: model, ema (None), objective).
-    importers: tuple[tuple[str, str], ...] = ()
+    # (run) -> bool: whether this run needs the platform's pre-training (default: whenever the
+    # method has an objective).
+    needs_pretraining_fn: Hook | None = None
+    # (run) -> list of (dotted key, message): checks across blocks that a field validator cannot
+    # make (e.g. warm-up longer than the whole pre-training).
+    checks: Hook | None = None
+    # (run, feature_info) -> nn.Module with its own ``feature_info``: a trainable neck between
+    # encoder and head (a ViT's single-stride blocks -> a 4-scale pyramid). It is trained with the
+    # head, also when the encoder is frozen (so frozen features stay cacheable).
+    neck: Hook | None = None
+    # (run) -> str | None: why this run cannot be made here (e.g. no local ImageNet weights). A
+    # sweep skips such cells with the reason instead of failing.
+    unavailable: Hook | None = None
+    # (run) -> list of (dotted key, message): checks too slow for every validation (reading a
+    # weights file's keys), made once per sweep plan before anything runs.
+    preflight: Hook | None = None
+    # (run, in_channels) -> Encoder with untrained weights: built on the meta device to count
+    # parameters at plan time (no data, no checkpoint, nothing allocated).
+    skeleton: Hook | None = None
+    # Released weights this method reads (`platform weights import --format F`): (format,
+    # converter (path, **options) -> state in the store's final form: model, ema (None), objective).
+    importers: tuple[tuple[str, Hook], ...] = ()
     # Heavy modules its builders import (diffusers, transformers): the driver imports them in the
     # background while the Ray cluster starts (`rsseg.raycluster.init`), not after it.
     imports: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            fn = getattr(self, f.name)
+            if f.name in HOOK_ARGS and (fn is not None or f.name == "encoder"):
+                check_hook(self.name, f.name, fn, HOOK_ARGS[f.name])
+        for fmt, converter in self.importers:
+            check_hook(self.name, f"importer {fmt!r}", converter, ("path",))
+
     def build_objective(self, run: Any, in_channels: int) -> Any:
         if self.objective is None:
             raise ValueError(f"method {self.name!r} has no pre-training objective")
-        return load_object(self.objective)(run, in_channels)
+        return self.objective(run, in_channels)
 
     def build_encoder(self, run: Any, pretrained: Any) -> Any:
-        return load_object(self.encoder)(run, pretrained)
+        return self.encoder(run, pretrained)
+
+    def build_skeleton(self, run: Any, in_channels: int) -> Any:
+        """The encoder with untrained weights (build it under ``torch.device("meta")`` to allocate nothing)."""
+        if self.skeleton is None:
+            raise ValueError(f"method {self.name!r} has no skeleton builder")
+        return self.skeleton(run, in_channels)
 
     def run_tags(self, run: Any) -> dict[str, str]:
-        return {k: str(v) for k, v in load_object(self.tags)(run).items()} if self.tags else {}
+        return {k: str(v) for k, v in self.tags(run).items()} if self.tags else {}
 
     def check(self, run: Any) -> list[tuple[str, str]]:
-        return list(load_object(self.checks)(run)) if self.checks else []
+        return list(self.checks(run)) if self.checks else []
 
     def unavailable_reason(self, run: Any) -> str | None:
-        return load_object(self.unavailable)(run) if self.unavailable else None
+        return self.unavailable(run) if self.unavailable else None
 
     def preflight_problems(self, run: Any) -> list[tuple[str, str]]:
-        return list(load_object(self.preflight)(run)) if self.preflight else []
+        return list(self.preflight(run)) if self.preflight else []
 
     def build_neck(self, run: Any, feature_info: list) -> Any:
-        return load_object(self.neck)(run, feature_info) if self.neck else None
+        return self.neck(run, feature_info) if self.neck else None
 
     def parameter_counts(self, run: Any, in_channels: int, num_classes: int) -> tuple[int, int] | None:
         """(encoder, head + neck) parameters of ``run``'s networks, counted on the meta device;
@@ -110,7 +142,7 @@ class Method:
         from rsseg.heads import build_head
 
         with torch.device("meta"):
-            encoder = load_object(self.skeleton)(run, in_channels)
+            encoder = self.build_skeleton(run, in_channels)
             neck = self.build_neck(run, encoder.feature_info)
             head = build_head(run.head_name, (neck or encoder).feature_info, num_classes, run.finetune)
         return count_parameters(encoder), count_parameters(head) + (count_parameters(neck) if neck is not None else 0)
@@ -125,7 +157,7 @@ class Method:
     def needs_pretraining(self, run: Any) -> bool:
         if self.objective is None:
             return False
-        return bool(load_object(self.needs_pretraining_fn)(run)) if self.needs_pretraining_fn else True
+        return bool(self.needs_pretraining_fn(run)) if self.needs_pretraining_fn else True
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,2 +1,2 @@
-"""Pre-training: UNet presets and the DDPM objective (core), one trainer for every objective
-(trainer.py, on Ray Train) and the fingerprinted checkpoint store (store.py)."""
+"""Pre-training, the stage: one trainer for every objective (trainer.py, on Ray Train), its launch
+and the ensure step that trains only what the checkpoint store (`rsseg.checkpoints`) lacks."""

@@ -33,21 +33,30 @@ def pretrain_datasets(run, workdir: Workdir):
     return archive, homogeneous
 
 
+def dataset_problems(data) -> list[str]:
+    """A dataset root that is not there (``data``: a DataSpec), found without reading a raster:
+    every stage reads it, so a sweep says so before it starts anything."""
+    from pathlib import Path
+
+    if data.dataset != "synthetic" and data.root is not None and not Path(data.root).is_dir():
+        return [f"data.root: {data.root} is not a directory (the {data.dataset} dataset; set RSSEG_DATA or --set data.root=DIR)"]
+    return []
+
+
 def data_problems(run) -> list[str]:
     """What would make this run's pre-training fail on its data, found without reading a raster:
     a missing dataset root, archive iterations without archive imagery (with the override that
-    drops them), an archive folder that is not there."""
+    drops them), an archive folder that is not there. Only a pre-training still to do reads the
+    imagery beyond the dataset's own."""
     from pathlib import Path
 
-    problems = []
-    if run.data.dataset != "synthetic" and run.data.root is not None and not Path(run.data.root).is_dir():
-        problems.append(f"data.root: {run.data.root} is not a directory (the {run.data.dataset} dataset; set RSSEG_DATA or --set data.root=DIR)")
+    problems = dataset_problems(run.data)
     other = run.pretrain.homogeneous_data
     if other is not None and other.dataset != "synthetic" and (other.root is None or not Path(other.root).is_dir()):
         problems.append(f"pretrain.homogeneous_data.root: {other.root} is not a directory (the {other.dataset} imagery of step 2)")
     n_archive, n_homogeneous = run.pretrain.iterations.counts()
     a = run.pretrain.archive
-    source = a.source if a.source != "auto" else ("synthetic" if run.data.dataset == "synthetic" else ("folder" if a.root else "none"))
+    source = a.source_for(run.data)
     if not n_archive or source == "synthetic":
         return problems
     if run.pretrain.iterations.homogeneous_ratio is not None:

@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from rsseg.errors import CheckpointError
-from rsseg.pretrain import store
+from rsseg.checkpoints import store
 from rsseg.workdir import Workdir
 
 _THREAD_LOCKS: dict[str, threading.Lock] = {}

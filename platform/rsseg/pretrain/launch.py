@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rsseg.errors import CheckpointError, ConfigError, DataError
-from rsseg.pretrain import store
+from rsseg.checkpoints import store
 from rsseg.pretrain.trainer import Fault, TrainPlan
 from rsseg.workdir import Workdir
 
@@ -95,7 +95,7 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
     left on the way (this run's own switch step always is)."""
     from rsseg import kernels, tracking
     from rsseg.pretrain.data import pretrain_datasets
-    from rsseg.pretrain.identity import identity, lineage
+    from rsseg.checkpoints.identity import identity, lineage
 
     workdir = workdir or Workdir.resolve()
     kernels.pin(run.runtime.cpu_kernels)  # before any CPU computation and the local cluster (its workers inherit it)
@@ -210,7 +210,7 @@ def _say_resume_point(sdir, fp: str, resume_from, run, workdir) -> None:
     checkpoint, the explicit one, or its trunk's point at or before its switch step)."""
     import sys
 
-    from rsseg.pretrain.identity import lineage
+    from rsseg.checkpoints.identity import lineage
 
     skipped: list[str] = []
     found = store.latest_valid(sdir, fp, skipped)

@@ -44,7 +44,8 @@ import torch
 
 from rsseg.device import autocast, describe
 from rsseg.errors import CheckpointError
-from rsseg.pretrain import schedule, store
+from rsseg.checkpoints import store
+from rsseg.pretrain import schedule
 from rsseg.provenance import stamp
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class TrainPlan:
     stop_after: int | None = None
     resume_from: str | None = None
     fault: Fault | None = None
-    # the shared archive phase (rsseg.pretrain.identity): start from its point at the switch
+    # the shared archive phase (rsseg.checkpoints.identity): start from its point at the switch
     # step when there is one, and leave a point at every step of ``switch_steps`` on the way
     trunk: str | None = None
     trunk_root: str | None = None
@@ -432,11 +433,11 @@ class Trainer:
     def load_init(self, name: str) -> None:
         """Imported weights as the starting point: they must describe the same network and schedule."""
         from rsseg.errors import ConfigError
-        from rsseg.weights import imported
+        from rsseg.checkpoints.store import imported
         from rsseg.workdir import Workdir
 
         state = imported(name, Workdir.at(self.plan.workdir, self.plan.storage)).load()
-        # the objective's network is built from the imported weights' (methods.ddpm.network); what
+        # the objective's network is built from the imported weights' (methods.ddpm.rules.network); what
         # can still differ is the bands: the data's against those the weights take
         theirs = {k: v for k, v in state["objective"]["unet"].items() if k != "sample_size"}
         ours = {k: v for k, v in self.objective.describe()["unet"].items() if k != "sample_size"}

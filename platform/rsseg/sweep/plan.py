@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
+import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from rsseg.config.loader import Document, _unwrap, format_validation_error, set_path
-from rsseg.config.specs import Axis, RunSpecBase
+from rsseg.config.specs import Axis, DataSpec, RunSpecBase
 from rsseg.errors import ConfigError
 from rsseg.provenance import fingerprint
 from rsseg.runspec import LoadedSweep, run_spec_model
@@ -176,7 +177,7 @@ def make_plan(loaded: LoadedSweep, workdir=None, networks: bool = False) -> Swee
     a running sweep does not, and skips the seconds of diffusers imports they cost its driver."""
     from rsseg.device import check_sweep_resources
     from rsseg.methods import registry
-    from rsseg.pretrain import store
+    from rsseg.checkpoints import store
 
     spec, path = loaded.spec, loaded.path
     model = run_spec_model()
@@ -224,10 +225,17 @@ def make_plan(loaded: LoadedSweep, workdir=None, networks: bool = False) -> Swee
     if not trials:
         raise ConfigError(f"{path}: every trial was skipped ({skipped[0][1] if skipped else 'empty grid'})")
     _check_searched_pretraining(search_axes, trials, path)
-    from rsseg.pretrain.data import data_problems
+    return SweepPlan(loaded, grid_axes, search_axes, trials, list(seen_fps.values()), skipped, _data_problems(trials, seen_fps.values()))
 
-    problems = list(dict.fromkeys(p for pre in seen_fps.values() for p in data_problems(pre.spec)))
-    return SweepPlan(loaded, grid_axes, search_axes, trials, list(seen_fps.values()), skipped, problems)
+
+def _data_problems(trials: list[PlannedTrial], pretrainings) -> list[str]:
+    """Every trial reads its dataset; only a pre-training still to do reads its other imagery (one
+    already in the store, trained on another machine or before the archive folder moved, needs none)."""
+    from rsseg.pretrain.data import data_problems, dataset_problems
+
+    datasets = {json.dumps(t.run["data"], sort_keys=True): t.run["data"] for t in trials}
+    return list(dict.fromkeys([*(p for data in datasets.values() for p in dataset_problems(DataSpec.model_validate(data))),
+                               *(p for pre in pretrainings if not pre.cached for p in data_problems(pre.spec))]))
 
 
 def _bounds(axis: Axis) -> list[Any]:
@@ -272,8 +280,8 @@ def pretraining_work(plan: "SweepPlan", workdir=None) -> list[tuple[Any, int]]:
 
 
 def _pretraining_work(plan: "SweepPlan", workdir=None) -> tuple[list[str], list[tuple[Any, int]]]:
-    from rsseg.pretrain import store
-    from rsseg.pretrain.identity import lineage
+    from rsseg.checkpoints import store
+    from rsseg.checkpoints.identity import lineage
     from rsseg.workdir import Workdir
 
     workdir = workdir or Workdir.resolve()
@@ -371,3 +379,9 @@ def describe(plan: SweepPlan) -> str:
         for reason, n in by_reason.items():
             lines.append(f"  {n} x {reason}")
     return "\n".join(lines) + "\n"
+
+
+def grid_cells(plan: SweepPlan) -> dict[str, dict[str, Any]]:
+    """Every grid trial by its slot (``<cell>.<repeat>``): what a trial is, whichever Tuner runs it."""
+    return {f"{i}.{r}": {**t.cell, "slot": f"{i}.{r}"}
+            for r in range(plan.spec.search.num_samples) for i, t in enumerate(plan.trials)}

@@ -53,8 +53,8 @@ def read_runs(uri: str, experiments: list[str] | None = None) -> Store:
     import polars as pl
 
     tracking.check_reachable(uri)
-    if tracking.is_sqlite(uri) and not tracking._sqlite_path(uri).exists():
-        return Store(uri, _empty_frame(), [], {}, f"no MLflow store at {tracking._sqlite_path(uri)} (run a sweep first)")
+    if tracking.is_sqlite(uri) and not tracking.sqlite_path(uri).exists():
+        return Store(uri, _empty_frame(), [], {}, f"no MLflow store at {tracking.sqlite_path(uri)} (run a sweep first)")
     c = tracking.client(uri)
     try:
         all_exps = c.search_experiments()

@@ -244,7 +244,7 @@ def build_encoder(run, pretrained) -> DdpmEncoder:
         weights_id = fingerprint({"random": cfg, "seed": run.seed})
     else:
         if f.imported:
-            from rsseg.weights import imported
+            from rsseg.checkpoints.store import imported
 
             pretrained = imported(f.imported)
         state = pretrained.load()
@@ -262,7 +262,7 @@ def build_encoder(run, pretrained) -> DdpmEncoder:
 
 def skeleton(run, in_channels: int) -> DdpmEncoder:
     """The run's encoder with untrained weights (the caller builds it on the meta device)."""
-    from rsseg.methods.ddpm import network
+    from rsseg.methods.ddpm.rules import network
     from rsseg.methods.ddpm.unet import build_unet, conditioning_of
 
     cfg = network(run, in_channels)

@@ -79,6 +79,6 @@ class DdpmObjective:
 def build_objective(run, in_channels: int) -> DdpmObjective:
     """The run's UNet (the preset's, or the network of the imported weights ``pretrain.init``
     starts from) on the run's own schedule."""
-    from rsseg.methods.ddpm import network
+    from rsseg.methods.ddpm.rules import network
 
     return DdpmObjective(network(run, in_channels), run.ddpm.schedule, run.ddpm.optim)

@@ -376,12 +376,14 @@ def import_diffusers(path: Path) -> dict[str, Any]:
 
     with torch.device("meta"):
         own = build_unet(cfg).state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    from rsseg.tensorfile import key_problems
+
+    problems = key_problems(own.keys() - state.keys(), state.keys() - own.keys())
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        what = [f"missing {_listed(missing)}" if missing else "", f"unexpected {_listed(unexpected)}" if unexpected else "",
-                f"mis-shaped {_listed(wrong)}" if wrong else ""]
-        raise CheckpointError(f"{weights}: does not fit the UNet2DModel of its config.json: {'; '.join(w for w in what if w)}")
+    if wrong:
+        problems.append(f"mis-shaped {_listed(wrong)}")
+    if problems:
+        raise CheckpointError(f"{weights}: does not fit the UNet2DModel of its config.json: {'; '.join(problems)}")
     schedule = NoiseScheduleSpec(**extra["schedule"]) if extra.get("schedule") else NoiseScheduleSpec(
         train_steps=int(config.get("num_train_timesteps") or 1000))
     return {"model": {k: v.float() for k, v in state.items()}, "ema": None, "imported": True,

@@ -46,17 +46,10 @@ def _init(run) -> dict[str, Any]:
     if not run.pretrain.init:
         return {}
     # the starting weights' content, not their name (a name could be bound to other weights)
-    from rsseg.pretrain.store import imported_fingerprint
+    from rsseg.checkpoints.store import imported_fingerprint
     from rsseg.workdir import Workdir
 
     return {"init": imported_fingerprint(Workdir.resolve(), run.pretrain.init) or f"missing:{run.pretrain.init}"}
-
-
-def archive_source(run) -> str:
-    a = run.pretrain.archive
-    if a.source != "auto":
-        return a.source
-    return "synthetic" if run.data.dataset == "synthetic" else ("folder" if a.root else "none")
 
 
 def trunk_identity(run) -> dict[str, Any]:
@@ -69,7 +62,7 @@ def trunk_identity(run) -> dict[str, Any]:
         "tiling": {"tile_size": d.tile_size, "stride": d.stride, "min_valid_fraction": d.min_valid_fraction, "bands": d.bands},
         "in_bands": d.declared_bands, **_init(run),
     }
-    if archive_source(run) == "synthetic":  # the archive scenes' generator inputs (not the labelled scenes')
+    if run.pretrain.archive.source_for(run.data) == "synthetic":  # the archive scenes' generator inputs (not the labelled scenes')
         from rsseg.config.specs import SyntheticSpec
 
         syn = d.synthetic if d.dataset == "synthetic" else SyntheticSpec()

@@ -1,5 +1,5 @@
 """The fingerprinted checkpoint store: persistence only (find, write, verify). One directory per
-pre-training fingerprint (`rsseg.pretrain.identity`); what to train and when is decided by
+pre-training fingerprint (`rsseg.checkpoints.identity`); what to train and when is decided by
 `rsseg.pretrain.ensure`, the training itself is `rsseg.pretrain.launch`.
 
 Layout under ``<workdir>/checkpoints/pretrain/<method>-<fingerprint>/``::
@@ -152,7 +152,7 @@ def latest_valid(store: StoreDir, expected_fp: str, skipped: list[str] | None = 
 
 # ----------------------------------------------------------------------------------------------
 # Trunk points: full training states at switch steps, shared by the runs of one trunk
-# (`rsseg.pretrain.identity`): ``<workdir>/checkpoints/pretrain/trunks/<method>-<trunk>/step_N.pt``
+# (`rsseg.checkpoints.identity`): ``<workdir>/checkpoints/pretrain/trunks/<method>-<trunk>/step_N.pt``
 
 
 def trunk_dir(workdir: Workdir, method: str, trunk: str) -> Path:
@@ -296,6 +296,17 @@ def find_imported(workdir: Workdir, name: str) -> Pretrained | None:
     done = json.loads(sdir.done.read_text())
     validate(sdir.final)
     return Pretrained(sdir.final, done["fingerprint"], done["method"], None)
+
+
+def imported(name: str, workdir: Workdir | None = None) -> Pretrained:
+    """The imported weights ``name`` (a one-line error saying how to import them when absent)."""
+    workdir = workdir or Workdir.resolve()
+    found = find_imported(workdir, name)
+    if found is None:
+        have = ", ".join(d["name"] for d in list_imported(workdir)) or "none"
+        raise CheckpointError(f"weights {name!r} are not imported in {workdir.root} (imported: {have}); "
+                              f"run `platform weights import PATH --format ... --name {name}`")
+    return found
 
 
 def imported_fingerprint(workdir: Workdir, name: str) -> str | None:
