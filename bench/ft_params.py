@@ -24,7 +24,8 @@ def main() -> None:
     from rsseg.methods.ddpm.spec import DdpmFeaturesSpec, NoiseScheduleSpec
     from rsseg.methods.ddpm.unet import build_preset, conditioning_of, unet_config
     from rsseg.tables import published
-    from rsseg_baselines.convnext import ConvNextEncoder, ConvNextSpec
+    from rsseg_baselines.convnext.encoder import ConvNextEncoder
+    from rsseg_baselines.convnext.spec import ConvNextSpec
     from rsseg_baselines.vit.encoder import SimplePyramid, VitEncoder
     from rsseg_baselines.vit.network import mae_config
     from rsseg_baselines.vit.spec import MaeSpec

@@ -13,9 +13,10 @@ from rsseg.errors import ConfigError
 from rsseg.heads import NeckHead, build_head
 from rsseg.heads.upernet import UperNetSegHead
 from rsseg.methods import registry
-from rsseg_baselines import convnext
+from rsseg_baselines.convnext import weights as convnext_weights
 from rsseg_baselines.vit import network as vit_network, rules as vit_rules, weights as vit_weights
-from rsseg_baselines.convnext import ConvNextEncoder, ConvNextSpec
+from rsseg_baselines.convnext.encoder import ConvNextEncoder
+from rsseg_baselines.convnext.spec import SIZES as CONVNEXT_SIZES, ConvNextSpec
 from rsseg_baselines.vit.encoder import SimplePyramid, VitEncoder
 from rsseg_baselines.vit.objective import MaeObjective, ScaleMaeObjective
 from rsseg_baselines.vit.spec import MaeSpec, ScaleMaeSpec
@@ -240,7 +241,7 @@ def _imagenet_like(tmp_path, drop=None):
     from safetensors.torch import save_file
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
-    cfg = ConvNextConfig(num_channels=3, num_labels=10, **convnext.SIZES["pico"])
+    cfg = ConvNextConfig(num_channels=3, num_labels=10, **CONVNEXT_SIZES["pico"])
     torch.manual_seed(1)
     state = {k: v.contiguous() for k, v in ConvNextForImageClassification(cfg).state_dict().items()}
     if drop:
@@ -253,7 +254,7 @@ def _imagenet_like(tmp_path, drop=None):
 def test_imagenet_weights_load_with_asserted_keys(tmp_path):
     path, state = _imagenet_like(tmp_path)
     enc = ConvNextEncoder(ConvNextSpec(size="pico"), 3, "x", imagenet=True)
-    keys = convnext.load_imagenet(enc.backbone, path)
+    keys = convnext_weights.load_imagenet(enc.backbone, path)
     assert keys["unexpected"] == ["classifier.bias", "classifier.weight", "layernorm.bias", "layernorm.weight"]
     assert keys["missing"] and all(k.startswith("hidden_states_norms.") for k in keys["missing"])
     torch.testing.assert_close(enc.backbone.embeddings.patch_embeddings.weight, state["convnext.embeddings.patch_embeddings.weight"])
@@ -263,19 +264,19 @@ def test_wrong_weights_file_is_one_line_naming_missing_keys(tmp_path):
     path, _ = _imagenet_like(tmp_path, drop="convnext.embeddings.patch_embeddings.weight")
     enc = ConvNextEncoder(ConvNextSpec(size="pico"), 3, "x", imagenet=True)
     with pytest.raises(ConfigError, match=r"convnext.weights: .* does not fit this ConvNeXt: missing 1 key\(s\): embeddings.patch_embeddings.weight$"):
-        convnext.load_imagenet(enc.backbone, path)
+        convnext_weights.load_imagenet(enc.backbone, path)
     good, _ = _imagenet_like(tmp_path / "..")
     four_bands = ConvNextEncoder(ConvNextSpec(size="pico"), 4, "x", imagenet=True)
     with pytest.raises(ConfigError, match=r"embeddings.patch_embeddings.weight has shape \(16, 3, 4, 4\), this ConvNeXt expects \(16, 4, 4, 4\)"):
-        convnext.load_imagenet(four_bands.backbone, good)
+        convnext_weights.load_imagenet(four_bands.backbone, good)
     base = ConvNextEncoder(ConvNextSpec(size="base"), 3, "x", imagenet=True)
     with pytest.raises(ConfigError, match=r"does not fit this ConvNeXt: missing \d+ key\(s\): encoder.stages"):
-        convnext.load_imagenet(base.backbone, good)
+        convnext_weights.load_imagenet(base.backbone, good)
     with pytest.raises(ConfigError, match=r"convnext.weights: .*nope.pt does not exist"):
-        convnext.load_imagenet(enc.backbone, tmp_path / "nope.pt")
+        convnext_weights.load_imagenet(enc.backbone, tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ConfigError, match=r"junk.pt is not a readable state dict"):
-        convnext.load_imagenet(enc.backbone, tmp_path / "junk.pt")
+        convnext_weights.load_imagenet(enc.backbone, tmp_path / "junk.pt")
 
 
 def test_imagenet_method_without_weights_fails_before_anything_runs(tmp_path):

@@ -341,7 +341,8 @@ def test_a_saved_model_loads_on_cuda_and_predicts_a_whole_scene(data_wd, pretrai
 
 @pytest.mark.parametrize("kind", ["mae", "scalemae", "ma3e"])
 def test_baseline_objectives_step_on_cuda_without_waiting_for_the_device(kind, synthetic_tiles):
-    from rsseg_baselines.ma3e import Ma3eObjective, Ma3eSpec
+    from rsseg_baselines.ma3e.objective import Ma3eObjective
+    from rsseg_baselines.ma3e.spec import Ma3eSpec
     from rsseg_baselines.vit.objective import MaeObjective, ScaleMaeObjective
     from rsseg_baselines.vit.spec import MaeSpec, ScaleMaeSpec
 

@@ -10,10 +10,12 @@ import torch
 from rsseg.encoders import check_contract
 from rsseg.errors import ConfigError
 from rsseg.methods import registry
-from rsseg_baselines import ma3e
+from rsseg_baselines.ma3e import windows
 from rsseg_baselines.vit.encoder import VitEncoder
 from rsseg_baselines.vit.network import mae_config
-from rsseg_baselines.ma3e import Ma3eNet, Ma3eObjective, Ma3eSpec
+from rsseg_baselines.ma3e.network import Ma3eNet
+from rsseg_baselines.ma3e.objective import Ma3eObjective
+from rsseg_baselines.ma3e.spec import Ma3eSpec
 
 from conftest import tiny_run, train_objective
 
@@ -23,7 +25,7 @@ from conftest import tiny_run, train_objective
 
 def test_sinkhorn_plan_has_uniform_marginals():
     cost = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 4
-    plan = ma3e.sinkhorn(cost, eps=0.1, iterations=200)
+    plan = windows.sinkhorn(cost, eps=0.1, iterations=200)
     assert plan.shape == (3, 5, 7) and (plan >= 0).all()
     torch.testing.assert_close(plan.sum(2), torch.full((3, 5), 1 / 5), atol=1e-5, rtol=0)
     torch.testing.assert_close(plan.sum(1), torch.full((3, 7), 1 / 7), atol=1e-5, rtol=0)
@@ -37,11 +39,11 @@ def test_sinkhorn_finds_the_permutation_and_ot_loss_is_zero_for_shuffled_patches
     perm = torch.randperm(9, generator=g)
     target = pred[:, perm] * 3.0  # scaled: the cost compares L2-normalised patches
     p, t = torch.nn.functional.normalize(pred, dim=-1), torch.nn.functional.normalize(target, dim=-1)
-    plan = ma3e.sinkhorn(torch.cdist(p, t) ** 2, eps=0.05, iterations=200)
+    plan = windows.sinkhorn(torch.cdist(p, t) ** 2, eps=0.05, iterations=200)
     expected = torch.zeros(9, 9)
     expected[perm, torch.arange(9)] = 1 / 9  # target j is prediction perm[j]
     torch.testing.assert_close(plan[0], expected, atol=1e-4, rtol=0)
-    assert ma3e.ot_loss(pred, target, 0.05, 200) < 1e-3
+    assert windows.ot_loss(pred, target, 0.05, 200) < 1e-3
     assert ((p - t) ** 2).sum(-1).mean() > 1.0
 
 
@@ -49,8 +51,8 @@ def test_ot_loss_ignores_the_order_of_the_window_patches_and_has_gradient():
     g = torch.Generator().manual_seed(2)
     pred = torch.randn(2, 16, 12, generator=g, requires_grad=True)
     target = torch.randn(2, 16, 12, generator=g)
-    a = ma3e.ot_loss(pred, target, 0.1, 100)
-    b = ma3e.ot_loss(pred, target[:, torch.randperm(16, generator=g)], 0.1, 100)
+    a = windows.ot_loss(pred, target, 0.1, 100)
+    b = windows.ot_loss(pred, target[:, torch.randperm(16, generator=g)], 0.1, 100)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     a.backward()
     assert pred.grad is not None and pred.grad.abs().sum() > 0
@@ -61,17 +63,17 @@ def test_ot_loss_ignores_the_order_of_the_window_patches_and_has_gradient():
 
 def test_margin_keeps_the_rotated_window_inside_the_tile():
     for w in range(1, 12):
-        m = ma3e.window_margin(w)
+        m = windows.window_margin(w)
         # the disc through the window's corners (radius w / sqrt 2) fits in the window plus the margin
         assert w / math.sqrt(2) <= w / 2 + m + 1e-9 and (m == 0 or w / math.sqrt(2) > w / 2 + m - 1)
-    assert ma3e.window_margin(6) == 2  # the release's 6 patches of 16 on 14x14: placements 2..6
+    assert windows.window_margin(6) == 2  # the release's 6 patches of 16 on 14x14: placements 2..6
 
 
 def test_window_placements_fit_and_tokens_mark_the_window():
-    corners, angles = ma3e.sample_windows(256, 8, 4, 45.0, torch.Generator().manual_seed(0))
+    corners, angles = windows.sample_windows(256, 8, 4, 45.0, torch.Generator().manual_seed(0))
     assert corners.min() == 1 and corners.max() == 3  # margin 1: top/left in 1..8-4-1, all reached
     assert angles.abs().max() <= 45 and angles.min() < -40 and angles.max() > 40
-    tokens = ma3e.window_tokens(torch.tensor([[1, 3]]), 8, 4).reshape(8, 8)
+    tokens = windows.window_tokens(torch.tensor([[1, 3]]), 8, 4).reshape(8, 8)
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[1:5, 3:7] = True
     assert torch.equal(tokens, expected)
@@ -80,9 +82,9 @@ def test_window_placements_fit_and_tokens_mark_the_window():
 def test_rotation_by_zero_is_the_identity_and_by_90_degrees_is_rot90_of_the_window():
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     corners = torch.tensor([[1, 1], [1, 2]])
-    same = ma3e.rotate_windows(x, corners, torch.zeros(2), window=2, patch=8)
+    same = windows.rotate_windows(x, corners, torch.zeros(2), window=2, patch=8)
     torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
-    turned = ma3e.rotate_windows(x, corners, torch.full((2,), 90.0), window=2, patch=8)
+    turned = windows.rotate_windows(x, corners, torch.full((2,), 90.0), window=2, patch=8)
     for i, (top, left) in enumerate(corners.tolist()):
         r, c = slice(top * 8, top * 8 + 16), slice(left * 8, left * 8 + 16)
         # counter-clockwise on screen: torch.rot90 with k=1 over (H, W)
@@ -93,8 +95,8 @@ def test_rotation_by_zero_is_the_identity_and_by_90_degrees_is_rot90_of_the_wind
 
 
 def test_masking_keeps_the_window_and_background_shares_exactly():
-    in_window = ma3e.window_tokens(torch.tensor([[2, 2], [3, 5], [4, 4]]), 14, 6)  # 36 of 196 patches
-    noise = ma3e.masking_noise(in_window, 0.75, 0.75, torch.Generator().manual_seed(0))
+    in_window = windows.window_tokens(torch.tensor([[2, 2], [3, 5], [4, 4]]), 14, 6)  # 36 of 196 patches
+    noise = windows.masking_noise(in_window, 0.75, 0.75, torch.Generator().manual_seed(0))
     kept = noise < 1  # what ViTMAE's random_masking keeps: the int(196 * 0.25) = 49 lowest
     assert (kept.sum(1) == 49).all()
     assert ((kept & in_window).sum(1) == 9).all() and ((kept & ~in_window).sum(1) == 40).all()
@@ -110,12 +112,12 @@ def test_angle_embedding_is_added_to_the_window_tokens_only():
     torch.manual_seed(0)
     net = Ma3eNet(mae_config(Ma3eSpec(size="pico"), 32, 3))
     x = torch.randn(2, 3, 32, 32)
-    in_window = ma3e.window_tokens(torch.tensor([[1, 1], [1, 2]]), 4, 2)
+    in_window = windows.window_tokens(torch.tensor([[1, 1], [1, 2]]), 4, 2)
     emb = net.mae.vit.embeddings
     diff = (net.tokens(x, in_window) - (emb.patch_embeddings(x) + emb.position_embeddings[:, 1:])).detach()
     torch.testing.assert_close(diff[in_window], net.angle_embed.detach()[0].expand(8, -1), atol=1e-6, rtol=0)
     assert diff[~in_window].abs().max() < 1e-6
-    noise = ma3e.masking_noise(in_window, 0.75, 0.5, torch.Generator().manual_seed(0))
+    noise = windows.masking_noise(in_window, 0.75, 0.5, torch.Generator().manual_seed(0))
     with_angle, mask = net(x, noise, in_window)
     without, _ = net(x, noise, torch.zeros_like(in_window))
     assert mask.shape == (2, 16) and with_angle.shape == (2, 16, 8 * 8 * 3) and not torch.allclose(with_angle, without)
@@ -152,7 +154,7 @@ def test_a_masking_split_that_cannot_be_made_is_refused_at_the_edge(tmp_path):
                                           r"visible patches \(mask_ratio 0.9\) for a background of 12$"):
         load_run(f)
     with pytest.raises(ConfigError, match=r"^ma3e.window_mask_ratio: keeping 3 of 4"):
-        ma3e.masking_noise(ma3e.window_tokens(torch.tensor([[1, 1]]), 4, 2), 0.9, 0.25, torch.Generator().manual_seed(0))
+        windows.masking_noise(windows.window_tokens(torch.tensor([[1, 1]]), 4, 2), 0.9, 0.25, torch.Generator().manual_seed(0))
 
 
 def test_ma3e_has_no_public_weights_and_pretrains_here():

@@ -72,7 +72,7 @@ def test_device_policy_refuses_cuda_without_one_and_never_falls_back():
             resolve("cuda")
     with pytest.raises(ConfigError, match=r"runtime.device: cpu, but each trial reserves 0.25 GPU"):
         check_sweep_resources("cpu", 0.25, None)
-    with pytest.raises(ConfigError, match=r"runtime.device: cuda, but trials reserve no GPU"):
+    with pytest.raises(ConfigError, match=r"runtime.device: cuda, but each trial reserves no GPU \(search.resources.gpu: 0\)"):
         check_sweep_resources("cuda", 0.0, None)
     with pytest.raises(ConfigError, match=r"search.resources.gpu: each trial reserves 1 GPU but the Ray cluster has none"):
         check_sweep_resources("auto", 1.0, 0.0)
@@ -112,7 +112,8 @@ def test_label_ratio_without_imagenet_weights_plans_the_rest_and_skips_in_init_a
 
 
 def test_an_imagenet_weights_file_of_another_network_fails_at_plan_time_naming_it(tmp_path, monkeypatch):
-    from rsseg_baselines.convnext import ConvNextEncoder, ConvNextSpec
+    from rsseg_baselines.convnext.encoder import ConvNextEncoder
+    from rsseg_baselines.convnext.spec import ConvNextSpec
 
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
@@ -129,6 +130,26 @@ def test_an_imagenet_weights_file_of_another_network_fails_at_plan_time_naming_i
         make_plan(load_sweep(REPO / "sweeps" / "label_ratio.yaml", "paper"))
 
 
+def test_trials_and_pretraining_workers_follow_one_gpu_policy():
+    """`device.gpu_share` decides both requests: the default share, and the same three refusals
+    worded for the key that makes the request."""
+    from rsseg import raycluster
+    from rsseg.config.specs import PretrainRuntimeSpec
+
+    gpus = raycluster.Capacity(cpus=8.0, gpus=2.0, node_cpus=8.0, node_gpus=2.0)
+    cpus = raycluster.Capacity(cpus=8.0, gpus=0.0, node_cpus=8.0, node_gpus=0.0)
+    assert raycluster.worker_resources(PretrainRuntimeSpec(), "auto", capacity=gpus).gpus == 1.0  # auto where GPUs are
+    assert raycluster.worker_resources(PretrainRuntimeSpec(), "auto", capacity=cpus).gpus == 0.0
+    with pytest.raises(ConfigError, match=r"^runtime.device: cpu, but each pre-training worker reserves 1 GPU "
+                                          r"\(pretrain.runtime.gpus_per_worker\)"):
+        raycluster.worker_resources(PretrainRuntimeSpec(gpus_per_worker=1), "cpu", capacity=gpus)
+    with pytest.raises(ConfigError, match=r"^runtime.device: cuda, but each pre-training worker reserves no GPU"):
+        raycluster.worker_resources(PretrainRuntimeSpec(gpus_per_worker=0), "cuda", capacity=gpus)
+    with pytest.raises(ConfigError, match=r"^pretrain.runtime.gpus_per_worker: each pre-training worker reserves 1 GPU but the "
+                                          r"Ray cluster has none"):
+        raycluster.worker_resources(PretrainRuntimeSpec(), "cuda", capacity=cpus)
+
+
 def test_train_worker_requests_always_fit_on_one_node():
     from rsseg import raycluster
     from rsseg.config.specs import PretrainRuntimeSpec
@@ -140,7 +161,7 @@ def test_train_worker_requests_always_fit_on_one_node():
     assert two.cpus == 1.0 and raycluster.concurrent_pretrainings(PretrainRuntimeSpec(workers=1), "auto", 3, nodes) == 2
     with pytest.raises(ConfigError, match=r"pretrain.runtime.cpus_per_worker: 2 CPUs per worker, but the largest node of the Ray cluster has 1"):
         raycluster.worker_resources(PretrainRuntimeSpec(workers=1, cpus_per_worker=2), "auto", capacity=nodes)
-    with pytest.raises(ConfigError, match=r"runtime.device: cuda, but the Ray cluster has no GPU"):
+    with pytest.raises(ConfigError, match=r"each pre-training worker reserves 1 GPU but the Ray cluster has none"):
         raycluster.worker_resources(PretrainRuntimeSpec(), "cuda", capacity=nodes)
 
 

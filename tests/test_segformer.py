@@ -11,8 +11,9 @@ from rsseg.encoders import check_contract, count_parameters
 from rsseg.errors import ConfigError
 from rsseg.heads import build_head
 from rsseg.heads.segformer import SegformerSegHead
-from rsseg_baselines import segformer
-from rsseg_baselines.segformer import SegformerEncoder, SegformerSpec
+from rsseg_baselines.segformer import encoder as segformer, rules as segformer_rules
+from rsseg_baselines.segformer.encoder import SegformerEncoder
+from rsseg_baselines.segformer.spec import SegformerSpec
 
 
 def _reference(size: str, classes: int, hidden: int):
@@ -97,7 +98,7 @@ def test_imagenet_mit_weights_load_from_a_local_directory_with_asserted_keys(tmp
     path, model = _mit_dir(tmp_path)
     run = tiny_run(method="segformer", segformer={"size": "pico", "weights": str(path)})
     enc = segformer.build(run)
-    assert enc.imagenet and segformer.tags(run) == {"backbone": "mit-pico", "weights": "imagenet"}
+    assert enc.imagenet and segformer_rules.tags(run) == {"backbone": "mit-pico", "weights": "imagenet"}
     for k, v in model.segformer.state_dict().items():
         assert torch.equal(enc.mit.state_dict()[k], v), k
     assert enc.cache_id != segformer.build(tiny_run(method="segformer", segformer={"size": "pico"})).cache_id

@@ -234,3 +234,20 @@ def test_table4_has_segformer_run_here_beside_the_published_row(tmp_path):
     assert "SegFormer-B4 (paper) | 64.7 |" in md
     line = next(l for l in md.splitlines() if "run here" in l and "MiniFrance-S" in l)
     assert "| 31.0 |" in line and "64.0" in line, line
+
+
+def test_the_tags_and_the_tables_spell_ratios_one_way_and_record_what_the_user_wrote():
+    """Table 3's and 4's keys are the label-ratio tags as runs write them (`ratio_tag`, one
+    spelling); the homogeneous share is the ratio the user wrote, not one recomputed from the
+    rounded iteration counts (7 iterations at 0.5: 4 homogeneous, and the tag still says 0.5)."""
+    from conftest import tiny_run
+    from rsseg.runtags import RunTags
+    from rsseg.tables.layouts import RATIOS
+
+    tags = [RunTags.for_run(tiny_run(data={"label_ratio": r}), kind="finetune").label_ratio for r in (0.02, 0.4, 1.0)]
+    assert tags == list(RATIOS) == ["0.02", "0.4", "1"]
+    odd = tiny_run(pretrain={"iterations": {"total": 7, "homogeneous_ratio": 0.5, "archive": None, "homogeneous": None}})
+    assert odd.pretrain.iterations.counts() == (3, 4)
+    assert RunTags.for_run(odd, kind="finetune").homogeneous_share == "0.5"
+    written = tiny_run(pretrain={"iterations": {"archive": 3, "homogeneous": 4}})  # counts written: the share is theirs
+    assert RunTags.for_run(written, kind="finetune").homogeneous_share == f"{4 / 7:g}"

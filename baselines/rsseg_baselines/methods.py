@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from rsseg.methods import Method
-from rsseg_baselines import convnext, ma3e, segformer
-from rsseg_baselines.convnext import ConvNextSpec
-from rsseg_baselines.ma3e import Ma3eSpec
-from rsseg_baselines.segformer import SegformerSpec
+from rsseg_baselines.convnext import encoder as convnext_encoder, rules as convnext_rules
+from rsseg_baselines.convnext.spec import ConvNextSpec
+from rsseg_baselines.ma3e import objective as ma3e_objective, rules as ma3e_rules
+from rsseg_baselines.ma3e.spec import Ma3eSpec
+from rsseg_baselines.segformer import encoder as segformer_encoder, rules as segformer_rules
+from rsseg_baselines.segformer.spec import SegformerSpec
 from rsseg_baselines.vit import encoder as vit_encoder, objective as vit_objective, rules as vit_rules, weights as vit_weights
 from rsseg_baselines.vit.spec import MaeSpec, ScaleMaeSpec
 
@@ -18,9 +20,9 @@ CONVNEXT_RANDOM = Method(
     summary="ConvNeXt-B (transformers), random init, + UPerNet; no pre-training",
     label="Random-init (ConvNeXt-B)",
     block="convnext", spec=ConvNextSpec,
-    encoder=convnext.build_random, skeleton=convnext.skeleton,
+    encoder=convnext_encoder.build_random, skeleton=convnext_encoder.skeleton,
     heads=("upernet", "upernet"),
-    tags=convnext.tags, tag_keys=("backbone", "weights"),
+    tags=convnext_rules.tags, tag_keys=("backbone", "weights"),
     imports=("transformers.models.convnext.modeling_convnext", "transformers.models.upernet.modeling_upernet"),
 )
 CONVNEXT_IMAGENET = replace(
@@ -28,10 +30,10 @@ CONVNEXT_IMAGENET = replace(
     name="convnext_imagenet",
     summary="ConvNeXt-B (transformers), ImageNet weights from a local file (convnext.weights), + UPerNet",
     label="IN-init (ConvNeXt-B)",
-    encoder=convnext.build_imagenet,
-    checks=convnext.check_imagenet,
-    unavailable=convnext.imagenet_unavailable,
-    preflight=convnext.preflight_imagenet,
+    encoder=convnext_encoder.build_imagenet,
+    checks=convnext_rules.check_imagenet,
+    unavailable=convnext_rules.imagenet_unavailable,
+    preflight=convnext_rules.preflight_imagenet,
 )
 MAE = Method(
     name="mae",
@@ -68,9 +70,9 @@ MA3E = replace(
             "loss over it (Sinkhorn); pre-trained by the platform",
     label="MA3E",
     block="ma3e", spec=Ma3eSpec,
-    objective=ma3e.build_objective,
+    objective=ma3e_objective.build_objective,
     pretrain_keys=MAE.pretrain_keys + ("window", "angle_range", "window_mask_ratio", "sinkhorn_eps", "sinkhorn_iterations"),
-    checks=ma3e.check,
+    checks=ma3e_rules.check,
     needs_pretraining_fn=None, unavailable=None, importers=(),  # no importer for its release (yet): always pre-trained here
 )
 SEGFORMER = Method(
@@ -78,9 +80,9 @@ SEGFORMER = Method(
     summary="SegFormer (transformers MiT-B4 + all-MLP decoder), random init or local ImageNet MiT weights (segformer.weights); fine-tuned",
     label="SegFormer-B4 (run here)",
     block="segformer", spec=SegformerSpec,
-    encoder=segformer.build, skeleton=segformer.skeleton,
-    checks=segformer.check,
+    encoder=segformer_encoder.build, skeleton=segformer_encoder.skeleton,
+    checks=segformer_rules.check,
     heads=("segformer", "segformer"),
-    tags=segformer.tags, tag_keys=("backbone", "weights"),
+    tags=segformer_rules.tags, tag_keys=("backbone", "weights"),
     imports=("transformers.models.segformer.modeling_segformer",),
 )

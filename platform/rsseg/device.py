@@ -79,18 +79,28 @@ def describe(device: torch.device) -> str:
     return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
+def gpu_share(setting: str, share: float | None, available: float | None, *, key: str, who: str, where: str = "the Ray cluster") -> float:
+    """The device policy for a Ray task's GPU request, in one place (sweep trials, pre-training
+    workers): ``share`` GPU per task (None: the default, 1 when the policy says CUDA: ``cuda``, or
+    ``auto`` where GPUs are) against ``runtime.device`` and the GPUs ``available`` (None: not known
+    yet). Refused: a GPU for a CPU run, none for a CUDA run, one where there is none. ``key`` names
+    the request, ``who`` what makes it ("each trial"), ``where`` whose GPUs ``available`` counts."""
+    if share is None:
+        share = 1.0 if setting == "cuda" or (setting == "auto" and bool(available)) else 0.0
+    if setting == "cpu" and share > 0:
+        raise ConfigError(f"runtime.device: cpu, but {who} reserves {share:g} GPU ({key}); set {key}: 0 or runtime.device: auto")
+    if setting == "cuda" and share == 0:
+        raise ConfigError(f"runtime.device: cuda, but {who} reserves no GPU ({key}: 0); give it a share, e.g. --set {key}=0.25")
+    if available is not None and share > 0 and available == 0:
+        raise ConfigError(f"{key}: {who} reserves {share:g} GPU but {where} has none; run on a GPU cluster (--address) or set "
+                          f"--set {key}=0 and runtime.device: cpu")
+    return share
+
+
 def check_sweep_resources(device_setting: str, gpus_per_trial: float, cluster_gpus: float | None) -> None:
     """Before any trial starts: the device policy and the trial's GPU share must agree with
     each other and (when known) with the cluster."""
-    if device_setting == "cpu" and gpus_per_trial > 0:
-        raise ConfigError(f"runtime.device: cpu, but each trial reserves {gpus_per_trial:g} GPU (search.resources.gpu); "
-                          "set search.resources.gpu: 0 or runtime.device: auto")
-    if device_setting == "cuda" and gpus_per_trial == 0:
-        raise ConfigError("runtime.device: cuda, but trials reserve no GPU (search.resources.gpu: 0); give each trial a share, "
-                          "e.g. --set search.resources.gpu=0.25")
-    if cluster_gpus is not None and gpus_per_trial > 0 and cluster_gpus == 0:
-        raise ConfigError(f"search.resources.gpu: each trial reserves {gpus_per_trial:g} GPU but the Ray cluster has none; "
-                          "run on a GPU cluster (--address) or set --set search.resources.gpu=0 --set base.runtime.device=cpu")
+    gpu_share(device_setting, gpus_per_trial, cluster_gpus, key="search.resources.gpu", who="each trial")
 
 
 class Stopwatch:

@@ -276,18 +276,15 @@ def worker_resources(runtime, device: str, concurrent: int = 1, capacity: Capaci
     or ``auto`` on a cluster with GPUs), else 0. CPUs: ``cpus_per_worker``, else the cluster's
     CPUs divided among all workers of the concurrent pre-trainings, but never more than one node
     has — a request no node can satisfy would wait forever."""
+    from rsseg.device import gpu_share
+
     cap = capacity or Capacity.of_ray()
     workers, where = runtime.workers, cap.where
-    if device == "cuda" and cap.gpus == 0:
-        raise ConfigError(f"runtime.device: cuda, but {where} has no GPU for the pre-training workers")
-    gpus = runtime.gpus_per_worker
-    if gpus is None:
-        gpus = 1.0 if (device == "cuda" or (device == "auto" and cap.gpus > 0)) else 0.0
+    gpus = gpu_share(device, runtime.gpus_per_worker, cap.gpus, key="pretrain.runtime.gpus_per_worker",
+                     who="each pre-training worker", where=where)
     if gpus > cap.node_gpus:
         has = "no node of the Ray cluster has that many (largest:" if where == "the Ray cluster" else f"{where} has ("
         raise ConfigError(f"pretrain.runtime.gpus_per_worker: {gpus:g} GPU per worker, but {has} {cap.node_gpus:g})")
-    if device == "cpu" and gpus > 0:
-        raise ConfigError(f"runtime.device: cpu, but pretrain.runtime.gpus_per_worker is {gpus:g}")
     if gpus > 0 and workers * gpus * concurrent > cap.gpus:  # all workers of all concurrent pre-trainings at once
         fit = int(cap.gpus // gpus)
         during = f" x {concurrent} concurrent pre-trainings" if concurrent > 1 else ""

@@ -9,6 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+def ratio_tag(value: float) -> str:
+    """How a ratio is spelled in the tags (0.02, 0.4, 1): the one spelling the tables' keys use too."""
+    return f"{value:g}"
+
+
 @dataclass(frozen=True)
 class RunTags:
     kind: str  # "pretrain" | "finetune" | "sweep" | "evaluate"
@@ -46,7 +51,7 @@ class RunTags:
 
         values: dict[str, Any] = dict(
             kind=kind, method=run.method, dataset=run.data.dataset, profile=profile or "", git_commit=git_commit(),
-            label_ratio=f"{run.data.label_ratio:g}", frozen=str(run.finetune.frozen).lower(), seed=str(run.seed),
+            label_ratio=ratio_tag(run.data.label_ratio), frozen=str(run.finetune.frozen).lower(), seed=str(run.seed),
             method_tags=run.plugin.run_tags(run),
         )
         if kind == "pretrain":
@@ -57,7 +62,7 @@ class RunTags:
             lin = lineage(run)
             other = run.pretrain.homogeneous_data
             values.update(pretrain_fingerprint=run.pretrain_fingerprint,
-                          homogeneous_share=f"{run.pretrain.iterations.homogeneous_share:g}",
+                          homogeneous_share=ratio_tag(run.pretrain.iterations.homogeneous_share),
                           homogeneous_source=other.dataset if other is not None and lin.homogeneous else "",
                           trunk_fingerprint=lin.trunk or "", switch_step=str(lin.switch) if lin.trunk else "")
         values.update({k: (v if isinstance(v, dict) else str(v)) for k, v in extra.items() if v is not None})

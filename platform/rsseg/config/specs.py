@@ -189,7 +189,10 @@ class IterationsSpec(Strict):
 
     @property
     def homogeneous_share(self) -> float:
-        """Share of the iterations spent on homogeneous imagery (Fig. 9 / 10's axis)."""
+        """Share of the iterations spent on homogeneous imagery (Fig. 9 / 10's axis): the ratio as
+        the user wrote it when they wrote one (the counts are rounded from it), else from the counts."""
+        if self.homogeneous_ratio is not None:
+            return self.homogeneous_ratio
         return self.counts()[1] / self.n_total
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rsseg.tables import published
-from rsseg.tables.layouts import FT, LAYOUTS, Layout
+from rsseg.tables.layouts import FT, LAYOUTS, RATIO_S, Layout
 
 DASH = "—"
 
@@ -379,7 +379,7 @@ def build_all(uri: str, out: Path, *, experiments: list[str] | None = None, prof
     for tid in ("table1", "table2", "table3", "table4", "table5", "fig10"):
         built[tid] = build_one(LAYOUTS[tid], store.runs, store.skipped, profile=profile, dataset=dataset)
     # Fig. 9's ImageNet bar is Table 3's IN-init ConvNeXt-B, fine-tuned at 2 % labels (the paper's comparison).
-    imagenet = built["table3"].cell("convnext_imagenet/finetuned", "0.02")
+    imagenet = built["table3"].cell("convnext_imagenet/finetuned", RATIO_S)
     built["fig9"] = build_one(LAYOUTS["fig9"], store.runs, store.skipped, profile=profile, dataset=dataset, imagenet=imagenet)
     rendered: dict[str, bytes | str] = {}
     for tid, b in built.items():

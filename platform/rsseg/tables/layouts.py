@@ -12,10 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from rsseg.runtags import ratio_tag
+
 PAPER12 = ["UB", "Ind.", "PU", "Mine", "AA", "AL", "PC", "Pas.", "For.", "HV", "WL", "Water"]
 GID15 = ["IDL", "UR", "RR", "TL", "PF", "IGL", "DC", "GP", "AW", "SL", "NG", "AG", "River", "Lake", "Pond"]
 FT = "ft_params_M"
-RATIOS = {"0.02": "S (2 %)", "0.4": "M (40 %)", "1": "L (100 %)"}
+# the paper's label ratios, keyed as the runs' tags spell them: MiniFrance-S, -M, -L
+RATIO_S, RATIO_M, RATIO_L = ratio_tag(0.02), ratio_tag(0.4), ratio_tag(1.0)
+SIZES = {RATIO_S: "S", RATIO_M: "M", RATIO_L: "L"}
+RATIOS = {RATIO_S: "S (2 %)", RATIO_M: "M (40 %)", RATIO_L: "L (100 %)"}
 # Table 3's methods in the paper's order; their row labels come from the methods' own metadata
 # (`Method.label`), except for the published-only rows of methods that are not installed.
 PUBLISHED_ONLY_LABELS = {"ma3e": "MA3E"}
@@ -187,7 +192,7 @@ def _t4_label(key: str) -> str:
     if not ratio:
         return key
     name = method_label(method)
-    size = {"0.02": "S", "0.4": "M", "1": "L"}.get(ratio)
+    size = SIZES.get(ratio)
     return f"{name} (MiniFrance-{size})" if size else f"{name} (label ratio {ratio})"
 
 
@@ -233,8 +238,8 @@ LAYOUTS: dict[str, Layout] = {
     "table4": Layout("table4", "Table 4. Per-class IoU (%) on MiniFrance: ours beside the published state of the art",
                      "sweeps/sota_minifrance.yaml", "pairs", _table4,
                      [(k, k) for k in ("SETR", "SegFormer-B4", "PFNet", "MCS", "ConvNeXt-B", "LSKNet-T-FPN")]
-                     + [("segformer/0.02", "SegFormer-B4, run here (MiniFrance-S)"), ("segformer/1", "SegFormer-B4, run here (MiniFrance-L)")]
-                     + [("ddpm/0.02", "ours (MiniFrance-S)"), ("ddpm/1", "ours (MiniFrance-L)")],
+                     + [(f"segformer/{RATIO_S}", "SegFormer-B4, run here (MiniFrance-S)"), (f"segformer/{RATIO_L}", "SegFormer-B4, run here (MiniFrance-L)")]
+                     + [(f"ddpm/{RATIO_S}", "ours (MiniFrance-S)"), (f"ddpm/{RATIO_L}", "ours (MiniFrance-L)")],
                      _cls(PAPER12) + [(FT, "Ft Params (M)")], row_label=_t4_label, delta=True, class_columns=True,
                      paper_only=("SETR", "SegFormer-B4", "PFNet", "MCS", "ConvNeXt-B", "LSKNet-T-FPN"),
                      notes=["SOTA rows are the paper's published numbers; \"SegFormer-B4, run here\" is method segformer "
