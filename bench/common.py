@@ -41,6 +41,13 @@ def rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def report(title: str, lines: list[str]) -> None:
+    """Print a bench script's section and append it to docs/benchmarks.md."""
+    text = "\n".join(lines)
+    print(text)
+    append(title, text)
+
+
 def append(title: str, body: str) -> None:
     DOC.parent.mkdir(parents=True, exist_ok=True)
     if not DOC.exists():

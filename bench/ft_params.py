@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append  # noqa: E402
+from common import report  # noqa: E402
 
 
 def main() -> None:
@@ -80,9 +80,7 @@ def main() -> None:
               "total (96.4 M) is below ViT-B + any UPerNet-512 (our neck alone is 7.1 M). DDPM-CD's released network (sr3_ddpm_cd, "
               "128 wide, 391.1 M) gives 56.0 M frozen / 447.0 M fine-tuned with the paper profile's reading, nowhere near the "
               "paper's 16.3 / 107.5: the paper's own UNet is the 64-wide one (docs/sr3.md)."]
-    text = "\n".join(lines)
-    print(text)
-    append("Ft Params at the paper's scale: ours beside Table 3", text)
+    report("Ft Params at the paper's scale: ours beside Table 3", lines)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append  # noqa: E402
+from common import report  # noqa: E402
 
 
 def main() -> None:
     from rsseg import tracking
     from rsseg.tables.build import build_one
-    from rsseg.tables.layouts import LAYOUTS, method_label
+    from rsseg.tables.layouts import LAYOUTS, RATIO_L, RATIO_M, RATIO_S, method_label
     from rsseg.tables.query import read_runs
     from rsseg.workdir import Workdir
 
@@ -37,7 +37,7 @@ def main() -> None:
     b = build_one(LAYOUTS["table3"], store.runs, store.skipped, profile=a.profile)
     if not b.n_runs:
         sys.exit(f"no finished label_ratio runs with profile {a.profile!r} in {uri}")
-    rows = [r for r, _ in b.rows if b.cell(r, "0.02").n]
+    rows = [r for r, _ in b.rows if b.cell(r, RATIO_S).n]
     lines = [f"`platform sweep sweeps/label_ratio.yaml --profile {a.profile}`: {b.n_runs} finished runs "
              f"(dataset {b.group.get('dataset')}), read back from MLflow. Test mIoU (%) at each label ratio, mean ± std over seeds (n); "
              "trainable parameters of the fine-tuned part (encoder frozen: head and neck only).", "",
@@ -45,16 +45,16 @@ def main() -> None:
     from rsseg.tables.build import fmt, fmt_value
 
     for r in rows:
-        c = b.cell(r, "0.02")
-        lines.append(f"| {b.layout.row_label(r)} | {fmt(c)} | {fmt(b.cell(r, '0.4'))} | {fmt(b.cell(r, '1'))} | {c.n} | "
-                     f"{b.cell(r, 'ft_params_M').mean:.2f} | {fmt_value(b.paper.get((r, '0.02')))} |")
-    ours = b.cell("ddpm/frozen", "0.02")
+        c = b.cell(r, RATIO_S)
+        lines.append(f"| {b.layout.row_label(r)} | {fmt(c)} | {fmt(b.cell(r, RATIO_M))} | {fmt(b.cell(r, RATIO_L))} | {c.n} | "
+                     f"{b.cell(r, 'ft_params_M').mean:.2f} | {fmt_value(b.paper.get((r, RATIO_S)))} |")
+    ours = b.cell("ddpm/frozen", RATIO_S)
     lines += ["", f"DDPM frozen at 2 %: {fmt(ours)} (n = {ours.n}). Against each baseline at 2 %:", ""]
     wins, clear_wins = [], []
     for r in rows:
         if r.startswith("ddpm/"):
             continue
-        c = b.cell(r, "0.02")
+        c = b.cell(r, RATIO_S)
         d = ours.mean - c.mean
         clear = abs(d) > (ours.std or 0) + (c.std or 0)
         verdict = ("beats" if d > 0 else "loses to") + (" clearly" if clear else " (within the seeds' spread)")
@@ -67,9 +67,7 @@ def main() -> None:
                   f"{sum(wins)} of {len(wins)} baseline rows have a lower mean, {sum(clear_wins)} by more than both seeds' "
                   "standard deviations. Synthetic data and pico networks: this checks the ranking machinery and the method's "
                   "relative behaviour, not the paper's numbers."]
-    text = "\n".join(lines)
-    print(text)
-    append("Table 3 evidence: DDPM frozen vs the baselines at 2 % labels (smoke profile)", text)
+    report("Table 3 evidence: DDPM frozen vs the baselines at 2 % labels (smoke profile)", lines)
 
 
 if __name__ == "__main__":

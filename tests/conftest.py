@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -75,6 +76,26 @@ def ray_cluster():
     if not ray.is_initialized():
         raycluster.init(num_cpus=2)
     yield ray
+
+
+@contextlib.contextmanager
+def two_node_cluster():
+    """A Ray cluster of a 0-CPU head and two 1-CPU nodes, this process its driver: what spreading
+    work over nodes needs (each node takes one 1-CPU task). Yields (cluster, nodes); shut down after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    try:
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def install_plugin(root, monkeypatch, module: str, source: str, group: str, entry: str) -> None:

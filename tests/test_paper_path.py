@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, RGB_BYTE, tiny_run
+from conftest import REPO, RGB_BYTE, tiny_run, two_node_cluster
 from rasters import write_minifrance
 from rsseg import tracking
 from rsseg.runspec import load_sweep
@@ -108,19 +108,10 @@ search: {algorithm: grid, max_concurrent: 2, resources: {cpu: 1}}
 def test_two_node_ddp_pretraining_survives_losing_a_node(tmp_path, tracking_server):
     """Workers on both nodes (0-CPU head, two 1-CPU nodes); a node removed mid-run and added back:
     the run finishes FINISHED, redoing at most one checkpoint interval."""
-    import ray
-    from ray.cluster_utils import Cluster
-
     from rsseg.checkpoints import store
     from rsseg.pretrain import launch
 
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    try:
-        ray.init(address=cluster.address)
-        cluster.wait_for_nodes()
+    with two_node_cluster() as (cluster, nodes):
         wd = Workdir.resolve(tmp_path / "w").ensure()
         every = 4
         run = tiny_run(pretrain={"iterations": {"archive": 40, "homogeneous": 40},
@@ -153,9 +144,6 @@ def test_two_node_ddp_pretraining_survives_losing_a_node(tmp_path, tracking_serv
         assert len(starts) >= 2, "the worker group was never restarted"
         assert max(m.value for m in redone) <= every  # at most one checkpoint interval trained twice
         assert outcome["result"].load()["step"] == 80
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def _step(progress: Path) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, two_node_cluster
 from rsseg import tracking
 from rsseg.runspec import load_sweep
 from rsseg.sweep.driver import run_sweep
@@ -386,24 +386,13 @@ def test_kill_driver_at_each_point_of_a_trial_then_resume(tmp_path):
 
 
 def test_multi_node_trials_land_on_both_nodes(tmp_path, tracking_server):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    try:
-        ray.init(address=cluster.address)
+    with two_node_cluster() as (_, nodes):
         wd = Workdir.resolve(tmp_path / "w").ensure()
         f = _sweep_file(tmp_path, "multi", "  seed: {grid: [0, 1]}", "{algorithm: grid, max_concurrent: 2, resources: {cpu: 1}}")
         result = run_sweep(load_sweep(f), wd, tracking_uri=tracking_server, progress=False)  # several nodes: a server
         kids = children(tracking_server, "multi", result.parent_run_id)
         assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
         assert {k.data.tags["node_id"] for k in kids} == {n.node_id for n in nodes}
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_tables_from_the_noise_ablation_sweep(noise_ablation, tmp_path):
