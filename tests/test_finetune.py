@@ -120,6 +120,7 @@ def build(feature_info, num_classes, finetune):
 
 
 def test_a_head_from_an_installed_package_is_chosen_from_yaml_and_fine_tunes(workdir, tmp_path, monkeypatch):
+    from rsseg import heads
     from rsseg.errors import ConfigError
     from rsseg.runspec import load_run
 
@@ -130,11 +131,15 @@ def test_a_head_from_an_installed_package_is_chosen_from_yaml_and_fine_tunes(wor
         load_run(doc)
     (tmp_path / "site").mkdir()
     install_plugin(tmp_path / "site", monkeypatch, "my_heads", USER_HEAD, "rsseg.heads", "tiny_conv = my_heads:build")
-    assert load_run(doc).spec.head_name == "tiny_conv"
-    run = random_features_run(finetune={"head": "tiny_conv", "iterations": 4, "eval_every": 2})
-    assert "mlp" not in run.active_config()["finetune"] and "upernet" not in run.active_config()["finetune"]
-    seen = _spy_prepare(monkeypatch)
-    result = finetune.run(run, workdir)
-    assert type(seen["p"].head).__module__ == "my_heads"
-    assert result.trainable_params == count_parameters(seen["p"].head) > 0
-    assert 0 <= result.test.miou <= 1
+    heads._installed.cache_clear()  # installed after this process read the entry points (pip runs before a process starts)
+    try:
+        assert load_run(doc).spec.head_name == "tiny_conv"
+        run = random_features_run(finetune={"head": "tiny_conv", "iterations": 4, "eval_every": 2})
+        assert "mlp" not in run.active_config()["finetune"] and "upernet" not in run.active_config()["finetune"]
+        seen = _spy_prepare(monkeypatch)
+        result = finetune.run(run, workdir)
+        assert type(seen["p"].head).__module__ == "my_heads"
+        assert result.trainable_params == count_parameters(seen["p"].head) > 0
+        assert 0 <= result.test.miou <= 1
+    finally:
+        heads._installed.cache_clear()

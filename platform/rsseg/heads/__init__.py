@@ -18,6 +18,7 @@ decoder). A user's own head comes from their package through the ``rsseg.heads``
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from importlib import metadata
 from typing import Any, Callable
@@ -42,8 +43,10 @@ def register_head(name: str, builder: str | Callable[..., torch.nn.Module]) -> N
     HEADS[name] = builder
 
 
+@functools.lru_cache(maxsize=1)
 def _installed() -> dict[str, str]:
-    """The heads installed packages declare: name -> "module:function" (nothing imported)."""
+    """The heads installed packages declare: name -> "module:function" (nothing imported). Read
+    once per process, as the method registry is: every run spec's validation asks for the names."""
     return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
