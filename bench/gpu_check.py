@@ -173,7 +173,7 @@ def _plan(run, root: Path, steps: int):
     from rsseg.pretrain.trainer import TrainPlan
 
     sdir = store.StoreDir(root / "store")
-    return TrainPlan(fingerprint=run.pretrain_fingerprint, store_root=str(sdir.root), workdir=str(root), run=run.model_dump(mode="json"),
+    return TrainPlan(fingerprint=run.pretrain_fingerprint, store_root=str(sdir.root), workdir=str(root), run=run,
                      in_channels=3, counts=(0, 10 * steps), tracking_uri="", mlflow_run_id="", stop_after=steps)
 
 
@@ -295,7 +295,7 @@ def item_extraction(ft, device: torch.device, sizes: Sizes) -> None:
             run()
         sync(device)
         out[name] = reps * b / (time.perf_counter() - t0)
-    per_pass = unit_flops(ft, 3, 12).extraction
+    per_pass = unit_flops(ft, 3, 12, ft.head_name).extraction
     tflops = out["early_exit"] * t * per_pass / 1e12
     emit("extraction", tiles_per_s=out["early_exit"], passes_per_s=out["early_exit"] * t, full_network_tiles_per_s=out["full"],
          early_exit_speedup=out["early_exit"] / out["full"], timesteps=enc.timesteps, maps=[fi.name for fi in enc.feature_info],
@@ -345,7 +345,7 @@ def item_finetune(ft, device: torch.device, sizes: Sizes) -> None:
     from rsseg.flops import unit_flops
 
     ft = ft.model_copy(update={"finetune": ft.finetune.model_copy(update={"iterations": sizes.ft_steps + 1})})
-    units = unit_flops(ft, 3, 12)
+    units = unit_flops(ft, 3, 12, ft.head_name)
     batch = ft.finetune.batch_size
     with tempfile.TemporaryDirectory() as d:
         reset_memory(device)

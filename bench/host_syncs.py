@@ -55,7 +55,7 @@ def pretraining(wd) -> tuple[list[int], Counter]:
 
     run = run_spec()
     sdir = store.StoreDir.for_run(run, wd)
-    plan = TrainPlan(fingerprint=run.pretrain_fingerprint, store_root=str(sdir.root), workdir=str(wd.root), run=run.model_dump(mode="json"),
+    plan = TrainPlan(fingerprint=run.pretrain_fingerprint, store_root=str(sdir.root), workdir=str(wd.root), run=run,
                      in_channels=3, counts=run.pretrain.iterations.counts(), tracking_uri="", mlflow_run_id="", stop_after=STEPS - 1)
     counts: list[Counter] = []
     with simcuda.simulated_cuda() as sim:
@@ -105,7 +105,7 @@ def main() -> None:
     rows = {"pre-training step (sr3, bf16, EMA)": pretraining(wd)}
     cpu = run_spec(runtime={"device": "cpu"}, pretrain={"runtime": {"checkpoint_every": STEPS, "log_every": LOG_EVERY, "samples": 0}})
     sdir = store.StoreDir.for_run(cpu, wd)
-    Trainer(TrainPlan(fingerprint=cpu.pretrain_fingerprint, store_root=str(sdir.root), workdir=str(wd.root), run=cpu.model_dump(mode="json"),
+    Trainer(TrainPlan(fingerprint=cpu.pretrain_fingerprint, store_root=str(sdir.root), workdir=str(wd.root), run=cpu,
                       in_channels=3, counts=cpu.pretrain.iterations.counts(), tracking_uri="", mlflow_run_id=""), 0, 1,
             torch.device("cpu")).fit()
     pretrained = store.find(cpu, wd)

@@ -93,7 +93,7 @@ def test_flops_counted_on_the_meta_device_equal_the_real_networks_count():
     from rsseg.methods.ddpm.encoder import skeleton
 
     run = tiny_run(ddpm={"features": {"timesteps": [50, 100]}})
-    units = unit_flops(run, 3, 7)
+    units = unit_flops(run, 3, 7, run.head_name)
     torch.manual_seed(0)
     enc = skeleton(run, 3).freeze()
     head = build_head("mlp", enc.feature_info, 7, run.finetune)

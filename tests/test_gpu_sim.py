@@ -31,7 +31,7 @@ def pretrain_run(unet: str = "tiny", **over):
 def plan_of(run, wd: Workdir, **extra) -> TrainPlan:
     sdir = store.StoreDir.for_run(run, wd)
     return TrainPlan(fingerprint=run.pretrain_fingerprint, store_root=str(sdir.root), workdir=str(wd.root),
-                     run=run.model_dump(mode="json"), in_channels=3, counts=run.pretrain.iterations.counts(), tracking_uri="",
+                     run=run, in_channels=3, counts=run.pretrain.iterations.counts(), tracking_uri="",
                      mlflow_run_id="", **extra)
 
 

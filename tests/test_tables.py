@@ -241,13 +241,13 @@ def test_the_tags_and_the_tables_spell_ratios_one_way_and_record_what_the_user_w
     spelling); the homogeneous share is the ratio the user wrote, not one recomputed from the
     rounded iteration counts (7 iterations at 0.5: 4 homogeneous, and the tag still says 0.5)."""
     from conftest import tiny_run
-    from rsseg.runtags import RunTags
+    from rsseg.resolved import resolve
     from rsseg.tables.layouts import RATIOS
 
-    tags = [RunTags.for_run(tiny_run(data={"label_ratio": r}), kind="finetune").label_ratio for r in (0.02, 0.4, 1.0)]
+    tags = [resolve(tiny_run(data={"label_ratio": r})).tags("finetune").label_ratio for r in (0.02, 0.4, 1.0)]
     assert tags == list(RATIOS) == ["0.02", "0.4", "1"]
     odd = tiny_run(pretrain={"iterations": {"total": 7, "homogeneous_ratio": 0.5, "archive": None, "homogeneous": None}})
     assert odd.pretrain.iterations.counts() == (3, 4)
-    assert RunTags.for_run(odd, kind="finetune").homogeneous_share == "0.5"
+    assert resolve(odd).tags("finetune").homogeneous_share == "0.5"
     written = tiny_run(pretrain={"iterations": {"archive": 3, "homogeneous": 4}})  # counts written: the share is theirs
-    assert RunTags.for_run(written, kind="finetune").homogeneous_share == f"{4 / 7:g}"
+    assert resolve(written).tags("finetune").homogeneous_share == f"{4 / 7:g}"

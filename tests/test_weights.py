@@ -223,11 +223,11 @@ def test_pretraining_continues_from_the_128_wide_release_on_the_runs_schedule(tm
                              "runtime": {"workers": 1, "checkpoint_every": 4, "log_every": 4, "samples": 0}})
     assert run.pretrain_fingerprint != tiny_run(data={"tile_size": 64}, ddpm={"unet": {"preset": "sr3"}},
                                                 pretrain={"iterations": {"archive": 0, "homogeneous": 4}}).pretrain_fingerprint
-    encoder, _ = run.plugin.parameter_counts(run, 3, 7)
+    encoder, _ = run.plugin.parameter_counts(run, 3, 7, run.head_name)
     assert encoder == sum(p.numel() for p in build_unet(store.imported_objective(workdir, "rel")["unet"]).parameters())
     sdir = store.StoreDir.for_run(run, workdir)
     plan = TrainPlan(fingerprint=run.pretrain_fingerprint, store_root=str(sdir.root), workdir=str(workdir.root),
-                     run=run.model_dump(mode="json"), in_channels=3, counts=run.pretrain.iterations.counts(), tracking_uri="", mlflow_run_id="")
+                     run=run, in_channels=3, counts=run.pretrain.iterations.counts(), tracking_uri="", mlflow_run_id="")
     trainer = Trainer(plan, 0, 1, torch.device("cpu"))
     imported = store.find_imported(workdir, "rel").load()
     assert trainer.resume() is None  # nothing to resume: the starting point is the release

@@ -219,6 +219,8 @@ def pretrain_cmd(
     interrupted spec resumes from its last checkpoint.
     """
     from rsseg.checkpoints import store
+    from rsseg.errors import ConfigError
+    from rsseg.resolved import resolve
     from rsseg.runspec import load_run
 
     overrides = list(set_ or [])
@@ -228,27 +230,31 @@ def pretrain_cmd(
         overrides.append(f"runtime.device={'cuda' if gpu else 'cpu'}")
     loaded = load_run(spec, profile, overrides)
     _show_profile_changes(loaded.document)
-    run = loaded.spec
-    _check_runnable(run, spec)
+    res = resolve(loaded.spec, profile)  # the one place this run is resolved: the stages below derive nothing
+    run = res.spec
+    _check_runnable(res, spec)
+    if res.pretraining is None:
+        raise ConfigError(f"{spec}: method {run.method!r} is not pre-trained by the platform (nothing to pre-train)")
     wd = _workdir()
     found = store.find(run, wd)
     if found is not None:
-        typer.echo(f"already pre-trained: fingerprint {run.pretrain_fingerprint}\n  checkpoint {found.path}\n  MLflow run {found.mlflow_run_id}")
+        typer.echo(f"already pre-trained: fingerprint {res.fingerprint}\n  checkpoint {found.path}\n  MLflow run {found.mlflow_run_id}")
         return
     n = run.pretrain.runtime.workers
-    result = _pretrained(run, wd, address, announce=f"({run.pretrain.iterations.n_total} iterations, {n} worker{'s' if n != 1 else ''})",
-                         resume_from=resume_from, tracking_uri=tracking_uri, profile=profile)
-    typer.echo(f"finished: fingerprint {run.pretrain_fingerprint}\n  checkpoint {result.path}\n  MLflow run {result.mlflow_run_id}")
+    result = _pretrained(res, wd, address, announce=f"({run.pretrain.iterations.n_total} iterations, {n} worker{'s' if n != 1 else ''})",
+                         resume_from=resume_from, tracking_uri=tracking_uri)
+    typer.echo(f"finished: fingerprint {res.fingerprint}\n  checkpoint {result.path}\n  MLflow run {result.mlflow_run_id}")
 
 
 # ----------------------------------------------------------------------------------------------
 # finetune
 
 
-def _check_runnable(run, spec: Path) -> None:
-    """What a sweep would skip or refuse at plan time, for a single run: before anything starts."""
+def _check_runnable(res, spec: Path) -> None:
+    """What a sweep would skip or refuse at plan time, for a single (resolved) run: before anything starts."""
     from rsseg.errors import ConfigError
 
+    run = res.spec
     reason = run.plugin.unavailable_reason(run)
     if reason:
         raise ConfigError(f"{spec}: {reason.removesuffix(', so its cells are skipped')}")
@@ -259,27 +265,28 @@ def _check_runnable(run, spec: Path) -> None:
     from rsseg.pretrain.data import data_problems, dataset_problems
 
     # what the sweep plan asks too: the dataset always, the other imagery of a pre-training still to do
-    pending = run.needs_pretraining and store.find(run, _workdir()) is None
+    pending = res.pretraining is not None and store.find(run, _workdir()) is None
     found = data_problems(run) if pending else dataset_problems(run.data)
     if found:
         raise ConfigError(f"{spec}: {found[0]}")
 
 
-def _pretrained(run, wd, address: Optional[str], announce: str = "first (not in the store yet)", **train_kwargs):
-    """The run's pre-training from the store; trained first on Ray if missing (the CLI's one
-    find-or-train); None if the method needs none."""
+def _pretrained(res, wd, address: Optional[str], announce: str = "first (not in the store yet)", **train_kwargs):
+    """The (resolved) run's pre-training from the store; trained first on Ray if missing (the
+    CLI's one find-or-train); None if the method needs none."""
     from rsseg import kernels, raycluster
     from rsseg.checkpoints import store
     from rsseg.pretrain.ensure import ensure_pretrained
     from rsseg.progress import done
 
-    if not run.needs_pretraining or store.find(run, wd) is not None:
-        return ensure_pretrained(run, wd)
+    run = res.spec
+    if res.pretraining is None or store.find(run, wd) is not None:
+        return ensure_pretrained(res, wd)
     kernels.pin(run.runtime.cpu_kernels)  # before the local cluster starts: its workers inherit the path
     if not raycluster.local_mode(run.pretrain.runtime.workers, address=address):  # local mode needs no cluster
         raycluster.init(address, warm=("mlflow", *run.plugin.imports))  # what the pre-training's driver imports next
-    typer.echo(f"pre-training {run.method} {run.pretrain_fingerprint} {announce}")
-    found = ensure_pretrained(run, wd, progress=True, **train_kwargs)
+    typer.echo(f"pre-training {run.method} {res.fingerprint} {announce}")
+    found = ensure_pretrained(res, wd, progress=True, **train_kwargs)
     done()
     return found
 
@@ -296,19 +303,20 @@ def finetune_cmd(
     """One fine-tuning run: pre-training through the fingerprinted store (trained on Ray if
     missing), frozen or full fine-tuning, val/test mIoU, per-class IoU and artifacts in MLflow."""
     from rsseg import runner, tracking
+    from rsseg.resolved import resolve
     from rsseg.runspec import load_run
 
     loaded = load_run(spec, profile, set_ or [])
     _show_profile_changes(loaded.document)
-    run = loaded.spec
-    _check_runnable(run, spec)
+    res = resolve(loaded.spec, profile)  # the one place this run is resolved: the stages below derive nothing
+    _check_runnable(res, spec)
     wd = _workdir()
-    uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, wd)
+    uri = tracking.resolve_uri(tracking_uri or res.spec.tracking.uri, wd)
     tracking.init_store(uri)
-    pretrained = _pretrained(run, wd, address, tracking_uri=uri, profile=profile)
+    pretrained = _pretrained(res, wd, address, tracking_uri=uri)
     if pretrained is not None:
         typer.echo(f"features from pre-training {pretrained.fingerprint} ({pretrained.path})")
-    result, tracker = runner.execute(run, wd, uri=uri, experiment=experiment, profile=profile, pretrained=pretrained, progress=True)
+    result, tracker = runner.execute(res, wd, uri=uri, experiment=experiment, pretrained=pretrained, progress=True)
     from rsseg.progress import done
 
     done()
@@ -346,10 +354,13 @@ def viz_cmd(
         raise ConfigError(f"--timesteps: {timesteps!r} is not a comma-separated list of integers") from None
     if not ts or min(ts) < 0:
         raise ConfigError(f"--timesteps: {timesteps!r}: expected non-negative timesteps such as 0,50,100,150 (0 = the clean image)")
-    run = load_run(spec, profile, set_ or []).spec
+    from rsseg.resolved import resolve
+
+    res = resolve(load_run(spec, profile, set_ or []).spec, profile)
+    run = res.spec
     check_viz(run, ts, "--timesteps")  # before a pre-training it would start
     wd = _workdir()
-    pretrained = _pretrained(run, wd, address)
+    pretrained = _pretrained(res, wd, address)
     r = run_viz(run, wd, out, tiles=tiles, points=points, timesteps=ts, pretrained=pretrained)
     typer.echo(f"silhouette of the classes: encoder {r['silhouette_encoder']:.3f}, decoder {r['silhouette_decoder']:.3f}")
     typer.echo("k-means vs labels (adjusted Rand index): " + ", ".join(f"t={t} {v:.3f}" for t, v in r["ari"].items()))

@@ -38,7 +38,7 @@ def evaluate_scenes(model, data, workdir, *, overlap: int | None = None, batch_s
     from rsseg.data.tiles import decode_label
     from rsseg.predict import SceneReader, slide
     from rsseg.progress import line
-    from rsseg.runtags import RunTags
+    from rsseg.resolved import resolve
 
     scenes = registry.scenes(data, workdir)
     table = scenes.table
@@ -68,7 +68,7 @@ def evaluate_scenes(model, data, workdir, *, overlap: int | None = None, batch_s
     result = EvaluateResult(metrics, len(scenes.labelled), windows, table.abbrs)
     uri = tracking.resolve_uri(tracking_uri, workdir)
     tracking.init_store(uri)
-    tags = RunTags.for_run(model.run, kind="evaluate").to_tags() | {
+    tags = resolve(model.run).tags("evaluate").to_tags() | {
         "model": model.source, "evaluated_dataset": data.dataset, "evaluated_root": str(data.root or "")}
     run = tracking.start_run(uri, EVALUATE_EXPERIMENT, f"evaluate-{model.run.method}-{data.dataset}", tags=tags, workdir=workdir)
     with tracking.tracked(run):

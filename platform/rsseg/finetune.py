@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from rsseg import resolved
 from rsseg.config.specs import OptimSpec
 from rsseg.encoders import count_parameters
 from rsseg.metrics import ConfusionMatrix, SegMetrics
@@ -129,6 +130,8 @@ def validation_tiles(run, index):
 
 
 def prepare(run, workdir: Workdir, pretrained=None) -> Prepared:
+    """The tiles, datasets, encoder (on its device, cached when frozen) and head of a resolved run
+    (a bare spec is resolved here)."""
     from rsseg.cache import CachedEncoder, FeatureCache, cache_key
     from rsseg.data import tiles
     from rsseg.device import compute_precision, resolve
@@ -137,6 +140,8 @@ def prepare(run, workdir: Workdir, pretrained=None) -> Prepared:
     from rsseg.heads import NeckHead, build_head
     from rsseg.pretrain.ensure import ensure_pretrained
 
+    res = resolved.of(run)
+    run = res.spec
     method, ft = run.plugin, run.finetune
     index = tiles.build(run.data, workdir)
     reader = TileReader.of(index.scenes)
@@ -150,12 +155,12 @@ def prepare(run, workdir: Workdir, pretrained=None) -> Prepared:
 
     device = resolve(run.runtime.device)
     if pretrained is None:
-        pretrained = ensure_pretrained(run, workdir, allow_training=False)
+        pretrained = ensure_pretrained(res, workdir, allow_training=False)
     encoder = method.build_encoder(run, pretrained)
     if ft.frozen:
         encoder.freeze()
     torch.manual_seed(run.seed)
-    head_name = run.head_name
+    head_name = res.head
     neck = method.build_neck(run, encoder.feature_info)
     head = build_head(head_name, neck.feature_info if neck is not None else encoder.feature_info, index.table.num_classes, ft)
     if neck is not None:
@@ -352,12 +357,14 @@ def run(run, workdir: Workdir | None = None, *, tracker=None, pretrained=None,
     (`rsseg.progress`: in place on a terminal, throttled in a log)."""
     from rsseg import kernels
 
+    res = resolved.of(run)
+    run = res.spec
     workdir = workdir or Workdir.resolve()
     kernels.pin(run.runtime.cpu_kernels)
     if run.finetune.threads:
         torch.set_num_threads(run.finetune.threads)
     t_start = time.perf_counter()
-    p = prepare(run, workdir, pretrained)
+    p = prepare(res, workdir, pretrained)
     loop = Finetuner(run, p, tracker)
     if resume_state is not None:
         loop.restore(resume_state)

@@ -64,25 +64,19 @@ def pretrain_flops(run, bands: int) -> float | None:
     return _count(step) / BATCH
 
 
-def _networks(run, bands: int, classes: int):
+def _networks(run, bands: int, classes: int, head: str):
     """(encoder, head with its neck) of the run, untrained, on the meta device."""
-    from rsseg.heads import NeckHead, build_head
+    from rsseg.heads import NeckHead
 
-    method = run.plugin
-    with torch.device("meta"):
-        encoder = method.build_skeleton(run, bands)
-        neck = method.build_neck(run, encoder.feature_info)
-        head = build_head(run.head_name, (neck or encoder).feature_info, classes, run.finetune)
-        if neck is not None:
-            head = NeckHead(neck, head)
-    return encoder, head
+    encoder, neck, head_net = run.plugin.skeletons(run, bands, classes, head)
+    return encoder, (NeckHead(neck, head_net) if neck is not None else head_net)
 
 
-def unit_flops(run, bands: int, classes: int) -> UnitFlops:
+def unit_flops(run, bands: int, classes: int, head: str) -> UnitFlops:
     """FLOPs per unit of each stage for ``run`` (see the module docstring)."""
     from rsseg.encoders import parts_of
 
-    encoder, head = _networks(run, bands, classes)
+    encoder, head = _networks(run, bands, classes, head)
     x = _images(run, bands, BATCH)
     keys, variants = [f"tile{i}" for i in range(BATCH)], [0] * BATCH
     size = tuple(x.shape[-2:])

@@ -9,28 +9,30 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rsseg import tracking
-from rsseg.runtags import RunTags
+from rsseg import resolved, tracking
+from rsseg.config.specs import RunSpecBase
+from rsseg.resolved import ResolvedRun
 from rsseg.workdir import Workdir
 
 
-def execute(run, workdir: Workdir | None = None, *, uri: str | None = None, experiment: str | None = None,
+def execute(run: ResolvedRun | RunSpecBase, workdir: Workdir | None = None, *, uri: str | None = None, experiment: str | None = None,
             run_name: str | None = None, profile: str | None = None, tracker: tracking.Run | None = None,
             on_eval: Callable | None = None, resume_state: dict | None = None, pretrained=None,
             on_test: Callable[[], None] | None = None, progress: bool = False):
-    """Fine-tune ``run`` inside an MLflow run; returns (FinetuneResult, tracking.Run)."""
+    """Fine-tune ``run`` (resolved; a bare spec is resolved here, with ``profile``) inside an
+    MLflow run; returns (FinetuneResult, tracking.Run)."""
     from rsseg import finetune
-    from rsseg.provenance import fingerprint
 
+    res = resolved.of(run, profile)
+    spec = res.spec
     workdir = workdir or Workdir.resolve()
     if tracker is None:
-        uri = tracking.resolve_uri(uri or run.tracking.uri, workdir)
-        tracker = tracking.start_run(uri, experiment or run.tracking.experiment or tracking.FINETUNE_EXPERIMENT,
-                                     run_name or f"{run.name}-{run.method}",
-                                     tags=RunTags.for_run(run, kind="finetune", profile=profile).to_tags(), workdir=workdir)
+        uri = tracking.resolve_uri(uri or spec.tracking.uri, workdir)
+        tracker = tracking.start_run(uri, experiment or spec.tracking.experiment or tracking.FINETUNE_EXPERIMENT,
+                                     run_name or f"{spec.name}-{spec.method}", tags=res.tags("finetune").to_tags(), workdir=workdir)
     # Idempotent: a resumed run already has its parameters and keeps them.
-    tracker.log_params(tracking.flatten(run.active_config()) | {"run_fingerprint": fingerprint(run.model_dump(mode="json"))})
+    tracker.log_params(tracking.flatten(res.config) | {"run_fingerprint": res.config_fingerprint})
     with tracking.tracked(tracker):
-        result = finetune.run(run, workdir, tracker=tracker, pretrained=pretrained, on_eval=on_eval, resume_state=resume_state,
+        result = finetune.run(res, workdir, tracker=tracker, pretrained=pretrained, on_eval=on_eval, resume_state=resume_state,
                               on_test=on_test, progress=progress)
     return result, tracker

@@ -105,8 +105,13 @@ def run_spec_model() -> type[RunSpecBase]:
     return create_model("RunSpec", __base__=_Checked, **blocks)
 
 
-def RunSpec(**kwargs: Any) -> RunSpecBase:  # noqa: N802 - reads like the class it builds
-    return run_spec_model()(**kwargs)
+def __getattr__(name: str) -> Any:
+    """``rsseg.runspec.RunSpec``: the assembled class, built on first use. Being found under its
+    own module and name, a spec pickles by reference (a resolved run sent to a Ray worker or a
+    Tune trial carries no copy of the class, and unpickles as an instance of the worker's own)."""
+    if name == "RunSpec":
+        return run_spec_model()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_run(data: dict[str, Any]) -> RunSpecBase:

@@ -1,13 +1,12 @@
 """The one MLflow run-tag schema: written by every run (pre-training, fine-tuning, sweep trial,
 evaluation), read back by the tables. Tables are queries on these tags, so the names are the
 contract; a method adds its own setting tags (timesteps, backbone, ...) under the names it
-declares in `Method.tag_keys`.
+declares in `Method.tag_keys`. A run's tags are made from its resolved run (`rsseg.resolved.ResolvedRun.tags`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 def ratio_tag(value: float) -> str:
     """How a ratio is spelled in the tags (0.02, 0.4, 1): the one spelling the tables' keys use too."""
@@ -43,30 +42,6 @@ class RunTags:
     switch_step: str = ""  # ... and the step where this pre-training left it
     method_tags: dict[str, str] = field(default_factory=dict)  # the method's own (Method.tag_keys)
     space: dict[str, str] = field(default_factory=dict)  # the sweep axes' values (space.<key>)
-
-    @classmethod
-    def for_run(cls, run, *, kind: str, profile: str | None = None, **extra: Any) -> "RunTags":
-        """The tags of a run spec; ``extra`` sets the sweep fields (table, trial_id, ...)."""
-        from rsseg.provenance import git_commit
-
-        values: dict[str, Any] = dict(
-            kind=kind, method=run.method, dataset=run.data.dataset, profile=profile or "", git_commit=git_commit(),
-            label_ratio=ratio_tag(run.data.label_ratio), frozen=str(run.finetune.frozen).lower(), seed=str(run.seed),
-            method_tags=run.plugin.run_tags(run),
-        )
-        if kind == "pretrain":
-            values.update(label_ratio="", frozen="", seed="")
-        if run.needs_pretraining:
-            from rsseg.checkpoints.identity import lineage
-
-            lin = lineage(run)
-            other = run.pretrain.homogeneous_data
-            values.update(pretrain_fingerprint=run.pretrain_fingerprint,
-                          homogeneous_share=ratio_tag(run.pretrain.iterations.homogeneous_share),
-                          homogeneous_source=other.dataset if other is not None and lin.homogeneous else "",
-                          trunk_fingerprint=lin.trunk or "", switch_step=str(lin.switch) if lin.trunk else "")
-        values.update({k: (v if isinstance(v, dict) else str(v)) for k, v in extra.items() if v is not None})
-        return cls(**values)
 
     def to_tags(self) -> dict[str, str]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("method_tags", "space")}

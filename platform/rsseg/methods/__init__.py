@@ -131,21 +131,29 @@ class Method:
     def build_neck(self, run: Any, feature_info: list) -> Any:
         return self.neck(run, feature_info) if self.neck else None
 
-    def parameter_counts(self, run: Any, in_channels: int, num_classes: int) -> tuple[int, int] | None:
-        """(encoder, head + neck) parameters of ``run``'s networks, counted on the meta device;
-        None when the method has no skeleton builder."""
+    def skeletons(self, run: Any, in_channels: int, num_classes: int, head: str) -> tuple[Any, Any, Any] | None:
+        """(encoder, neck or None, head) of ``run``'s networks, untrained, on the meta device (the
+        resolved run's ``head``); None when the method has no skeleton builder."""
         if self.skeleton is None:
             return None
         import torch
 
-        from rsseg.encoders import count_parameters
         from rsseg.heads import build_head
 
         with torch.device("meta"):
             encoder = self.build_skeleton(run, in_channels)
             neck = self.build_neck(run, encoder.feature_info)
-            head = build_head(run.head_name, (neck or encoder).feature_info, num_classes, run.finetune)
-        return count_parameters(encoder), count_parameters(head) + (count_parameters(neck) if neck is not None else 0)
+            return encoder, neck, build_head(head, (neck or encoder).feature_info, num_classes, run.finetune)
+
+    def parameter_counts(self, run: Any, in_channels: int, num_classes: int, head: str) -> tuple[int, int] | None:
+        """(encoder, head + neck) parameters of ``run``'s networks (`skeletons`)."""
+        from rsseg.encoders import count_parameters
+
+        nets = self.skeletons(run, in_channels, num_classes, head)
+        if nets is None:
+            return None
+        encoder, neck, head_net = nets
+        return count_parameters(encoder), count_parameters(head_net) + (count_parameters(neck) if neck is not None else 0)
 
     def default_head(self, frozen: bool) -> str:
         return self.heads[0] if frozen else self.heads[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from rsseg import resolved
 from rsseg.errors import CheckpointError
 from rsseg.checkpoints import store
 from rsseg.workdir import Workdir
@@ -30,11 +31,14 @@ def ensure_pretrained(run, workdir: Workdir | None = None, *, allow_training: bo
     """The finished pre-training for ``run`` (None when its method needs none): found in the
     store, or trained now, once. Without ``allow_training`` (a sweep trial, fine-tuning, feature
     pictures: they hold no resources for a pre-training) a missing one is a one-line error that
-    says how to make it. ``train_kwargs`` go to `rsseg.pretrain.launch.train`."""
+    says how to make it. ``train_kwargs`` go to `rsseg.pretrain.launch.train`. ``run``: the
+    resolved run (a bare spec is resolved here, with ``train_kwargs``' profile)."""
     from filelock import FileLock
 
+    res = resolved.of(run, train_kwargs.pop("profile", None))
+    run = res.spec
     workdir = workdir or Workdir.resolve()
-    if not run.needs_pretraining:
+    if res.pretraining is None:
         return None
     found = store.find(run, workdir)
     if found is not None:
@@ -42,7 +46,7 @@ def ensure_pretrained(run, workdir: Workdir | None = None, *, allow_training: bo
     sdir = store.StoreDir.for_run(run, workdir)
     if not allow_training:
         raise CheckpointError(
-            f"pre-training {run.pretrain_fingerprint} ({run.method}) is not in the store {sdir.root}; train it first with "
+            f"pre-training {res.fingerprint} ({run.method}) is not in the store {sdir.root}; train it first with "
             "`platform pretrain` (or run `platform finetune` / the sweep, which train it before fine-tuning)"
         )
     sdir.root.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +56,7 @@ def ensure_pretrained(run, workdir: Workdir | None = None, *, allow_training: bo
             return found
         from rsseg.pretrain.launch import train
 
-        trained = train(run, workdir, **train_kwargs)
+        trained = train(res, workdir, **train_kwargs)
         if trained is None:
-            raise CheckpointError(f"pre-training {run.pretrain_fingerprint} was stopped before its last step")
+            raise CheckpointError(f"pre-training {res.fingerprint} was stopped before its last step")
         return trained

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import asdict
 from pathlib import Path
 
+from rsseg import resolved
 from rsseg.errors import CheckpointError, ConfigError, DataError
 from rsseg.checkpoints import store
 from rsseg.pretrain.trainer import Fault, TrainPlan
 from rsseg.workdir import Workdir
 
 
-def plan_checks(run, archive_ds, homogeneous_ds, workers: int) -> tuple[int, int]:
-    n_archive, n_homogeneous = run.pretrain.iterations.counts()
+def plan_checks(res: resolved.ResolvedRun, archive_ds, homogeneous_ds, workers: int) -> tuple[int, int]:
+    run = res.spec
+    n_archive, n_homogeneous = res.pretraining.counts
     if n_homogeneous and len(homogeneous_ds) == 0:
         raise DataError(
             f"no unlabeled tiles for step-2 pre-training in {run.data.dataset} "
@@ -67,13 +68,12 @@ class _Progress(threading.Thread):
         self.join(timeout=2)
 
 
-def _open_run(run, workdir: Workdir, uri: str, profile: str | None, tags: dict[str, str] | None):
+def _open_run(res: resolved.ResolvedRun, workdir: Workdir, uri: str, tags: dict[str, str] | None):
     from rsseg import tracking
-    from rsseg.runtags import RunTags
 
-    fp = run.pretrain_fingerprint
+    run, fp = res.spec, res.fingerprint
     tracking.init_store(uri)
-    run_tags = RunTags.for_run(run, kind="pretrain", profile=profile).to_tags() | (tags or {})
+    run_tags = res.tags("pretrain").to_tags() | (tags or {})
     # a finished pre-training whose final.pt turned out unusable is rebuilt in its own run
     rebuilt = store.done_run_id(store.StoreDir.for_run(run, workdir))
     mlrun = tracking.start_run(uri, tracking.PRETRAIN_EXPERIMENT, f"pretrain-{run.method}-{fp[:8]}", tags=run_tags, workdir=workdir,
@@ -92,34 +92,33 @@ def train(run, workdir: Workdir | None = None, *, stop_after: int | None = None,
     when ``stop_after`` stopped it early. ``concurrent``: how many pre-trainings share the
     cluster right now (the sweep driver runs several when they fit). ``switch_steps``: steps of
     the archive phase where other planned runs of the same trunk switch; their trunk points are
-    left on the way (this run's own switch step always is)."""
+    left on the way (this run's own switch step always is). ``run``: the resolved run (a bare
+    spec is resolved here, with ``profile``)."""
     from rsseg import kernels, tracking
     from rsseg.pretrain.data import pretrain_datasets
-    from rsseg.checkpoints.identity import identity, lineage
-
+    resolved_run = resolved.of(run, profile)
+    run, fp, lin = resolved_run.spec, resolved_run.fingerprint, resolved_run.pretraining.lineage
     workdir = workdir or Workdir.resolve()
     kernels.pin(run.runtime.cpu_kernels)  # before any CPU computation and the local cluster (its workers inherit it)
     runtime = run.pretrain.runtime
     workers = runtime.workers
-    fp = run.pretrain_fingerprint
     sdir = store.StoreDir.for_run(run, workdir)
     archive_ds, homogeneous_ds = pretrain_datasets(run, workdir)  # builds and caches the indexes once, here
-    counts = plan_checks(run, archive_ds, homogeneous_ds, workers)
+    counts = plan_checks(resolved_run, archive_ds, homogeneous_ds, workers)
     if resume_from is not None:
         store.load(Path(resume_from), fp)  # refuse a foreign checkpoint before starting anything
-    _say_resume_point(sdir, fp, resume_from, run, workdir)
-    store.write_spec(sdir, run, identity(run))
-    _check_space(run, sdir, int(homogeneous_ds[0]["image"].shape[0]))
+    _say_resume_point(sdir, fp, resume_from, resolved_run, workdir)
+    store.write_spec(sdir, run, resolved_run.pretraining.identity)
+    _check_space(resolved_run, sdir, int(homogeneous_ds[0]["image"].shape[0]))
     uri = tracking.resolve_uri(tracking_uri or run.tracking.uri, workdir)
     local, res = _placement(run, concurrent, uri, workdir)  # before the MLflow run: a refusal leaves none
-    lin = lineage(run)
-    mlrun = _open_run(run, workdir, uri, profile, (tags or {}) | ({"trunk_note": lin.why} if lin.why else {}))
+    mlrun = _open_run(resolved_run, workdir, uri, (tags or {}) | ({"trunk_note": lin.why} if lin.why else {}))
     mlrun.set_tags({"device": "cuda" if res.use_gpu else "cpu", "workers": str(workers),
                     "ray_train": "local mode (this process)" if local else "worker actors",
                     "resources_per_worker": ", ".join(f"{k} {v:g}" for k, v in res.as_dict().items())})
     plan = TrainPlan(
         fingerprint=fp, store_root=str(sdir.root), workdir=str(workdir.root),
-        storage=workdir.storage_arg, run=run.model_dump(mode="json"),
+        storage=workdir.storage_arg, run=run,
         in_channels=int(homogeneous_ds[0]["image"].shape[0]), counts=counts, tracking_uri=uri, mlflow_run_id=mlrun.run_id,
         threads=threads_per_worker or max(1, int(res.cpus)), stop_after=stop_after,
         resume_from=str(resume_from) if resume_from else None, fault=fault,
@@ -186,13 +185,13 @@ def _torch_trainer(plan: TrainPlan, run, res, workdir: Workdir):
         # Ray Train's local mode: the same worker_loop and ray.train API in this process, no worker
         # group (so no FailureConfig retries: re-running resumes from the store's last checkpoint)
         _quiet_local_mode()
-        return TorchTrainer(worker_loop, train_loop_config={"plan": asdict(plan)}, scaling_config=ScalingConfig(num_workers=0),
+        return TorchTrainer(worker_loop, train_loop_config={"plan": plan}, scaling_config=ScalingConfig(num_workers=0),
                             run_config=RunConfig(name=f"pretrain-{run.method}-{plan.fingerprint}"))
     _no_retry_of_fatal_errors()
     storage_path, storage_fs = storage.ray_location(workdir)
     return TorchTrainer(
         worker_loop,
-        train_loop_config={"plan": asdict(plan)},
+        train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(num_workers=runtime.workers, use_gpu=res.use_gpu, resources_per_worker=res.as_dict(),
                                      placement_strategy=runtime.placement),
         run_config=RunConfig(
@@ -204,14 +203,13 @@ def _torch_trainer(plan: TrainPlan, run, res, workdir: Workdir):
     )
 
 
-def _say_resume_point(sdir, fp: str, resume_from, run, workdir) -> None:
+def _say_resume_point(sdir, fp: str, resume_from, res: resolved.ResolvedRun, workdir) -> None:
     """On the terminal (the workers' own log lines stay in Ray's session logs): the checkpoints
     that are skipped as truncated or foreign, and the step training resumes from (its own
     checkpoint, the explicit one, or its trunk's point at or before its switch step)."""
     import sys
 
-    from rsseg.checkpoints.identity import lineage
-
+    run, lin = res.spec, res.pretraining.lineage
     skipped: list[str] = []
     found = store.latest_valid(sdir, fp, skipped)
     for why in skipped:
@@ -220,23 +218,24 @@ def _say_resume_point(sdir, fp: str, resume_from, run, workdir) -> None:
         print(f"pretrain {fp[:8]}: resuming from step {found[0]} ({found[1].name})", file=sys.stderr, flush=True)
     elif resume_from is not None:
         print(f"pretrain {fp[:8]}: resuming from {resume_from}", file=sys.stderr, flush=True)
-    elif (lin := lineage(run)).trunk is not None:
+    elif lin.trunk is not None:
         point = store.latest_trunk_point(store.trunk_dir(workdir, run.method, lin.trunk), lin.trunk, lin.switch, verify=False)
         if point is not None:
             print(f"pretrain {fp[:8]}: starting from trunk {lin.trunk[:8]} at step {point[0]} (archive phase shared; "
                   f"{run.pretrain.iterations.n_total - point[0]} iterations to train)", file=sys.stderr, flush=True)
 
 
-def _check_space(run, sdir, in_channels: int) -> None:
+def _check_space(res: resolved.ResolvedRun, sdir, in_channels: int) -> None:
     """Room for the checkpoints the run keeps (weights, EMA weights and two Adam moments, float32,
     ``keep_checkpoints`` of them plus final.pt) before anything starts."""
     from rsseg.diskspace import MB, require
 
-    counts = run.plugin.parameter_counts(run, in_channels, 1)
+    run = res.spec
+    counts = run.plugin.parameter_counts(run, in_channels, 1, res.head)
     if counts is None:
         return
     need = 16 * counts[0] * (run.pretrain.runtime.keep_checkpoints + 1) + 32 * MB
-    require(sdir.root, need, f"pre-training {run.pretrain_fingerprint[:8]} ({run.pretrain.runtime.keep_checkpoints} checkpoints + final)")
+    require(sdir.root, need, f"pre-training {res.fingerprint[:8]} ({run.pretrain.runtime.keep_checkpoints} checkpoints + final)")
 
 
 def _quiet_local_mode() -> None:

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from rsseg.config.specs import RunSpecBase
 from rsseg.device import autocast, describe
 from rsseg.errors import CheckpointError
 from rsseg.checkpoints import store
@@ -65,12 +66,13 @@ class Fault:
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """Everything a worker needs, decided by the driver (JSON-able, sent to every worker)."""
+    """Everything a worker needs, decided by the driver from the resolved run (pickled to every
+    worker as it is: the worker re-parses and re-derives nothing)."""
 
     fingerprint: str
     store_root: str
     workdir: str
-    run: dict[str, Any]
+    run: RunSpecBase  # the validated spec (rsseg.resolved.ResolvedRun.spec)
     in_channels: int
     counts: tuple[int, int]
     tracking_uri: str
@@ -88,11 +90,6 @@ class TrainPlan:
     # Ray Train's local mode (one worker in the driver's process): the device the driver's policy
     # chose ("cuda" / "cpu"); None: a worker actor, whose device Ray's grant decides
     local_device: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainPlan":
-        fault = Fault(**d["fault"]) if d.get("fault") else None
-        return cls(**{**d, "counts": tuple(d["counts"]), "fault": fault, "switch_steps": tuple(d.get("switch_steps", ()))})
 
 
 # ---------------------------------------------------------------------------------------------- collaborators
@@ -341,13 +338,12 @@ class Trainer:
                  data: dict[str, Any] | None = None):
         """``data``: the {"archive", "homogeneous"} tile datasets, read from the run's imagery when
         not given. Without an MLflow run in the plan (``mlflow_run_id`` empty) nothing is tracked."""
-        from rsseg.runspec import parse_run
         from rsseg.scalars import DeviceScalars
         from rsseg.tracking import MetricBuffer
 
         self.plan, self.rank, self.world, self.device = plan, rank, world, device
         self.group = group or LocalGroup()
-        self.run = parse_run(plan.run)
+        self.run = plan.run
         self.runtime = self.run.pretrain.runtime
         self.total = sum(plan.counts)
         self.end = min(self.total, plan.stop_after) if plan.stop_after is not None else self.total
@@ -575,7 +571,7 @@ class Trainer:
             "data_position": self.position.as_dict(),
             "rng": rng_states(self.device),
             "objective": self.objective.describe(),
-            "spec": self.plan.run,
+            "spec": self.run.model_dump(mode="json"),
             "fingerprint": self.plan.fingerprint,
             "method": self.run.method,
             "resumed_from": self.start,
@@ -602,9 +598,9 @@ def worker_loop(config: dict[str, Any]) -> None:
     from rsseg import kernels
     from rsseg.workdir import Workdir
 
-    plan = TrainPlan.from_dict(config["plan"])
+    plan: TrainPlan = config["plan"]
     Workdir.at(plan.workdir, plan.storage).export()  # the store's files resolve against the driver's storage
-    kernels.pin(plan.run["runtime"]["cpu_kernels"])  # inherited from the driver on a local cluster; set here on any other
+    kernels.pin(plan.run.runtime.cpu_kernels)  # inherited from the driver on a local cluster; set here on any other
     ctx = ray.train.get_context()
     if plan.local_device is None:  # a worker actor: its process, its threads, the device Ray granted
         torch.set_num_threads(plan.threads)

@@ -158,16 +158,18 @@ class _Flops:
 
     seen: dict[str, Any] = {}
 
-    def of(self, run):
+    def of(self, res):
+        """The FLOPs of a resolved run's networks."""
         from rsseg.flops import unit_flops
         from rsseg.provenance import fingerprint
         from rsseg.sweep.plan import _classes, plan_bands
 
+        run = res.spec
         d = run.model_dump(mode="json")
         key = fingerprint({k: d.get(k) for k in ("method", run.plugin.block or "method", "finetune")}
                           | {"tile": run.data.tile_size, "bands": plan_bands(run.data)})
         if key not in self.seen:
-            self.seen[key] = unit_flops(run, plan_bands(run.data), _classes(run.data) or 10)
+            self.seen[key] = unit_flops(run, plan_bands(run.data), _classes(run.data) or 10, res.head)
         return self.seen[key]
 
     def pretrain(self, run) -> float | None:
@@ -187,7 +189,6 @@ class _Flops:
 
 def stage_work(plan, workdir) -> tuple[dict[str, StageWork], list[str]]:
     """The sweep's work and FLOPs per stage, and notes on where counts come from."""
-    from rsseg.runspec import parse_run
     from rsseg.sweep import passes
     from rsseg.sweep.plan import pretraining_work
 
@@ -205,8 +206,8 @@ def stage_work(plan, workdir) -> tuple[dict[str, StageWork], list[str]]:
     samples = plan.spec.search.num_samples
     unknown_tiles, counted_ddpm = set(), 0
     for trial in plan.trials:
-        run = parse_run(trial.run)
-        unit = flops.of(run)
+        run = trial.spec
+        unit = flops.of(trial.resolved)
         ft = run.finetune
         reads = ft.iterations * ft.batch_size
         work["finetune"].units += samples * reads
@@ -233,7 +234,7 @@ def stage_work(plan, workdir) -> tuple[dict[str, StageWork], list[str]]:
     if counted is not None and counted_ddpm:
         work["extraction"].units += counted.planned
         notes.append(f"feature passes: {counted.planned:,} with the shared cache (vs {counted.naive:,} without)")
-    elif any(t for t in plan.trials if parse_run(t.run).finetune.frozen):
+    elif any(t for t in plan.trials if t.spec.finetune.frozen):
         notes.append("feature passes: without cache sharing (an upper bound; counted exactly once the tile index exists)")
     if unknown_tiles:
         notes.append(f"extraction and evaluation of {', '.join(sorted(unknown_tiles))} not counted: tile count unknown until "

@@ -42,26 +42,26 @@ from rsseg.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
-def _pretrain_all(plan: SweepPlan, workdir: Workdir, uri: str, profile: str | None, progress: bool) -> None:
+def _pretrain_all(plan: SweepPlan, workdir: Workdir, uri: str, progress: bool) -> None:
     """Each distinct pre-training once; several at a time when the cluster has the CPUs."""
     from rsseg import raycluster
     from rsseg.checkpoints import store
     from rsseg.pretrain.ensure import ensure_pretrained
 
-    runs = [p.spec for p in plan.pretrainings if store.find(p.spec, workdir) is None]
+    runs = [p.resolved for p in plan.pretrainings if store.find(p.spec, workdir) is None]
     if not runs:
         return
-    parallel = min(raycluster.concurrent_pretrainings(r.pretrain.runtime, r.runtime.device, len(runs)) for r in runs)
+    parallel = min(raycluster.concurrent_pretrainings(r.spec.pretrain.runtime, r.spec.runtime.device, len(runs)) for r in runs)
     trunks, branches = trunk_order(runs)
     if progress:
         from rsseg.progress import line
 
-        line(f"pre-training {len(runs)} model(s) first ({parallel} at a time): " + ", ".join(r.pretrain_fingerprint for r in runs)
+        line(f"pre-training {len(runs)} model(s) first ({parallel} at a time): " + ", ".join(r.fingerprint for r in runs)
              + (f"; {len(trunks)} trunk(s) first, then the runs branching from them" if trunks else ""), final=True)
 
     def one(item):
         run, switch_steps = item
-        return ensure_pretrained(run, workdir, tracking_uri=uri, profile=profile, progress=progress and parallel == 1,
+        return ensure_pretrained(run, workdir, tracking_uri=uri, progress=progress and parallel == 1,
                                  tags={"sweep": plan.spec.name}, concurrent=parallel, switch_steps=switch_steps)
 
     for stage in (trunks, branches):  # the branches start from the points the trunks left
@@ -75,15 +75,13 @@ def _pretrain_all(plan: SweepPlan, workdir: Workdir, uri: str, profile: str | No
 
 
 def trunk_order(runs: list) -> tuple[list[tuple[Any, tuple[int, ...]]], list[tuple[Any, tuple[int, ...]]]]:
-    """(first, then): per trunk, the run that goes furthest along it trains first and leaves a
-    point at every switch step of the others; they then start from those points. Runs of no
-    trunk (or alone on theirs) are in ``then`` and run beside the branches."""
-    from rsseg.checkpoints.identity import lineage
-
+    """(first, then): per trunk, the (resolved) run that goes furthest along it trains first and
+    leaves a point at every switch step of the others; they then start from those points. Runs
+    of no trunk (or alone on theirs) are in ``then`` and run beside the branches."""
     groups: dict[str, list] = {}
     first, then = [], []
     for run in runs:
-        lin = lineage(run)
+        lin = run.pretraining.lineage
         if lin.trunk is None:
             then.append((run, ()))
         else:
@@ -129,7 +127,10 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
 
     search = plan.spec.search
     res = search.resources
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, context=context), {"cpu": res.cpu, "gpu": res.gpu})
+    # the planned runs, resolved once by the planner, travel beside the config (the object store):
+    # a trial takes its own by the cell's index and re-derives nothing
+    runs = tuple(t.resolved for t in plan.trials)
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, context=context, runs=runs), {"cpu": res.cpu, "gpu": res.gpu})
     storage, storage_fs = private_storage(workdir)
     n_evals = -(-plan.loaded.base.finetune.iterations // plan.loaded.base.finetune.eval_every) + 1
     cells = grid_cells(plan)
@@ -168,7 +169,7 @@ def _tuners(plan: SweepPlan, context: dict[str, Any], workdir: Workdir, tune_nam
             if search.max_concurrent:
                 searcher = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
             # The planned grid cell travels in param_space; OptunaSearch adds the s__* keys.
-            space = {"cell": {**plan.trials[index].cell, "index": index}}
+            space = {"cell": plan.trials[index].cell(index)}
             cfg = tune.TuneConfig(metric=search.metric, mode=search.mode, search_alg=searcher, scheduler=scheduler,
                                   num_samples=samples, max_concurrent_trials=search.max_concurrent, reuse_actors=True)
         yield tune.Tuner(trainable, param_space=space, tune_config=cfg, run_config=run_config)
@@ -213,13 +214,13 @@ def _run_sweep(loaded, workdir: Workdir, *, address: str | None, tracking_uri: s
     parent_id, tune_names = _open_parent(loaded, plan, workdir, uri, client, exp_id, previous, resume)
     parent_run = tracking.Run(uri, parent_id, exp_id)
     with tracking.tracked(parent_run) as outcome:
-        _pretrain_all(plan, workdir, uri, loaded.profile, progress)
+        _pretrain_all(plan, workdir, uri, progress)
         parent_run.set_tags({"pretrain_fingerprints": ",".join(p.fingerprint for p in plan.pretrainings)})
         context = {
             "sweep": spec.name, "table": spec.table or "",
             "workdir": str(workdir.root), "storage": workdir.storage_arg,
             "uri": uri, "experiment": spec.name, "parent_run_id": parent_id,
-            "profile": loaded.profile or "", "threads": max(1, int(spec.search.resources.cpu)),
+            "threads": max(1, int(spec.search.resources.cpu)),
             "metric": spec.search.metric, "mode": spec.search.mode, "driver_pid": os.getpid(),
             "search_axes": {k: v.model_dump(mode="json", by_alias=True) for k, v in plan.search_axes.items()},
         }
@@ -280,12 +281,11 @@ def _preflight(plan: SweepPlan, uri: str, workdir: Workdir) -> None:
     data the trials and the pre-trainings still to do read (`rsseg.clustercheck`)."""
     from rsseg import clustercheck
     from rsseg.checkpoints import store
-    from rsseg.runspec import parse_run
 
     if len(clustercheck.alive_nodes()) < 2:
         return
     pending = [p.spec for p in plan.pretrainings if store.find(p.spec, workdir) is None]
-    clustercheck.preflight(uri, workdir, clustercheck.run_paths([parse_run(t.run) for t in plan.trials], pending))
+    clustercheck.preflight(uri, workdir, clustercheck.run_paths([t.spec for t in plan.trials], pending))
 
 
 def _fit_all(plan, context, workdir, tune_names, resume: bool, progress: bool, client, exp_id: str, parent_id: str) -> list:

@@ -85,9 +85,8 @@ def evaluated_tiles(run, index) -> tuple[list[str], list[str]]:
 
 
 def count(plan, workdir) -> PassCount | None:
-    from rsseg.runspec import parse_run
 
-    runs = [parse_run(t.run) for t in plan.trials]
+    runs = [t.spec for t in plan.trials]
     runs = [r for r in runs if _counted(r)]
     if not runs:
         return None

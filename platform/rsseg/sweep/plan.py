@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import difflib
 import itertools
-import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,34 +19,55 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from rsseg.config.loader import Document, _unwrap, format_validation_error, set_path
-from rsseg.config.specs import Axis, DataSpec, RunSpecBase
+from rsseg.config.specs import Axis, RunSpecBase
 from rsseg.errors import ConfigError
 from rsseg.provenance import fingerprint
+from rsseg.resolved import ResolvedRun, resolve
 from rsseg.runspec import LoadedSweep, run_spec_model
 
 
 @dataclass(frozen=True)
 class PlannedTrial:
     values: dict[str, Any]  # dotted path -> value (grid values; searched axes are added per trial)
-    run: dict[str, Any]  # the resolved, validated run spec (JSON): what the Tune trial receives
-    key: str  # stable identity of the trial's resolved spec (MLflow tag trial_key)
-    pretrain_fingerprint: str | None
+    resolved: ResolvedRun  # the trial's run, resolved once here: what the Tune trial receives
     network: str = ""  # the method's network (UNet preset, backbone)
     params: tuple[int, int] | None = None  # (encoder, head + neck) parameters, counted on the meta device
     trainable: int | None = None
 
     @property
-    def cell(self) -> dict[str, Any]:
-        """What travels to Tune: the grid values (for names and tags) and the planned run."""
-        return {"values": self.values, "run": self.run}
+    def spec(self) -> RunSpecBase:
+        return self.resolved.spec
+
+    @property
+    def run(self) -> dict[str, Any]:
+        """The run spec's JSON (what Optuna's samples are overlaid on)."""
+        return self.resolved.spec.model_dump(mode="json", by_alias=True)
+
+    @property
+    def key(self) -> str:
+        """Stable identity of the trial's resolved spec (MLflow tag trial_key)."""
+        return self.resolved.key
+
+    @property
+    def pretrain_fingerprint(self) -> str | None:
+        return self.resolved.fingerprint
+
+    def cell(self, index: int) -> dict[str, Any]:
+        """What travels in Tune's config: the grid values (for names and tags) and the trial's
+        place in the plan; the resolved run itself travels beside it (`tune.with_parameters`)."""
+        return {"values": self.values, "index": index}
 
 
 @dataclass(frozen=True)
 class PlannedPretraining:
     fingerprint: str
-    spec: RunSpecBase  # a run that needs this pre-training (the first planned one)
+    resolved: ResolvedRun  # a run that needs this pre-training (the first planned one)
     cached: bool
     summary: str
+
+    @property
+    def spec(self) -> RunSpecBase:
+        return self.resolved.spec
 
 
 @dataclass
@@ -108,16 +128,6 @@ def search_key(path: str) -> str:
     return "s__" + path.replace(".", "__")
 
 
-def trial_key(run: RunSpecBase) -> str:
-    """What the trial computes, not how or where: its active config (its own method block and
-    head, so installing another method leaves the key alone) without name and runtime, and the
-    identity of the weights it starts from (the pre-training fingerprint)."""
-    what = {k: v for k, v in run.active_config().items() if k not in ("name", "runtime")}
-    if run.needs_pretraining:
-        what["pretraining"] = run.pretrain_fingerprint
-    return fingerprint(what)
-
-
 def plan_bands(data) -> int:
     """The input bands a planned network is counted with: the declared ones (`DataSpec.declared_bands`),
     3 for a folder dataset whose rasters are not read at planning."""
@@ -133,12 +143,12 @@ def _classes(data) -> int | None:
         return None
 
 
-def network_summary(run) -> tuple[str, tuple[int, int] | None, int | None]:
-    """(network name, (encoder, head) parameters, trainable parameters) of a planned run."""
-    tags = run.plugin.run_tags(run)
+def network_summary(res: ResolvedRun) -> tuple[str, tuple[int, int] | None, int | None]:
+    """(network name, (encoder, head) parameters, trainable parameters) of a planned (resolved) run."""
+    run, tags = res.spec, res.method_tags
     network = tags.get("unet") or tags.get("backbone") or run.method
     classes = _classes(run.data)
-    counts = run.plugin.parameter_counts(run, plan_bands(run.data), classes) if classes else None
+    counts = run.plugin.parameter_counts(run, plan_bands(run.data), classes, res.head) if classes else None
     trainable = None if counts is None else counts[1] + (0 if run.finetune.frozen else counts[0])
     return network, counts, trainable
 
@@ -211,17 +221,18 @@ def make_plan(loaded: LoadedSweep, workdir=None, networks: bool = False) -> Swee
             preflighted.add(run.method + block)
             for key, message in run.plugin.preflight_problems(run)[:1]:
                 raise ConfigError(f"{path}: {key}: {message}")
+        res = resolve(run, loaded.profile)
         run_json = run.model_dump(mode="json", by_alias=True)
         net_key = fingerprint({k: run_json[k] for k in ("method", "data", "finetune", run.plugin.block or "method") if k in run_json})
         if networks and net_key not in summaries:
-            summaries[net_key] = network_summary(run)
-        fp = run.pretrain_fingerprint if run.needs_pretraining else None
+            summaries[net_key] = network_summary(res)
+        fp = res.fingerprint
         if fp is not None and fp not in seen_fps:
-            it = run.pretrain.iterations.counts()
-            seen_fps[fp] = PlannedPretraining(fp, run, store.find(run, workdir) is not None,
+            it = res.pretraining.counts
+            seen_fps[fp] = PlannedPretraining(fp, res, store.find(run, workdir) is not None,
                                               f"{method}, {sum(it)} iterations ({it[0]} archive + {it[1]} homogeneous), "
                                               f"{run.pretrain.runtime.workers} worker(s)")
-        trials.append(PlannedTrial(values, run_json, trial_key(run), fp, *summaries.get(net_key, ())))
+        trials.append(PlannedTrial(values, res, *summaries.get(net_key, ())))
     if not trials:
         raise ConfigError(f"{path}: every trial was skipped ({skipped[0][1] if skipped else 'empty grid'})")
     _check_searched_pretraining(search_axes, trials, path)
@@ -233,8 +244,8 @@ def _data_problems(trials: list[PlannedTrial], pretrainings) -> list[str]:
     already in the store, trained on another machine or before the archive folder moved, needs none)."""
     from rsseg.pretrain.data import data_problems, dataset_problems
 
-    datasets = {json.dumps(t.run["data"], sort_keys=True): t.run["data"] for t in trials}
-    return list(dict.fromkeys([*(p for data in datasets.values() for p in dataset_problems(DataSpec.model_validate(data))),
+    datasets = {t.spec.data.model_dump_json(): t.spec.data for t in trials}
+    return list(dict.fromkeys([*(p for data in datasets.values() for p in dataset_problems(data)),
                                *(p for pre in pretrainings if not pre.cached for p in data_problems(pre.spec))]))
 
 
@@ -281,7 +292,6 @@ def pretraining_work(plan: "SweepPlan", workdir=None) -> list[tuple[Any, int]]:
 
 def _pretraining_work(plan: "SweepPlan", workdir=None) -> tuple[list[str], list[tuple[Any, int]]]:
     from rsseg.checkpoints import store
-    from rsseg.checkpoints.identity import lineage
     from rsseg.workdir import Workdir
 
     workdir = workdir or Workdir.resolve()
@@ -290,7 +300,7 @@ def _pretraining_work(plan: "SweepPlan", workdir=None) -> tuple[list[str], list[
     groups: dict[str, list] = {}
     solo = []
     for p in todo:
-        lin = lineage(p.spec)
+        lin = p.resolved.pretraining.lineage
         if lin.trunk:
             groups.setdefault(lin.trunk, []).append((p, lin))
         else:
@@ -383,5 +393,5 @@ def describe(plan: SweepPlan) -> str:
 
 def grid_cells(plan: SweepPlan) -> dict[str, dict[str, Any]]:
     """Every grid trial by its slot (``<cell>.<repeat>``): what a trial is, whichever Tuner runs it."""
-    return {f"{i}.{r}": {**t.cell, "slot": f"{i}.{r}"}
+    return {f"{i}.{r}": {**t.cell(i), "slot": f"{i}.{r}"}
             for r in range(plan.spec.search.num_samples) for i, t in enumerate(plan.trials)}

@@ -1,8 +1,9 @@
 """One sweep trial: a Tune function trainable around the same `runner.execute` as
 ``platform finetune``.
 
-- The trial receives its planned run spec (the plan validated it); Optuna's sampled values are
-  overlaid on it and the result validated once, here.
+- The trial receives its planned run resolved (`rsseg.resolved.ResolvedRun`, by the planner,
+  once) and derives nothing from it; a trial with Optuna's samples is a run the plan could not
+  know: the samples are overlaid on the planned spec and that run is resolved once, here.
 - Its pre-training is only found in the store: the driver trained it before any trial started.
 - Its MLflow child run is created under the sweep's parent run, or — when the trial is restarted
   (a Tune retry, a resumed sweep, or the driver re-planning a trial Tune's restored state lost) —
@@ -69,11 +70,10 @@ def _load_resume_state(path: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
-def _child_run(ctx: dict[str, Any], run, trial_id: str, slot: str, key: str, values: dict[str, Any]):
+def _child_run(ctx: dict[str, Any], res, trial_id: str, slot: str, values: dict[str, Any]):
     import ray
 
     from rsseg import tracking
-    from rsseg.runtags import RunTags
 
     uri, experiment = ctx["uri"], ctx["experiment"]
     c = tracking.client(uri)
@@ -90,9 +90,8 @@ def _child_run(ctx: dict[str, Any], run, trial_id: str, slot: str, key: str, val
         attempt = int(r.data.tags.get("attempt", "1")) + 1
         tracker.set_tags({"attempt": attempt, "trial_id": trial_id, **node, "error": "", "early_stopped": ""})
         return tracker
-    tags = RunTags.for_run(run, kind="finetune", profile=ctx["profile"], sweep=ctx["sweep"], table=ctx["table"],
-                           trial_id=trial_id, trial_slot=slot, trial_key=key, sweep_parent=ctx["parent_run_id"], attempt=1,
-                           space={k: str(v) for k, v in values.items()}).to_tags() | node
+    tags = res.tags("finetune", sweep=ctx["sweep"], table=ctx["table"], trial_id=trial_id, trial_slot=slot, trial_key=res.key,
+                    sweep_parent=ctx["parent_run_id"], attempt=1, space={k: str(v) for k, v in values.items()}).to_tags() | node
     return tracking.start_run(uri, experiment, run_label(values)[:200] or trial_id, tags=tags, parent_run_id=ctx["parent_run_id"])
 
 
@@ -131,32 +130,36 @@ def _report_finished(tune, c, tracker, run, metric: str) -> None:
                  "trainable_params": m.get("params/trainable", 0.0), "done": 1.0})
 
 
-def _trial_run(config: dict[str, Any], context: dict[str, Any], trial_id: str):
-    """(the trial's run spec: the planned cell's plus Optuna's samples, its axis values, its slot)."""
-    from rsseg.runspec import parse_run
-    from rsseg.sweep.plan import overlay
-
+def _trial_run(config: dict[str, Any], context: dict[str, Any], runs: tuple, trial_id: str):
+    """(the trial's resolved run: the planned cell's, or with Optuna's samples resolved here; its
+    axis values; its slot)."""
     cell = config["cell"]
     slot = cell.get("slot") or f"{cell['index']}:{trial_id}"  # grid cells carry theirs; Optuna's samples are new trials
+    planned = runs[cell["index"]]
     sampled = sampled_values(config, context["search_axes"])
-    run = parse_run(overlay(cell["run"], sampled)) if sampled else parse_run(cell["run"])
-    return run, {**cell["values"], **sampled}, slot
+    if not sampled:
+        return planned, cell["values"], slot
+    from rsseg.resolved import resolve
+    from rsseg.sweep.plan import build_run
+
+    return resolve(build_run(planned.spec.model_dump(mode="json", by_alias=True), sampled), planned.profile), \
+        {**cell["values"], **sampled}, slot
 
 
-def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
+def trial_fn(config: dict[str, Any], context: dict[str, Any], runs: tuple = ()) -> None:
+    """``runs``: the plan's resolved runs (by cell index), put in Ray's object store once."""
     from ray import tune
 
     from rsseg import runner
-    from rsseg.sweep.plan import trial_key
     from rsseg.workdir import Workdir
 
     trial_id = tune.get_context().get_trial_id()
-    run, values, slot = _trial_run(config, context, trial_id)
+    res, values, slot = _trial_run(config, context, runs, trial_id)
+    run = res.spec
     torch.set_num_threads(max(1, int(context["threads"])))
     workdir = Workdir.at(context["workdir"], context.get("storage"))
     workdir.export()
-    key = trial_key(run)
-    tracker = _child_run(context, run, trial_id, slot, key, values)
+    tracker = _child_run(context, res, trial_id, slot, values)
     from rsseg import tracking
 
     c = tracking.client(context["uri"])
@@ -186,7 +189,7 @@ def trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
     # The driver trained every planned pre-training before the first trial: fine-tuning only finds
     # it in the store (`ensure_pretrained(..., allow_training=False)`), inside the tracked run.
     try:
-        result, _ = runner.execute(run, workdir, tracker=tracker, on_eval=on_eval, resume_state=resume_state,
+        result, _ = runner.execute(res, workdir, tracker=tracker, on_eval=on_eval, resume_state=resume_state,
                                    on_test=lambda: fault("mid-test-evaluation", run, context))
     except Exception as exc:
         # a deterministic input error or a full disk (the run is FAILED with it): retrying cannot
