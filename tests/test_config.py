@@ -52,8 +52,17 @@ def test_wrong_type_names_key_and_expectation(tmp_path):
 
 
 def test_literal_error_lists_choices(tmp_path):
+    f = write(tmp_path / "run.yaml", "data: {split_by: random}\n")
+    with pytest.raises(ConfigError, match=r"data.split_by: expected 'auto', 'tile' or 'scene', got 'random'"):
+        load_run(f)
+
+
+def test_an_unknown_dataset_lists_the_registered_ones(tmp_path):
     f = write(tmp_path / "run.yaml", "data: {dataset: imagenet}\n")
-    with pytest.raises(ConfigError, match=r"data.dataset: expected 'synthetic', 'minifrance', 'gid' or 'folder', got 'imagenet'"):
+    with pytest.raises(ConfigError, match=r"run.yaml: data.dataset: unknown dataset 'imagenet'; expected one of folder, gid, minifrance, synthetic$"):
+        load_run(f)
+    f = write(tmp_path / "run.yaml", "pretrain: {homogeneous_data: {dataset: imagenet}}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: pretrain.homogeneous_data.dataset: unknown dataset 'imagenet'"):
         load_run(f)
 
 

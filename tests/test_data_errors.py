@@ -91,7 +91,7 @@ def test_unknown_dataset_and_class_table_names(workdir, tmp_path):
         registry.scenes(DataSpec(dataset="minifrance", root=tmp_path / "mf", class_table="mf15"), workdir)
     result = CliRunner().invoke(app, ["--workdir", str(workdir.root), "data", "info", "imagenet"])
     assert result.exit_code == 2
-    assert "error: command line: dataset: expected 'synthetic', 'minifrance', 'gid' or 'folder', got 'imagenet'" in result.output
+    assert "error: command line: dataset: unknown dataset 'imagenet'; expected one of folder, gid, minifrance, synthetic" in result.output
 
 
 def test_label_ratio_outside_range_from_the_cli(workdir):

@@ -114,3 +114,60 @@ def test_dataloader_workers_read_their_own_handles(index):
     batches = list(loader)
     assert sum(len(b["image"]) for b in batches) == len(ds)
     assert torch.equal(batches[0]["image"][0], ds[0]["image"])
+
+
+USER_DATASET = '''
+from pathlib import Path
+
+from rsseg.data.datasets import Dataset
+from rsseg.data.scenes import Scene, SceneSet
+
+
+def _scenes(spec, table, workdir):
+    root = Path(spec.root)
+    labelled = tuple(Scene(id=p.name.split(".")[0], image=p, label=p.with_name(p.name.replace(".img.", ".mask.")))
+                     for p in sorted(root.glob("*.img.tif")))
+    return SceneSet("mine", root, table, labelled, layout="<id>.img.tif + <id>.mask.tif")
+
+
+DATASET = Dataset(_scenes, "synthetic7")
+'''
+
+
+def test_a_dataset_from_an_installed_package_is_chosen_from_yaml_and_fine_tunes(workdir, tmp_path, monkeypatch):
+    """A user's own layout (``<id>.img.tif`` + ``<id>.mask.tif``) registered through the
+    ``rsseg.datasets`` entry points, without touching platform/: named in YAML, read, fine-tuned."""
+    import shutil
+
+    from conftest import install_plugin, tiny_run
+    from rsseg import finetune
+    from rsseg.config.specs import SyntheticSpec
+    from rsseg.data import datasets, registry, synthetic
+    from rsseg.errors import ConfigError
+    from rsseg.runspec import load_run
+
+    src = synthetic.ensure(SyntheticSpec(scenes=3, size=128, unlabeled_scenes=1, archive_scenes=1), tmp_path / "gen")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for p in sorted((src / "labelled").glob("scene_*.tif")):
+        if not p.stem.endswith("_label"):
+            shutil.copy(p, mine / f"{p.stem}.img.tif")
+            shutil.copy(p.with_name(p.stem + "_label.tif"), mine / f"{p.stem}.mask.tif")
+    doc = tmp_path / "run.yaml"
+    doc.write_text(f"data: {{dataset: mine, root: {mine}, tile_size: 32}}\n")
+    # negative control: not installed, the name is refused with the datasets there are
+    with pytest.raises(ConfigError, match=r"run.yaml: data.dataset: unknown dataset 'mine'; expected one of folder, gid, minifrance, synthetic$"):
+        load_run(doc)
+    (tmp_path / "site").mkdir()
+    install_plugin(tmp_path / "site", monkeypatch, "my_datasets", USER_DATASET, "rsseg.datasets", "mine = my_datasets:DATASET")
+    datasets._installed.cache_clear()  # installed after this process read the entry points
+    try:
+        assert load_run(doc).spec.data.dataset == "mine"
+        run = tiny_run(data={"dataset": "mine", "root": str(mine)}, ddpm={"features": {"weights": "random", "timesteps": [0]}},
+                       finetune={"iterations": 4, "eval_every": 2})
+        found = registry.scenes(run.data, workdir)
+        assert found.dataset == "mine" and len(found.labelled) == 3 and found.table.name == "synthetic7"
+        result = finetune.run(run, workdir)
+        assert result.class_abbrs == found.table.abbrs and len(result.val_history) == 2 and result.test.miou > 0
+    finally:
+        datasets._installed.cache_clear()

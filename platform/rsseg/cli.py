@@ -146,6 +146,8 @@ def _data_spec(dataset: str, root: Optional[Path], tile_size: Optional[int], spe
     from rsseg.config.loader import Document, apply_overrides, read_yaml, validate
     from rsseg.config.profiles import is_sweep_document
     from rsseg.config.specs import DataSpec
+    from rsseg.data.datasets import unknown_dataset
+    from rsseg.errors import ConfigError
     from rsseg.runspec import load_run, load_sweep
 
     if spec_file is not None:
@@ -160,10 +162,13 @@ def _data_spec(dataset: str, root: Optional[Path], tile_size: Optional[int], spe
         data["tile_size"] = tile_size
     doc = Document(data=data, origin="command line")
     apply_overrides(doc, [s[len("data."):] if s.startswith("data.") else s for s in set_ or []])
-    return validate(DataSpec, doc)
+    spec = validate(DataSpec, doc)
+    if problem := unknown_dataset(spec.dataset):
+        raise ConfigError(f"command line: dataset: {problem}")
+    return spec
 
 
-DatasetArg = typer.Argument("synthetic", help="synthetic | minifrance | gid | folder")
+DatasetArg = typer.Argument("synthetic", help="synthetic | minifrance | gid | folder | one an installed package registers")
 RootOpt = typer.Option(None, "--root", help="Dataset root directory.")
 TileOpt = typer.Option(None, "--tile-size", help="Tile side in pixels (default 256).")
 SpecOpt = typer.Option(None, "--spec", help="Take the data block from this run spec or sweep file instead.")

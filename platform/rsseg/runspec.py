@@ -19,6 +19,7 @@ from pydantic import create_model, field_validator, model_validator
 from rsseg.config.loader import Document, load_document, validate
 from rsseg.config.profiles import dump_yaml, is_sweep_document, run_document, sweep_document
 from rsseg.config.specs import RunSpecBase, SweepSpec
+from rsseg.data.datasets import unknown_dataset
 from rsseg.heads import head_names
 from rsseg.methods import Method, registry
 
@@ -39,6 +40,9 @@ class _Checked(RunSpecBase):
         heads = head_names()
         if self.finetune.head != "auto" and self.finetune.head not in heads:
             raise ValueError(f"@finetune.head: unknown head {self.finetune.head!r}; expected auto or one of {', '.join(heads)}")
+        for key, data in (("data", self.data), ("pretrain.homogeneous_data", self.pretrain.homogeneous_data)):
+            if data is not None and (problem := unknown_dataset(data.dataset)):
+                raise ValueError(f"@{key}.dataset: {problem}")
         problems = self.plugin.check(self)
         if problems:
             key, message = problems[0]

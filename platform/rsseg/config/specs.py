@@ -64,7 +64,8 @@ LabelRatio = Annotated[float, AfterValidator(_label_ratio)]
 
 
 class DataSpec(Strict):
-    dataset: Literal["synthetic", "minifrance", "gid", "folder"] = "synthetic"
+    dataset: str = Field("synthetic", description="a registered dataset (rsseg.data.datasets): synthetic, minifrance, gid, folder "
+                                                    "or one an installed package adds")
     root: AbsPath | None = Field(None, description="dataset root (synthetic: where to generate; default under the workdir)")
     class_table: str | None = Field(None, description="named table or a YAML path; default per dataset")
     bands: list[int] | None = Field(None, description="1-based bands to read, e.g. [2, 3, 4] for RGB out of NIR-RGB")

@@ -1,4 +1,5 @@
-"""DataSpec -> SceneSet: which scenes a dataset name means, with its class table."""
+"""DataSpec -> SceneSet: which scenes a dataset name means (`rsseg.data.datasets`), with its class table;
+the built-in datasets."""
 
 from __future__ import annotations
 
@@ -7,12 +8,10 @@ from pathlib import Path
 from rsseg.config.specs import ArchiveSpec, DataSpec
 from rsseg.data import archive, folder, gid, minifrance, synthetic
 from rsseg.data.classes import SYNTHETIC7, UNLABELLED, ClassTable, resolve_table
+from rsseg.data.datasets import Dataset, get
 from rsseg.data.scenes import Scene, SceneSet
 from rsseg.errors import DataError
 from rsseg.workdir import Workdir
-
-DEFAULT_TABLES = {"synthetic": "synthetic7", "minifrance": "minifrance14"}
-
 
 def class_table(spec: DataSpec) -> ClassTable:
     if spec.class_table and spec.dataset == "folder" and spec.root is not None:
@@ -23,16 +22,11 @@ def class_table(spec: DataSpec) -> ClassTable:
                             f"drop data.class_table (or name that file: --set data.class_table={own.name})")
     if spec.class_table:
         return resolve_table(spec.class_table, base_dir=spec.root)
-    if spec.dataset == "gid":
-        return resolve_table("gid15" if spec.gid.level == "fine" else "gid5")
-    if spec.dataset == "folder":
-        if spec.root is None:
-            raise DataError("data.root: the folder dataset needs a root (with images/, masks/ and classes.yaml)")
-        path = folder.default_table_path(spec.root)
-        if not path.is_file():
-            raise DataError(f"{path}: class table not found; write one (docs/own-data.md) or set data.class_table")
-        return resolve_table(str(path))
-    return resolve_table(DEFAULT_TABLES[spec.dataset])
+    default = get(spec.dataset).table
+    name = default(spec) if callable(default) else default
+    if name is None:
+        raise DataError(f"data.class_table: the {spec.dataset} dataset has no default class table; name one (docs/own-data.md)")
+    return resolve_table(name, base_dir=spec.root)
 
 
 def synthetic_root(spec: DataSpec, workdir: Workdir) -> Path:
@@ -42,28 +36,43 @@ def synthetic_root(spec: DataSpec, workdir: Workdir) -> Path:
 def scenes(spec: DataSpec, workdir: Workdir | None = None) -> SceneSet:
     """The scenes of a dataset (generating the synthetic one on first use)."""
     workdir = workdir or Workdir.resolve()
+    dataset = get(spec.dataset)
     table = class_table(spec)
-    bands = tuple(spec.bands) if spec.bands else None
-    if spec.dataset == "synthetic":
-        if table.kind != "codes" or table.num_classes != SYNTHETIC7.num_classes:
-            raise DataError(f"data.class_table: the synthetic dataset uses codes 1-7 (synthetic7), not {table.name!r}")
-        root = synthetic_root(spec, workdir)
-        labelled = tuple(
-            Scene(id=p.stem, image=p, label=p.with_name(p.stem + "_label.tif"))
-            for p in sorted((root / "labelled").glob("scene_*.tif")) if not p.stem.endswith("_label")
-        )
-        unlabeled = tuple(Scene(id=p.stem, image=p) for p in sorted((root / "unlabeled").glob("*.tif")))
-        out = SceneSet("synthetic", root, table, labelled, unlabeled, value_range=(0.0, 255.0), layout="synthetic")
-    elif spec.root is None:
+    if dataset.needs_root and spec.root is None:
         raise DataError(f"data.root: the {spec.dataset} dataset needs a root directory")
-    elif spec.dataset == "minifrance":
-        out = minifrance.discover(spec.root, table)
-    elif spec.dataset == "gid":
-        out = gid.discover(spec.root, table, spec.gid)
-    else:
-        out = folder.discover(spec.root, table)
+    out = dataset.scenes(spec, table, workdir)
+    bands = tuple(spec.bands) if spec.bands else None
     value_range = tuple(spec.value_range) if spec.value_range else out.value_range
     return SceneSet(out.dataset, out.root, out.table, out.labelled, out.unlabeled, bands, value_range, out.layout)
+
+
+def _synthetic_scenes(spec: DataSpec, table: ClassTable, workdir: Workdir) -> SceneSet:
+    if table.kind != "codes" or table.num_classes != SYNTHETIC7.num_classes:
+        raise DataError(f"data.class_table: the synthetic dataset uses codes 1-7 (synthetic7), not {table.name!r}")
+    root = synthetic_root(spec, workdir)
+    labelled = tuple(
+        Scene(id=p.stem, image=p, label=p.with_name(p.stem + "_label.tif"))
+        for p in sorted((root / "labelled").glob("scene_*.tif")) if not p.stem.endswith("_label")
+    )
+    unlabeled = tuple(Scene(id=p.stem, image=p) for p in sorted((root / "unlabeled").glob("*.tif")))
+    return SceneSet("synthetic", root, table, labelled, unlabeled, value_range=(0.0, 255.0), layout="synthetic")
+
+
+def _folder_table(spec: DataSpec) -> str:
+    if spec.root is None:
+        raise DataError("data.root: the folder dataset needs a root (with images/, masks/ and classes.yaml)")
+    path = folder.default_table_path(spec.root)
+    if not path.is_file():
+        raise DataError(f"{path}: class table not found; write one (docs/own-data.md) or set data.class_table")
+    return str(path)
+
+
+# the built-in datasets (rsseg.data.datasets names them)
+SYNTHETIC = Dataset(_synthetic_scenes, "synthetic7", needs_root=False)
+MINIFRANCE = Dataset(lambda spec, table, workdir: minifrance.discover(spec.root, table), "minifrance14")
+GID = Dataset(lambda spec, table, workdir: gid.discover(spec.root, table, spec.gid),
+              lambda spec: "gid15" if spec.gid.level == "fine" else "gid5")
+FOLDER = Dataset(lambda spec, table, workdir: folder.discover(spec.root, table), _folder_table)
 
 
 def archive_scenes(spec: ArchiveSpec, data: DataSpec, workdir: Workdir | None = None) -> SceneSet | None:
