@@ -5,7 +5,8 @@ A *part* is the set of maps one forward computes on its own (`FeatureInfo.part`)
 of the DDPM, the whole network of the other encoders. Files:
 ``<workdir>/cache/features/<cache_id>/<part>/<tile>~v<variant>.npz``, every map of that
 (tile, part) in one file, float16 at native resolution, so every run and sweep trial that needs
-the same key shares it and a tile computes only the parts it lacks (one batched forward of them).
+the same key shares it and a tile computes only the parts it lacks (forwards of a fixed
+``FORWARD_TILES`` tiles of one part, so that a stored value does not depend on what else was missing).
 ``cache_id`` (`cache_key`) covers what the encoder says its features depend on (its own
 ``cache_id``: the pre-training fingerprint, the weights (EMA / raw), the side and the noise seed),
 which maps a part stores (the map groups of ``feature_info``, not the timesteps: a timestep is a
@@ -55,6 +56,12 @@ STALE_CLAIM_S = 600.0
 WAIT_POLL_S = 0.05
 # bump when the feature code changes what it computes for the same weights and tile
 FEATURE_CODE_VERSION = 2
+# Tiles per forward that fills the cache, one part each, the last group padded: a (tile, part)'s
+# maps must not depend on which other tiles or parts happened to be missing with it. CPU kernels
+# pick their blocking by batch size (a tile's t = 50 maps differed by up to 5e-6 between batches
+# of 5 and 16 tiles, enough to flip float16 roundings), so a variable batch made a cached value
+# depend on the order trials ran in. 8 = the fine-tuning batch: training batches pad nothing.
+FORWARD_TILES = 8
 
 
 def cache_key(encoder, compute_precision: str) -> str:
@@ -63,7 +70,7 @@ def cache_key(encoder, compute_precision: str) -> str:
 
     maps = sorted({(fi.group, fi.channels, fi.stride) for fi in encoder.feature_info})
     return fingerprint({"encoder": encoder.cache_id, "maps": [list(m) for m in maps], "precision": compute_precision,
-                        "version": FEATURE_CODE_VERSION})
+                        "forward_tiles": FORWARD_TILES, "version": FEATURE_CODE_VERSION})
 
 
 def _safe(name: str) -> str:
@@ -242,7 +249,7 @@ class FeatureCache:
 
 class CachedEncoder:
     """Wraps an encoder whose ``cache_id`` is set: per (tile, part), the maps come from the cache,
-    or — for the keys this process claims — from one batched forward of exactly the missing parts,
+    or — for the keys this process claims — from fixed-size forwards of exactly the missing parts,
     stored afterwards; keys another process is computing are waited for."""
 
     def __init__(self, encoder, cache: FeatureCache, cache_id: str | None = None):
@@ -285,7 +292,7 @@ class CachedEncoder:
         self.cache.stats.hits += len(have)
         self.cache.stats.misses += len(missing)
         claimed = [key for key in missing if self._take(key, keys, variants, size, have)]
-        if not self.cache.writable:  # a full or read-only disk: the whole batch online, one forward
+        if not self.cache.writable:  # a full or read-only disk: the whole batch online, nothing stored
             self.cache.release_all(self.cache_id, [(p, keys[i], int(variants[i])) for i, p in claimed])
             self._compute([key for key in missing if key not in have], images, keys, variants, have, store=False)
             return self._assemble(have, b, images.device)
@@ -331,38 +338,35 @@ class CachedEncoder:
         return False
 
     def _compute(self, todo: list[tuple[int, str]], images, keys, variants, have, store: bool = True) -> None:
-        """One forward per distinct set of missing parts (usually one), for the tiles needing it.
-        With ``store`` the keys are claimed by this process: written, then released (released
-        unwritten when the forward fails, so that no one waits on a key nobody computes)."""
-        by_tile: dict[int, list[str]] = {}
-        for i, part in todo:
-            by_tile.setdefault(i, []).append(part)
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for i, parts in by_tile.items():
-            groups.setdefault(tuple(p for p in self.parts if p in parts), []).append(i)
+        """Per part, its missing tiles in forwards of exactly ``FORWARD_TILES`` (the last group
+        padded with copies of its first tile, whose maps are dropped). With ``store`` the keys are
+        claimed by this process: written, then released (released unwritten when the forward
+        fails, so that no one waits on a key nobody computes)."""
+        self.cache.stats.tiles_computed += len({i for i, _ in todo})
         try:
-            for parts, tiles in groups.items():
-                t0 = time.perf_counter()
-                computed = self.encoder(images[torch.tensor(tiles, device=images.device)], [keys[i] for i in tiles],
-                                        [int(variants[i]) for i in tiles], parts=list(parts))
-                computed = [m.detach().to("cpu", torch.float16) for m in computed]
-                self.extract_s += time.perf_counter() - t0
-                self.cache.stats.tiles_computed += len(tiles)
-                offset = 0
-                for part in parts:
-                    n = len(self.members[part])
-                    for slot, i in enumerate(tiles):
-                        # what the cache would return (float16), so cached and fresh batches agree
-                        maps = [m[slot] for m in computed[offset : offset + n]]
-                        have[(i, part)] = maps
-                        self.cache.stats.computed += 1
-                        if store:
-                            self.cache.put(self.cache_id, part, keys[i], int(variants[i]), maps)
-                    offset += n
+            for part in self.parts:
+                tiles = [i for i, p in todo if p == part]
+                for start in range(0, len(tiles), FORWARD_TILES):
+                    self._forward(part, tiles[start : start + FORWARD_TILES], images, keys, variants, have, store)
         finally:
             if store:
                 for i, part in todo:
                     self.cache.release(self.cache_id, part, keys[i], int(variants[i]))
+
+    def _forward(self, part: str, tiles: list[int], images, keys, variants, have, store: bool) -> None:
+        padded = tiles + [tiles[0]] * (FORWARD_TILES - len(tiles))
+        t0 = time.perf_counter()
+        computed = self.encoder(images[torch.tensor(padded, device=images.device)], [keys[i] for i in padded],
+                                [int(variants[i]) for i in padded], parts=[part])
+        computed = [m[: len(tiles)].detach().to("cpu", torch.float16) for m in computed]
+        self.extract_s += time.perf_counter() - t0
+        for slot, i in enumerate(tiles):
+            # what the cache would return (float16), so cached and fresh batches agree
+            maps = [m[slot] for m in computed]
+            have[(i, part)] = maps
+            self.cache.stats.computed += 1
+            if store:
+                self.cache.put(self.cache_id, part, keys[i], int(variants[i]), maps)
 
     def _assemble(self, have, b: int, device: torch.device) -> list[torch.Tensor]:
         """The maps in feature_info order, (B, C, h, w) float32 on ``device`` — from the host in

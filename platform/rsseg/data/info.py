@@ -89,7 +89,7 @@ def describe(index: TileIndex, data: DataSpec) -> str:
         lines.append(f"  ... and {len(s['scenes']) - 50} more scenes")
     lines += [
         f"tiles        {s['tiles']} of {s['tile_size']}x{s['tile_size']} px (stride {s['stride']}), index {index.path}",
-        f"pixels       sampled windows of every image finite and within "
+        "pixels       sampled windows of every image finite and within "
         + (f"data.value_range {list(index.scenes.value_range)}" if index.scenes.value_range else "the dtype's range")
         + " (checked at index build)",
         f"splits       split by {s['split_by']}: " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()),

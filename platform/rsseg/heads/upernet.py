@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from rsseg.encoders import FeatureInfo
 from rsseg.heads import SegHead, by_stride, concat_levels, level_channels, segmentation_loss

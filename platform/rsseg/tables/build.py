@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rsseg.tables import published
 from rsseg.tables.layouts import FT, LAYOUTS, RATIO_S, Layout
@@ -128,8 +127,6 @@ def build_one(layout: Layout, frame, skipped: dict, *, profile: str | None = Non
 
 
 def footer(b: Built, runs, others, skipped: dict) -> list[str]:
-    import polars as pl
-
     lay, lines = b.layout, []
     if b.synthetic:
         lines.append(f"**Synthetic data** (profile `{b.group.get('profile') or 'none'}`): these numbers come from the built-in "
