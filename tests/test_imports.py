@@ -105,7 +105,7 @@ def test_the_config_edge_knows_no_plugin():
 
 def test_compute_core_imports_with_torch_alone():
     core = ["rsseg.methods.ddpm.encoder", "rsseg.methods.ddpm.objective", "rsseg.heads.mlp", "rsseg.heads.upernet",
-            "rsseg.pretrain.schedule", "rsseg.metrics", "rsseg.encoders"]
+            "rsseg.pretrain.schedule", "rsseg.pretrain.retry", "rsseg.metrics", "rsseg.encoders"]
     code = ("import sys, importlib\n"
             f"for m in {core!r}: importlib.import_module(m)\n"
             "heavy = sorted(h for h in ('ray', 'mlflow', 'rasterio', 'polars') if h in sys.modules)\n"

@@ -260,9 +260,9 @@ def _no_retry_of_fatal_errors() -> None:
 
 
 def _failure_policy(failure_config):
-    from rsseg.pretrain.retry import FatalErrorsRaise
+    from rsseg.pretrain.retry import fatal_errors_raise
 
-    return FatalErrorsRaise(failure_config)
+    return fatal_errors_raise(failure_config)
 
 
 def _fit(trainer, fp: str) -> None:
