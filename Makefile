@@ -3,7 +3,7 @@
 #
 #   make demo                     the noise-ablation sweep on the built-in synthetic data, the tables, and the best
 #                                 run's class map of one built-in scene (GeoTIFF + PNG in tables/prediction/)
-#   make test                     the whole test suite (real Ray, real MLflow; ~45 min on 2 cores)
+#   make test                     the whole test suite (real Ray, real MLflow; 45-55 min on 2 cores)
 #   make test-fast                without the slow end-to-end tests
 #   make tables                   Tables 1-5 and Figs 9-10 from MLflow into tables/ (Markdown, LaTeX, CSV, PNG)
 #   make ui                       the MLflow UI on the work directory's store
