@@ -32,8 +32,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without the platform's and Ray's own settings, plus ``extra``.
     Ray's single-machine switch goes too: this process sets it when it starts a local cluster
     (`raycluster.loopback_only`), and a `ray start --head` under it makes no cluster others can join."""
+    from ray._private.ray_constants import ENABLE_RAY_CLUSTERS_ENV_VAR  # the name loopback_only sets
+
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RSSEG_WORKDIR", "RSSEG_STORAGE", "MLFLOW_TRACKING_URI", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+           if k not in ("RAY_ADDRESS", "RSSEG_WORKDIR", "RSSEG_STORAGE", "MLFLOW_TRACKING_URI", ENABLE_RAY_CLUSTERS_ENV_VAR)}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env | extra
 

@@ -6,6 +6,7 @@ both see, as NFS would be) and the tracking server (`platform server`) are share
 `ray.cluster_utils.Cluster` cannot show what is tested here: its nodes share every file."""
 
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -61,6 +62,22 @@ def _runs(uri: str, experiment: str, flt: str = ""):
     client = tracking.client(uri)
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id], filter_string=flt, max_results=1000) if exp else []
+
+
+def test_the_nodes_environment_drops_the_switch_a_local_cluster_leaves_in_this_process(monkeypatch):
+    """A test that started a local cluster first (`raycluster.loopback_only`) leaves Ray's
+    single-machine switch in os.environ; the two nodes must not inherit it, or the head makes a
+    cluster node 2 cannot join (the cluster tests then fail only in that order)."""
+    import ray._private.ray_constants as constants
+
+    from rsseg import raycluster
+
+    monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", constants.ENABLE_RAY_CLUSTER)
+    monkeypatch.delenv(constants.ENABLE_RAY_CLUSTERS_ENV_VAR, raising=False)
+    raycluster.loopback_only()
+    assert os.environ[constants.ENABLE_RAY_CLUSTERS_ENV_VAR] == "0"  # the precondition: this process has it
+    env = servers.TwoNodes(Path("/nonexistent"), hidden=Path("/nonexistent/w")).env
+    assert constants.ENABLE_RAY_CLUSTERS_ENV_VAR not in env and env["RAY_AUTH_MODE"] == "token"
 
 
 @pytest.mark.slow
